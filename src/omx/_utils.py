@@ -1,0 +1,113 @@
+"""Small shared helpers: logging, key resolution, input checks, device choice, normalisation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy import sparse
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger("omx")
+
+#: Name of the `sdata.attrs` entry where omx records which coordinate systems are in microns.
+ATTRS_KEY = "omx"
+
+
+def resolve_key(key: str | None, candidates: Iterable[str], *, kind: str, argument: str) -> str:
+    """Return ``key`` if it is one of ``candidates``, or the only candidate when ``key`` is None.
+
+    Raises a `KeyError` that names the candidates and the argument to pass otherwise.
+    """
+    candidates = list(candidates)
+    if key is not None:
+        if key not in candidates:
+            raise KeyError(
+                f"There is no {kind} {key!r} in the SpatialData object. "
+                f"Available {kind}s: {candidates or 'none'}. Pass one of them as `{argument}=`."
+            )
+        return key
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise KeyError(f"The SpatialData object has no {kind}; add one or pass another object.")
+    raise KeyError(
+        f"Ambiguous {kind}: the SpatialData object has {len(candidates)} ({candidates}). Pass `{argument}=`."
+    )
+
+
+def check_counts(X: Any, *, name: str = "counts") -> None:
+    """Raise a `ValueError` when a count matrix holds NaN, infinite or negative values."""
+    data = X.data if sparse.issparse(X) else np.asarray(X)
+    if data.size == 0:
+        return
+    if not np.all(np.isfinite(data)):
+        n = int(np.sum(~np.isfinite(data)))
+        raise ValueError(f"The {name} hold {n} NaN or infinite values. Remove or fill them before fitting.")
+    if data.min() < 0:
+        n = int(np.sum(data < 0))
+        raise ValueError(
+            f"The {name} hold {n} negative values. omx expects raw, non-negative counts; "
+            "pass the raw counts (e.g. `layer='counts'`)."
+        )
+
+
+def log_normalize(X: Any, *, target_sum: float = 1e4) -> np.ndarray:
+    """Return dense ``log1p(counts / total * target_sum)`` in float32; spots with no counts give zeros.
+
+    The total is taken over the columns of ``X`` as given, so callers pass the full count matrix and
+    subset genes afterwards.
+    """
+    X = X.toarray() if sparse.issparse(X) else np.asarray(X)
+    X = X.astype(np.float64, copy=False)
+    total = X.sum(axis=1, keepdims=True)
+    scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total > 0)
+    return np.log1p(X * scale).astype(np.float32)
+
+
+def get_device(device: str | torch.device = "auto") -> torch.device:
+    """Return the torch device for ``device``: ``"auto"`` is CUDA when present, else the CPU."""
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device={device!r} was asked for, but torch sees no CUDA device. Use device='auto' or 'cpu'."
+        )
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed numpy and torch (CPU and CUDA) and make torch pick deterministic kernels where it can."""
+    import torch
+
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def as_list(value: str | Sequence[str] | None) -> list[str] | None:
+    """Turn a string or a sequence of strings into a list; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    return list(value)
+
+
+def progress(iterable: Iterable, *, show: bool, total: int | None = None, desc: str | None = None, unit: str = "it"):
+    """Wrap ``iterable`` in a `tqdm.auto` progress bar when ``show`` is true."""
+    if not show:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False)
