@@ -1,0 +1,63 @@
+"""Trainable image-to-expression models: arrays in, arrays out, one shared base (fit / predict / save / load).
+
+``import omx.models`` does not import torch; the torch models import it when they are fitted or loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ._base import Model, TorchModel
+from ._cnn import CNNRegressor
+from ._ridge import Ridge
+
+#: Short names accepted by `get_model` (and by the ``model=`` argument of `omx.tl` functions).
+MODELS: dict[str, type[Model]] = {"ridge": Ridge, "cnn": CNNRegressor}
+
+__all__ = ["CNNRegressor", "MODELS", "Model", "Ridge", "TorchModel", "get_model", "load"]
+
+
+def get_model(spec: str | Model = "ridge", **kwargs: Any) -> Model:
+    """Return a model from its short name or a model instance.
+
+    Parameters
+    ----------
+    spec
+        ``"ridge"`` (`Ridge`), ``"cnn"`` (`CNNRegressor`), or a `Model` (returned as is).
+    **kwargs
+        Constructor arguments, when `spec` is a name.
+
+    Returns
+    -------
+    An unfitted model (or `spec` itself).
+    """
+    if isinstance(spec, Model):
+        if kwargs:
+            raise ValueError(
+                f"Keyword arguments {sorted(kwargs)} apply only to a model name; set them on the "
+                f"{type(spec).__name__} you passed instead."
+            )
+        return spec
+    if isinstance(spec, type) and issubclass(spec, Model):
+        return spec(**kwargs)
+    if isinstance(spec, str) and spec.lower() in MODELS:
+        return MODELS[spec.lower()](**kwargs)
+    raise ValueError(f"Unknown model {spec!r}. Use one of {sorted(MODELS)} or an omx.models.Model instance.")
+
+
+def load(path: str | Path, **overrides: Any) -> Model:
+    """Load a model saved with `Model.save`, whatever its class.
+
+    Parameters
+    ----------
+    path
+        Directory written by `Model.save`.
+    **overrides
+        Constructor arguments to replace (e.g. ``device="cpu"``).
+
+    Returns
+    -------
+    The fitted model.
+    """
+    return Model.load(path, **overrides)

@@ -1,0 +1,235 @@
+import numpy as np
+import pytest
+
+import omx.models
+from omx.models import CNNRegressor, Model, Ridge, get_model
+
+
+def _mean_r(pred, truth):
+    return np.mean([np.corrcoef(pred[:, j], truth[:, j])[0, 1] for j in range(truth.shape[1])])
+
+
+@pytest.fixture(scope="module")
+def linear_data():
+    """300 rows, 3 groups of 100; Y depends linearly on 5 of 30 features, plus noise."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 30))
+    W = np.zeros((30, 6))
+    W[:5] = rng.normal(size=(5, 6))
+    Y = (X @ W + 0.5 * rng.normal(size=(300, 6))).astype(np.float32)
+    groups = np.repeat(["a", "b", "c"], 100)
+    return X, Y, groups
+
+
+def _colour_patches(n, px=32, seed=0):
+    """Random-texture patches whose hematoxylin-like darkness t in [0, 1] drives the targets."""
+    rng = np.random.default_rng(seed)
+    t = rng.uniform(0, 1, n)
+    base = np.array([235, 190, 215], dtype=np.float64)  # pale pink
+    dark = np.array([90, 60, 150], dtype=np.float64)  # purple
+    colour = base + t[:, None] * (dark - base)
+    texture = rng.normal(0, 12, size=(n, px, px, 1))
+    patches = np.clip(colour[:, None, None, :] + texture, 0, 255).astype(np.uint8)
+    Y = np.stack([t, 1 - t, t**2], axis=1) + 0.05 * rng.normal(size=(n, 3))
+    return patches, Y.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def cnn_data():
+    patches, Y = _colour_patches(180)
+    groups = np.repeat(["s1", "s2", "s3"], 60)
+    return patches, Y, groups
+
+
+CNN_FAST = {"patch_px": 32, "width": 8, "epochs": 6, "batch_size": 32, "lr": 3e-3, "show_progress_bar": False}
+
+
+# ---------------------------------------------------------------- ridge
+def test_ridge_predicts_held_out_group(linear_data):
+    X, Y, groups = linear_data
+    train = groups != "c"
+    model = Ridge(show_progress_bar=False).fit(X[train], Y[train], groups=groups[train])
+    pred = model.predict(X[~train], groups=groups[~train])
+    assert pred.shape == (100, 6) and pred.dtype == np.float32
+    assert _mean_r(pred, Y[~train]) > 0.5
+    assert model.n_features_in_ == 30 and model.n_targets_ == 6
+
+
+def test_ridge_alpha_selection(linear_data):
+    X, Y, groups = linear_data
+    model = Ridge(show_progress_bar=False).fit(X, Y, groups=groups)
+    assert set(model.history_) == {"alpha", "cv_pearson"}
+    assert len(model.history_["cv_pearson"]) == len(model.alphas)
+    assert model.alpha_ == model.alphas[int(np.argmax(model.history_["cv_pearson"]))]
+    # the clean signal wants little shrinkage ...
+    assert model.alpha_ <= 1.0
+    # ... while pure noise targets push alpha to the top of the grid
+    noise = np.random.default_rng(1).normal(size=(40, 3))
+    rng = np.random.default_rng(2)
+    Xn = rng.normal(size=(40, 30))
+    Yn = Xn[:, :1] * 0.3 + noise
+    noisy = Ridge(show_progress_bar=False).fit(Xn, Yn)  # 5-fold without groups
+    assert noisy.alpha_ > model.alpha_
+    fixed = Ridge(alpha=0.5, show_progress_bar=False).fit(X, Y)
+    assert fixed.alpha_ == 0.5 and fixed.history_ == {}
+
+
+def test_ridge_group_standardisation_removes_offset(linear_data):
+    X, Y, groups = linear_data
+    train = groups != "c"
+    shifted = X.copy()
+    shifted[~train] = X[~train] * 3.0 + 10.0  # a stain / scanner difference in the held-out section
+    errors = {}
+    for mode in ("group", "global"):
+        model = Ridge(alpha=0.01, standardize=mode, show_progress_bar=False)
+        model.fit(shifted[train], Y[train], groups=groups[train])
+        pred = model.predict(shifted[~train], groups=groups[~train])
+        errors[mode] = np.mean((pred - Y[~train]) ** 2)
+    assert errors["group"] < 0.1 * errors["global"]
+    assert errors["group"] < 1.0
+
+
+def test_ridge_pca_targets(linear_data):
+    X, Y, groups = linear_data
+    model = Ridge(n_components=3, show_progress_bar=False).fit(X, Y, groups=groups)
+    assert model.components_.shape == (3, 6)
+    pred = model.predict(X, groups=groups)
+    assert pred.shape == Y.shape
+    assert _mean_r(pred, Y) > 0.5
+
+
+# ---------------------------------------------------------------- CNN
+def test_cnn_predicts_held_out_group(cnn_data):
+    patches, Y, groups = cnn_data
+    train = groups != "s3"
+    model = CNNRegressor(**CNN_FAST).fit(patches[train], Y[train], groups=groups[train])
+    hist = model.history_
+    assert len(hist["train_loss"]) == len(hist["val_loss"]) >= 1
+    assert np.isfinite(hist["val_loss"]).all()  # validation on a held-out group
+    pred = model.predict(patches[~train])
+    assert pred.shape == (60, 3) and pred.dtype == np.float32
+    assert _mean_r(pred, Y[~train]) > 0.5
+    # predictions come back on the scale of the targets
+    assert abs(pred.mean() - Y[~train].mean()) < 0.3
+
+
+def test_cnn_deterministic_on_cpu(cnn_data):
+    patches, Y, _ = cnn_data
+    params = {**CNN_FAST, "epochs": 2, "device": "cpu"}
+    a = CNNRegressor(**params, seed=3).fit(patches[:96], Y[:96]).predict(patches[96:])
+    b = CNNRegressor(**params, seed=3).fit(patches[:96], Y[:96]).predict(patches[96:])
+    c = CNNRegressor(**params, seed=4).fit(patches[:96], Y[:96]).predict(patches[96:])
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_cnn_no_validation_and_encoder(cnn_data):
+    patches, Y, _ = cnn_data
+    model = CNNRegressor(**{**CNN_FAST, "epochs": 2, "val_fraction": 0.0, "augment": False}).fit(patches, Y)
+    assert len(model.history_["train_loss"]) == 2 and np.isnan(model.history_["val_loss"]).all()
+    enc = model.as_encoder(device="cpu")
+    assert enc.transform(patches[:5]).shape == (5, 32)
+
+
+def test_augmentation_keeps_range_and_symmetry():
+    torch = pytest.importorskip("torch")
+    from omx.models._cnn import augment_patches
+
+    x = torch.rand(16, 3, 8, 8)
+    out = augment_patches(x, torch.Generator().manual_seed(0), stain_scale=0.0, stain_shift=0.0)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    # without stain jitter each patch is one of the 8 symmetries of the input (up to the OD round trip)
+    for i in range(16):
+        sym = [x[i].flip(-1) if f else x[i] for f in (0, 1)]
+        sym = [s.flip(-2) if f else s for s in sym for f in (0, 1)]
+        sym = [s.transpose(-1, -2) if f else s for s in sym for f in (0, 1)]
+        assert min(float((out[i] - s).abs().max()) for s in sym) < 1e-3
+
+
+# ---------------------------------------------------------------- save / load
+def test_save_load_round_trip(tmp_path, linear_data, cnn_data):
+    X, Y, groups = linear_data
+    ridge = Ridge(n_components=4, show_progress_bar=False).fit(X, Y, groups=groups)
+    ridge.meta_ = {"genes": ["A", "B"], "size_um": 100.0}
+    ridge.save(tmp_path / "ridge")
+    loaded = omx.models.load(tmp_path / "ridge")
+    assert type(loaded) is Ridge and loaded.init_params_ == ridge.init_params_
+    assert loaded.meta_ == ridge.meta_
+    np.testing.assert_array_equal(loaded.predict(X, groups=groups), ridge.predict(X, groups=groups))
+    assert loaded.history_ == ridge.history_
+    with pytest.raises(FileExistsError, match="overwrite"):
+        ridge.save(tmp_path / "ridge")
+    ridge.save(tmp_path / "ridge", overwrite=True)
+
+    patches, Yp, pgroups = cnn_data
+    cnn = CNNRegressor(**{**CNN_FAST, "epochs": 2}).fit(patches, Yp, groups=pgroups)
+    cnn.save(tmp_path / "cnn")
+    assert (tmp_path / "cnn" / "params.json").exists() and (tmp_path / "cnn" / "weights.pt").exists()
+    loaded = Model.load(tmp_path / "cnn", device="cpu")
+    assert isinstance(loaded, CNNRegressor) and loaded.meta_ is None
+    np.testing.assert_array_equal(loaded.predict(patches), cnn.predict(patches))
+    assert loaded.history_ == cnn.history_
+    with pytest.raises(TypeError, match="CNNRegressor"):
+        Ridge.load(tmp_path / "cnn")
+    with pytest.raises(FileNotFoundError):
+        omx.models.load(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------- errors and factory
+def test_input_errors(linear_data, cnn_data):
+    X, Y, _ = linear_data
+    with pytest.raises(ValueError, match="not fitted"):
+        Ridge().predict(X)
+    with pytest.raises(ValueError, match="not fitted"):
+        Ridge().save("never-written")
+    with pytest.raises(ValueError, match="rows"):
+        Ridge().fit(X, Y[:-1])
+    bad = Y.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        Ridge().fit(X, bad)
+    with pytest.raises(ValueError, match="groups"):
+        Ridge().fit(X, Y, groups=np.zeros(5))
+    with pytest.raises(ValueError, match="encode them"):
+        Ridge().fit(np.zeros((4, 8, 8, 3)), Y[:4])
+    model = Ridge(alpha=1.0, show_progress_bar=False).fit(X, Y)
+    with pytest.raises(ValueError, match="30 features"):
+        model.predict(X[:, :10])
+
+    patches, Yp, _ = cnn_data
+    cnn = CNNRegressor(**CNN_FAST)
+    with pytest.raises(ValueError, match="not fitted"):
+        cnn.predict(patches)
+    with pytest.raises(ValueError, match="32 x 32"):
+        cnn.fit(np.zeros((10, 48, 48, 3), np.uint8), Yp[:10])
+    with pytest.raises(ValueError, match="uint8"):
+        cnn.fit(patches / 255.0, Yp)
+    with pytest.raises(ValueError, match="shape"):
+        cnn.fit(patches.transpose(0, 3, 1, 2), Yp)
+    with pytest.raises(ValueError, match="rows"):
+        cnn.fit(patches, Yp[:5])
+
+
+def test_clone_keeps_params_and_encoder():
+    torch = pytest.importorskip("torch")
+    from omx.encoders import TorchEncoder
+
+    enc = TorchEncoder(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1)), device="cpu")
+    ridge = Ridge(encoder=enc, alpha=3.0)
+    twin = ridge.clone()
+    assert twin is not ridge and twin.encoder is enc and twin.init_params_ == ridge.init_params_
+    assert not twin.is_fitted_
+    assert CNNRegressor(epochs=3).clone(seed=5).init_params_["seed"] == 5
+
+
+def test_get_model():
+    assert isinstance(get_model("ridge"), Ridge)
+    cnn = get_model("CNN", patch_px=48, epochs=3)
+    assert isinstance(cnn, CNNRegressor) and cnn.patch_px == 48 and cnn.init_params_["epochs"] == 3
+    assert cnn.input == "patches" and Ridge.input == "features"
+    ridge = Ridge(alpha=2.0)
+    assert get_model(ridge) is ridge
+    with pytest.raises(ValueError, match="Keyword"):
+        get_model(ridge, alpha=1.0)
+    with pytest.raises(ValueError, match="Unknown model"):
+        get_model("transformer")
