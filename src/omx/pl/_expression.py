@@ -1,0 +1,332 @@
+"""Observed against predicted expression over the tissue of one section."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Sequence
+from os import PathLike
+
+import matplotlib.pyplot as plt
+import numpy as np
+from anndata import AnnData
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.collections import EllipseCollection
+from matplotlib.colors import Colormap, Normalize
+from matplotlib.figure import Figure
+from scipy import sparse
+from spatialdata import SpatialData
+from spatialdata.models import get_table_keys
+
+from omx._utils import as_list, check_counts, logger, resolve_key
+from omx.metrics import pearson
+
+#: Side (pixels) that the background image is read at: the coarsest pyramid level that still has this many
+#: pixels across the spots' extent, then subsampled to at most twice that.
+_TARGET_PX = 800
+_PANEL_IN = 3.6
+
+
+def _dense_columns(M, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``M[rows][:, cols]`` as a dense float64 array, for dense or sparse ``M``."""
+    sub = M[rows][:, cols]
+    sub = sub.toarray() if sparse.issparse(sub) else np.asarray(sub)
+    return sub.astype(np.float64, copy=False)
+
+
+def _observed(table: AnnData, rows: np.ndarray, cols: np.ndarray, observed_layer: str | None) -> np.ndarray:
+    """Observed values of genes ``cols`` for table rows ``rows``: ``observed_layer`` or log1p(CP10k) of X."""
+    if observed_layer is not None:
+        if observed_layer not in table.layers:
+            raise KeyError(
+                f"The table has no layer {observed_layer!r} (layers: {list(table.layers.keys())}). "
+                "Pass one of them as `observed_layer=`, or None to log-normalise the counts in X."
+            )
+        return _dense_columns(table.layers[observed_layer], rows, cols)
+    X = table.X[rows]
+    check_counts(X, name="counts in table.X")
+    data = X.data if sparse.issparse(X) else np.asarray(X)
+    if data.size and not np.allclose(data, np.round(data)):
+        logger.warning("table.X does not hold integer counts; pass `observed_layer=` if it is already normalised.")
+    # Same as omx._utils.log_normalize, but only the plotted genes are densified (the totals use all genes).
+    total = np.asarray(X.sum(axis=1), dtype=np.float64).reshape(-1, 1)
+    scale = np.divide(1e4, total, out=np.zeros_like(total), where=total > 0)
+    return np.log1p(_dense_columns(X, np.arange(X.shape[0]), cols) * scale)
+
+
+def _check_genes(table: AnnData, genes: list[str]) -> np.ndarray:
+    missing = [g for g in genes if g not in table.var_names]
+    if missing:
+        hints = {g: difflib.get_close_matches(g, list(map(str, table.var_names)), n=3) for g in missing}
+        hints = {g: h for g, h in hints.items() if h}
+        hint = f" Close matches: {hints}." if hints else ""
+        raise KeyError(f"Gene(s) {missing} are not in the table ({table.n_vars} genes).{hint}")
+    return table.var_names.get_indexer(genes)
+
+
+def _pick_section(values: np.ndarray, has_pred: np.ndarray, section: str | None, layer: str, column: str) -> str:
+    all_sections = sorted({str(s) for s in values})
+    predicted = sorted({str(s) for s in values[has_pred]})
+    if section is None:
+        if len(predicted) == 1:
+            return predicted[0]
+        if not predicted:
+            raise ValueError(
+                f"Layer {layer!r} holds no predictions (all NaN) for these genes; were they among the modelled "
+                "genes (see table.uns['omx'][key]['genes'])?"
+            )
+        raise ValueError(f"Ambiguous section: layer {layer!r} holds predictions for {predicted}. Pass `section=`.")
+    section = str(section)
+    if section not in all_sections:
+        raise KeyError(f"There is no section {section!r} in table.obs[{column!r}]. Sections: {all_sections}.")
+    if section not in predicted:
+        raise ValueError(
+            f"Layer {layer!r} holds no predictions for section {section!r} (all NaN); it has predictions for "
+            f"{predicted}. Predict that section first (omx.tl.fit_predict(..., predict=[{section!r}]))."
+        )
+    return section
+
+
+def _background(spots, bounds_px: tuple[float, float, float, float]) -> tuple[np.ndarray, tuple[float, ...]] | None:
+    """Read the image around ``bounds_px`` (level-0 pixels) at a low resolution.
+
+    Returns ``(rgb, extent)`` with ``rgb`` ``(h, w, 3)`` uint8 and ``extent`` in level-0 pixels for ``imshow``.
+    """
+    x0, x1, y0, y1 = bounds_px
+    level_idx = 0
+    for i, s in enumerate(spots.level_scales):
+        if max(x1 - x0, y1 - y0) / s >= _TARGET_PX:
+            level_idx = i
+    level, s = spots.levels[level_idx], spots.level_scales[level_idx]
+    h, w = int(level.sizes["y"]), int(level.sizes["x"])
+    lx0, lx1 = max(0, math.floor(x0 / s)), min(w, math.ceil(x1 / s))
+    ly0, ly1 = max(0, math.floor(y0 / s)), min(h, math.ceil(y1 / s))
+    if lx1 <= lx0 or ly1 <= ly0:
+        return None
+    step = max(1, max(lx1 - lx0, ly1 - ly0) // (2 * _TARGET_PX))
+    block = np.asarray(level.data[:, ly0:ly1:step, lx0:lx1:step])
+    if block.shape[0] >= 3:
+        block = block[:3]
+    else:
+        block = np.repeat(block[:1], 3, axis=0)
+    if block.dtype != np.uint8:
+        block = block.astype(np.float64)
+        hi = np.nanpercentile(block, 99.5) if block.size else 1.0
+        block = np.clip(np.nan_to_num(block) / (hi or 1.0) * 255, 0, 255).astype(np.uint8)
+    rgb = np.ascontiguousarray(block.transpose(1, 2, 0))
+    hh, ww = rgb.shape[:2]
+    extent = (lx0 * s, (lx0 + ww * step) * s, (ly0 + hh * step) * s, ly0 * s)  # left, right, bottom, top
+    return rgb, extent
+
+
+def _spot_layer(ax: Axes, xy: np.ndarray, radius: np.ndarray, values: np.ndarray, cmap, norm: Normalize) -> None:
+    # An EllipseCollection in data units draws each spot at its true radius and scales to 10^5 spots, unlike
+    # one Circle patch per spot.
+    coll = EllipseCollection(
+        widths=2 * radius,
+        heights=2 * radius,
+        angles=np.zeros(len(radius)),
+        units="xy",
+        offsets=xy,
+        offset_transform=ax.transData,
+        cmap=cmap,
+        norm=norm,
+        linewidths=0,
+    )
+    coll.set_array(values)
+    ax.add_collection(coll, autolim=False)
+
+
+def _layout(n_genes: int, ncols: int, aspect: float) -> tuple[Figure, list[Axes]]:
+    ncols = max(1, min(ncols, n_genes))
+    nrows = math.ceil(n_genes / ncols)
+    panel_h = min(max(_PANEL_IN * aspect, 1.5), 2.5 * _PANEL_IN) + 0.45
+    fig = plt.figure(figsize=(ncols * (2 * _PANEL_IN + 0.9), nrows * panel_h + 0.4), layout="constrained")
+    grid = fig.subplots(nrows, 2 * ncols, squeeze=False)
+    axes = list(grid.ravel())
+    for extra in axes[2 * n_genes :]:
+        extra.remove()
+    return fig, axes[: 2 * n_genes]
+
+
+def expression(
+    sdata: SpatialData,
+    genes: str | Sequence[str],
+    *,
+    table_key: str = "table",
+    section: str | None = None,
+    layer: str = "omx_pred",
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    observed_layer: str | None = None,
+    ncols: int = 1,
+    ax: Sequence[Axes] | None = None,
+    cmap: str | Colormap = "viridis",
+    spot_size: float | None = None,
+    save: str | PathLike | None = None,
+) -> Figure:
+    """Plot observed and predicted expression side by side over the H&E of one section.
+
+    For each gene, two panels show the spots of the section as circles of their true size over a
+    low-resolution copy of the image: the observed expression on the left, the prediction on the right.
+    Both panels of a gene share one colour scale (the 1st to 99th percentile of the observed and
+    predicted values together) and one colourbar, so that a prediction that is too flat looks flat. The
+    title gives the Pearson correlation between the two over the spots drawn.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object, with the predictions in a layer of the table (see
+        :func:`omx.tl.fit_predict`).
+    genes
+        One gene name or a list of them.
+    table_key
+        The table holding the counts and the predictions.
+    section
+        The section to draw (a value of ``table.obs["section"]``, or of the table's region column when there
+        is no ``"section"`` column). May be omitted when the predictions cover exactly one section.
+    layer
+        The table layer with the predictions. Rows that are NaN (spots of sections that were not
+        predicted) are skipped.
+    image_key
+        The H&E image; omitted, the one image that shares a coordinate system with the spots.
+    shapes_key
+        The spots of the section; omitted, the shapes element the table annotates for these rows.
+    observed_layer
+        Table layer with the observed values on the scale of the predictions. Omitted, the counts in
+        ``table.X`` are log-normalised as ``log1p(counts / total * 1e4)``, with the total over all genes,
+        the usual target of omx models.
+    ncols
+        Genes per row of the figure (each gene takes two panels).
+    ax
+        ``2 * len(genes)`` axes to draw into, observed and predicted for each gene in turn. Omitted, a new
+        figure is made.
+    cmap
+        Colour map of the expression.
+    spot_size
+        Spot diameter in the units of the plot (microns when the coordinate system is in microns),
+        overriding the true size.
+    save
+        Path to save the figure to (150 dpi).
+
+    Returns
+    -------
+    The matplotlib figure.
+
+    Examples
+    --------
+    >>> omx.tl.fit_predict(sdata, train=["C2", "C3"], predict=["C4"])  # doctest: +SKIP
+    >>> omx.pl.expression(sdata, ["ERBB2", "GNAS"], section="C4")  # doctest: +SKIP
+    """
+    from omx.pp import resolve_spots
+
+    genes = as_list(genes)
+    if not genes:
+        raise ValueError("Pass at least one gene.")
+    table_key = resolve_key(table_key, sdata.tables.keys(), kind="table", argument="table_key")
+    table = sdata.tables[table_key]
+    cols = _check_genes(table, genes)
+    if layer not in table.layers:
+        raise KeyError(
+            f"The table {table_key!r} has no layer {layer!r} (layers: {list(table.layers.keys())}). "
+            "omx.tl.fit_predict (or omx.tl.predict_expression) writes the predictions to "
+            "table.layers['omx_pred']; run it first, or pass the layer that holds them as `layer=`."
+        )
+    if ncols < 1:
+        raise ValueError(f"`ncols` must be at least 1, got {ncols}.")
+    if ax is not None:
+        ax = [ax] if isinstance(ax, Axes) else list(np.ravel(ax))
+        if len(ax) != 2 * len(genes):
+            n = 2 * len(genes)
+            raise ValueError(f"Pass {n} axes as `ax=` (observed and predicted for each gene), got {len(ax)}.")
+
+    _, region_key, _ = get_table_keys(table)
+    column = "section" if "section" in table.obs.columns else region_key
+    section_values = table.obs[column].astype(str).to_numpy()
+    pred_all = _dense_columns(table.layers[layer], np.arange(table.n_obs), cols)
+    has_pred = ~np.isnan(pred_all).all(axis=1)
+    section = _pick_section(section_values, has_pred, section, layer, column)
+    in_section = (section_values == section) & has_pred
+
+    regions = sorted(set(table.obs[region_key].astype(str).to_numpy()[in_section]))
+    if shapes_key is None:
+        if len(regions) > 1:
+            raise ValueError(f"Section {section!r} spans several shapes elements {regions}. Pass `shapes_key=`.")
+        shapes_key = regions[0]
+    elif shapes_key not in regions:
+        raise KeyError(f"The predicted spots of section {section!r} are annotated by {regions}, not {shapes_key!r}.")
+    in_section &= table.obs[region_key].astype(str).to_numpy() == shapes_key
+
+    try:
+        spots = resolve_spots(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key)
+    except ValueError as err:  # the image is fine but not in microns: draw in pixels
+        if "microns per pixel" not in str(err):
+            raise
+        spots = resolve_spots(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=1.0)
+    keep = spots.table_rows >= 0
+    keep[keep] = in_section[spots.table_rows[keep]]
+    spots = spots.subset(keep)
+    rows = spots.table_rows
+    if len(rows) == 0:
+        raise ValueError(f"No spot of {shapes_key!r} has a predicted row in table {table_key!r}.")
+
+    predicted = pred_all[rows]
+    if unpredicted := [g for g, empty in zip(genes, np.isnan(predicted).all(axis=0), strict=True) if empty]:
+        raise ValueError(
+            f"Layer {layer!r} holds no predictions for {unpredicted} in section {section!r} (all NaN): they were "
+            "not among the modelled genes (see table.uns['omx'][key]['genes'])."
+        )
+    observed = _observed(table, rows, cols, observed_layer)
+    radius_px = np.full(len(rows), spot_size / 2 / spots.mpp) if spot_size is not None else spots.radius_px
+    centers = spots.centers
+    pad = 2 * float(radius_px.max())
+    bounds = (
+        float((centers[:, 0] - radius_px).min() - pad),
+        float((centers[:, 0] + radius_px).max() + pad),
+        float((centers[:, 1] - radius_px).min() - pad),
+        float((centers[:, 1] + radius_px).max() + pad),
+    )
+    background = _background(spots, bounds)
+    mpp = spots.mpp  # draw in microns (pixels times microns per pixel): spots and image share the frame
+    xy, radius = centers * mpp, radius_px * mpp
+    x0, x1, y0, y1 = (b * mpp for b in bounds)
+
+    made_figure = ax is None
+    if made_figure:
+        fig, ax = _layout(len(genes), ncols, (y1 - y0) / max(x1 - x0, 1e-9))
+    else:
+        fig = ax[0].figure
+    cmap = plt.get_cmap(cmap) if isinstance(cmap, str) else cmap
+    cbar_label = observed_layer if observed_layer is not None else "log1p(CP10k)"
+
+    for j, gene in enumerate(genes):
+        ok = np.isfinite(observed[:, j]) & np.isfinite(predicted[:, j])
+        obs_j, pred_j = observed[ok, j], predicted[ok, j]
+        both = np.concatenate([obs_j, pred_j])
+        vmin, vmax = np.percentile(both, [1, 99]) if both.size else (0.0, 1.0)
+        if not vmax > vmin:
+            vmin, vmax = vmin - 0.5, vmax + 0.5
+        norm = Normalize(vmin=float(vmin), vmax=float(vmax))
+        r = pearson(obs_j, pred_j) if ok.sum() > 1 else float("nan")
+        pair = ax[2 * j : 2 * j + 2]
+        for a, values, what in ((pair[0], obs_j, "observed"), (pair[1], pred_j, "predicted")):
+            if background is not None:
+                a.imshow(background[0], extent=[e * mpp for e in background[1]], interpolation="bilinear", zorder=0)
+            _spot_layer(a, xy[ok], radius[ok], values, cmap, norm)
+            a.set_xlim(x0, x1)
+            a.set_ylim(y1, y0)
+            a.set_aspect("equal")
+            a.set_xticks([])
+            a.set_yticks([])
+            title = f"{gene}, {what}" if what == "observed" else f"{gene}, predicted (r = {r:.2f})"
+            a.set_title(title, fontsize=10)
+        cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(pair), shrink=0.85, pad=0.02, aspect=25)
+        cbar.set_label(cbar_label, fontsize=8)
+        cbar.ax.tick_params(labelsize=8)
+    if made_figure:
+        fig.suptitle(f"Section {section}: observed vs predicted ({layer!r}), {len(rows)} spots", fontsize=11)
+    logger.info("Plotted %d genes over %d spots of section %r.", len(genes), len(rows), section)
+    if save is not None:
+        fig.savefig(save, dpi=150, bbox_inches="tight")
+    return fig

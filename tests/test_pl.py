@@ -1,0 +1,298 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import anndata as ad
+import geopandas as gpd
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.collections import EllipseCollection
+from matplotlib.image import AxesImage
+from scipy import sparse
+from shapely.geometry import Point
+from spatialdata import SpatialData
+from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.transformations import Identity, Scale
+
+import omx.pl
+from omx import metrics
+
+MPP = 2.0  # microns per pixel of the full-resolution images
+TISSUE = np.array([230, 150, 190], dtype=np.uint8)  # pink
+GLASS = np.array([250, 250, 250], dtype=np.uint8)
+GENES = ["GRAD_X", "GRAD_Y", "NOISE", "PATCHY"]
+
+
+def _section(name: str, rng, *, cx: float, cy: float, rx: float, ry: float, shape=(260, 320)):
+    """One section in the contract's layout: image in pixels, spots and Scale in microns."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    tissue = ((xx + 0.5 - cx / MPP) / (rx / MPP)) ** 2 + ((yy + 0.5 - cy / MPP) / (ry / MPP)) ** 2 <= 1
+    rgb = np.where(tissue[..., None], TISSUE, GLASS).astype(np.uint8)
+    nuclei = tissue & (rng.random((h, w)) < 0.02)
+    rgb[nuclei] = (90, 40, 130)
+    image = Image2DModel.parse(
+        rgb.transpose(2, 0, 1),
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b"],
+        scale_factors=[2],
+        transformations={name: Scale([MPP, MPP], axes=("y", "x"))},
+    )
+    # spots on a 40 um grid, kept where the whole spot lies on tissue
+    radius = 12.0
+    gx, gy = np.meshgrid(np.arange(20.0, w * MPP, 40.0), np.arange(20.0, h * MPP, 40.0))
+    inside = ((gx - cx) / (rx - radius)) ** 2 + ((gy - cy) / (ry - radius)) ** 2 <= 1
+    xy = np.c_[gx[inside], gy[inside]]
+    gdf = gpd.GeoDataFrame({"radius": np.full(len(xy), radius)}, geometry=[Point(x, y) for x, y in xy])
+    shapes = ShapesModel.parse(gdf, transformations={name: Identity()})
+    return image, shapes, xy
+
+
+def _counts(xy, rng):
+    x = (xy[:, 0] - xy[:, 0].min()) / np.ptp(xy[:, 0])
+    y = (xy[:, 1] - xy[:, 1].min()) / np.ptp(xy[:, 1])
+    rates = np.c_[2 + 30 * x, 2 + 30 * y, np.full(len(x), 10.0), 2 + 40 * (np.sin(8 * x) * np.cos(6 * y) > 0.3)]
+    other = rng.poisson(50, size=(len(x), 6))  # housekeeping genes so totals vary little
+    return np.c_[rng.poisson(rates), other]
+
+
+@pytest.fixture
+def sdata():
+    """Sections A and B, one table; predictions ("omx_pred") for B only, NaN for A and for one spot of B."""
+    rng = np.random.default_rng(0)
+    elements, obs, counts = {"images": {}, "shapes": {}}, [], []
+    geometry = {"A": {"cx": 300, "cy": 260, "rx": 260, "ry": 200}, "B": {"cx": 340, "cy": 250, "rx": 220, "ry": 230}}
+    for name, geo in geometry.items():
+        image, shapes, xy = _section(name, rng, **geo)
+        elements["images"][f"{name}_he"] = image
+        elements["shapes"][f"{name}_spots"] = shapes
+        obs.append(
+            pd.DataFrame(
+                {
+                    "section": name,
+                    "patient": "P1",
+                    "region": f"{name}_spots",
+                    "spot_id": np.arange(len(xy)),
+                    "x": xy[:, 0],
+                    "y": xy[:, 1],
+                },
+                index=[f"{name}_{int(x)}x{int(y)}" for x, y in xy],
+            )
+        )
+        counts.append(_counts(xy, rng))
+    obs = pd.concat(obs)
+    for col in ("section", "patient", "region"):
+        obs[col] = obs[col].astype("category")
+    X = np.concatenate(counts)
+    var = pd.DataFrame(index=GENES + [f"HK{i}" for i in range(6)])
+    adata = ad.AnnData(X=sparse.csr_matrix(X.astype(np.float32)), obs=obs, var=var)
+    adata.obsm["spatial"] = obs[["x", "y"]].to_numpy()
+    lognorm = np.log1p(X / X.sum(1, keepdims=True) * 1e4)
+    pred = (0.6 * lognorm + 0.4 * lognorm.mean(0) + rng.normal(0, 0.1, size=X.shape)).astype(np.float32)
+    is_a = (obs["section"] == "A").to_numpy()
+    pred[is_a] = np.nan
+    pred[np.flatnonzero(~is_a)[0]] = np.nan  # a spot of B without prediction: skipped too
+    adata.layers["omx_pred"] = pred
+    adata.layers["lognorm"] = lognorm.astype(np.float32)
+    table = TableModel.parse(adata, region=["A_spots", "B_spots"], region_key="region", instance_key="spot_id")
+    sd = SpatialData(images=elements["images"], shapes=elements["shapes"], tables={"table": table})
+    sd.attrs["omx"] = {"units": {"A": "um", "B": "um"}}
+    return sd
+
+
+def _spot_panels(fig):
+    """(axes, image, spot collection) of every map panel of a figure."""
+    out = []
+    for a in fig.axes:
+        colls = [c for c in a.collections if isinstance(c, EllipseCollection)]
+        if colls:
+            images = [im for im in a.get_children() if isinstance(im, AxesImage)]
+            out.append((a, images[0] if images else None, colls[0]))
+    return out
+
+
+def test_expression_draws_shared_scales_and_saves(sdata, tmp_path):
+    path = tmp_path / "expr.png"
+    fig = omx.pl.expression(sdata, ["GRAD_X", "PATCHY"], save=path)
+    assert path.stat().st_size > 10_000
+    panels = _spot_panels(fig)
+    assert len(panels) == 4
+    table = sdata.tables["table"]
+    n_b = int((table.obs["section"] == "B").sum())
+    for (a_obs, im_obs, c_obs), (a_pred, im_pred, c_pred) in zip(panels[::2], panels[1::2], strict=True):
+        assert im_obs is not None and im_pred is not None
+        assert len(c_obs.get_array()) == len(c_pred.get_array()) == n_b - 1  # the NaN spot is skipped
+        assert c_obs.norm.vmin == c_pred.norm.vmin and c_obs.norm.vmax == c_pred.norm.vmax
+        assert "observed" in a_obs.get_title() and "r = " in a_pred.get_title()
+    n_colorbars = sum(1 for a in fig.axes if a.get_label() == "<colorbar>")
+    assert n_colorbars == 2
+    assert "Section B" in fig.get_suptitle()
+    plt.close(fig)
+
+
+def test_expression_values_and_correlation(sdata):
+    table = sdata.tables["table"]
+    rows = np.flatnonzero((table.obs["section"] == "B").to_numpy())[1:]
+    X = table.X.toarray()
+    expected_obs = np.log1p(X[rows, 0] / X[rows].sum(1) * 1e4)
+    expected_pred = table.layers["omx_pred"][rows, 0]
+    fig = omx.pl.expression(sdata, "GRAD_X", section="B")
+    (a_obs, _, c_obs), (a_pred, _, c_pred) = _spot_panels(fig)
+    # the spots are drawn in the shapes' order, which here equals the table's order
+    np.testing.assert_allclose(np.sort(c_obs.get_array()), np.sort(expected_obs), rtol=1e-5)
+    np.testing.assert_allclose(np.sort(c_pred.get_array()), np.sort(expected_pred), rtol=1e-5)
+    r = np.corrcoef(c_obs.get_array(), c_pred.get_array())[0, 1]
+    assert f"r = {r:.2f}" in a_pred.get_title()
+    assert r > 0.8  # the gradient gene is predicted well
+    lo, hi = np.percentile(np.r_[expected_obs, expected_pred], [1, 99])
+    assert c_obs.norm.vmin == pytest.approx(lo) and c_obs.norm.vmax == pytest.approx(hi)
+    plt.close(fig)
+
+
+def test_expression_spots_lie_on_tissue(sdata):
+    """Every spot centre falls on a tissue pixel of the background image, at the spot's true radius."""
+    fig = omx.pl.expression(sdata, "GRAD_Y")
+    a, im, coll = _spot_panels(fig)[0]
+    rgb = np.asarray(im.get_array())
+    left, right, bottom, top = im.get_extent()
+    xy = coll.get_offsets()
+    cols = ((xy[:, 0] - left) / (right - left) * rgb.shape[1]).astype(int)
+    rows = ((xy[:, 1] - top) / (bottom - top) * rgb.shape[0]).astype(int)
+    on_tissue = np.all(rgb[rows, cols] != GLASS, axis=-1)
+    assert on_tissue.all()
+    # shapes are in microns, 12 um radius: the collection draws diameters in data units (microns)
+    np.testing.assert_allclose(coll.get_widths(), 24.0, rtol=1e-6)
+    # the image spans the microns of the section (B: 320 px * 2 um wide, cropped around the spots)
+    assert 0 <= left < xy[:, 0].min() and right > xy[:, 0].max()
+    plt.close(fig)
+
+
+def test_expression_into_given_axes_observed_layer_and_spot_size(sdata, tmp_path):
+    fig, axes = plt.subplots(2, 2, figsize=(6, 6))
+    out = omx.pl.expression(sdata, ["GRAD_X", "GRAD_Y"], ax=axes, observed_layer="lognorm", spot_size=10)
+    assert out is fig
+    (_, _, c_obs), _, _, _ = _spot_panels(fig)
+    table = sdata.tables["table"]
+    rows = np.flatnonzero((table.obs["section"] == "B").to_numpy())[1:]
+    np.testing.assert_allclose(np.sort(c_obs.get_array()), np.sort(table.layers["lognorm"][rows, 0]), rtol=1e-6)
+    np.testing.assert_allclose(c_obs.get_widths(), 10.0, rtol=1e-6)
+    fig.savefig(tmp_path / "given_axes.png")
+    with pytest.raises(ValueError, match="Pass 4 axes"):
+        omx.pl.expression(sdata, ["GRAD_X", "GRAD_Y"], ax=axes.ravel()[:3])
+    plt.close("all")
+
+
+def test_expression_errors(sdata):
+    with pytest.raises(KeyError, match="GRADX"):
+        omx.pl.expression(sdata, "GRADX")
+    with pytest.raises(KeyError, match=r"no layer 'missing'.*omx_pred.*fit_predict"):
+        omx.pl.expression(sdata, "GRAD_X", layer="missing")
+    with pytest.raises(KeyError, match=r"no section 'Z'.*\['A', 'B'\]"):
+        omx.pl.expression(sdata, "GRAD_X", section="Z")
+    with pytest.raises(ValueError, match="no predictions for section 'A'"):
+        omx.pl.expression(sdata, "GRAD_X", section="A")
+    table = sdata.tables["table"]
+    table.layers["omx_pred"][:, GENES.index("NOISE")] = np.nan  # a gene the model did not predict
+    with pytest.raises(ValueError, match=r"no predictions for \['NOISE'\] in section 'B'"):
+        omx.pl.expression(sdata, ["GRAD_X", "NOISE"])
+    with pytest.raises(ValueError, match="modelled genes"):
+        omx.pl.expression(sdata, "NOISE")
+    with pytest.raises(KeyError, match="observed_layer"):
+        omx.pl.expression(sdata, "GRAD_X", observed_layer="nope")
+    table = sdata.tables["table"]
+    table.layers["omx_pred"] = np.nan_to_num(table.layers["omx_pred"])
+    with pytest.raises(ValueError, match=r"Ambiguous section.*\['A', 'B'\].*section="):
+        omx.pl.expression(sdata, "GRAD_X")
+    fig = omx.pl.expression(sdata, "GRAD_X", section="A")  # now A has predictions
+    assert "Section A" in fig.get_suptitle()
+    plt.close(fig)
+
+
+@pytest.fixture
+def scores():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(80, 40))
+    pred = y * np.linspace(0, 1, 40) + rng.normal(size=y.shape)
+    pred[:, 3] = 1.0  # constant prediction: NaN correlation
+    return metrics.gene_scores(y, pred, [f"gene{i}" for i in range(40)])
+
+
+def test_gene_scores_from_frame(scores, tmp_path):
+    fig = omx.pl.gene_scores(scores, n_label=4)
+    fig.savefig(tmp_path / "scores.png")
+    ax_hist, ax_bar = fig.axes
+    mean = scores["pearson"].mean()
+    assert any(np.allclose(line.get_xdata(), mean) for line in ax_hist.get_lines())
+    assert "39 genes" in ax_hist.get_title() and "1 NaN" in ax_hist.get_title()
+    names = [t.get_text() for t in ax_bar.get_yticklabels()]
+    order = scores["pearson"].dropna().sort_values(ascending=False).index
+    assert names == list(order[:4]) + list(order[-4:])
+    plt.close(fig)
+
+
+def test_gene_scores_mse_lower_is_better(scores):
+    fig = omx.pl.gene_scores(scores, metric="mse", n_label=2)
+    names = [t.get_text() for t in fig.axes[1].get_yticklabels()]
+    order = scores["mse"].sort_values().index
+    assert names[:2] == list(order[:2])
+    plt.close(fig)
+
+
+def test_gene_scores_from_table_uns_and_single_axes(scores):
+    table = ad.AnnData(np.zeros((2, 2)))
+    records = scores.reset_index()
+    table.uns["omx"] = {"omx_pred": {"gene_scores": {c: records[c].tolist() for c in records.columns}}}
+    fig, ax = plt.subplots()
+    out = omx.pl.gene_scores(table, metric="ccc", ax=ax, n_label=3)
+    assert out is fig
+    text = " ".join(t.get_text() for t in ax.texts)
+    best = scores["ccc"].dropna().sort_values(ascending=False).index[:3]
+    assert all(g in text for g in best)
+    with pytest.raises(KeyError, match="no entry 'other'"):
+        omx.pl.gene_scores(table, key="other")
+    with pytest.raises(KeyError, match="No score 'r2'"):
+        omx.pl.gene_scores(scores, metric="r2")
+    plt.close("all")
+
+
+def test_gene_scores_per_section_layouts(scores):
+    records = scores.reset_index()
+    as_lists = {c: records[c].tolist() for c in records.columns}
+    shifted = dict(as_lists, pearson=[v + 0.1 for v in as_lists["pearson"]])
+    table = ad.AnnData(np.zeros((2, 2)))
+    table.uns["omx"] = {
+        "fit": {"scores": {"S2": {"summary": {}, "gene_scores": as_lists}}},  # omx.tl.fit_predict
+        "cv": {"gene_scores": {"S1": as_lists, "S2": shifted}},  # omx.tl.cross_validate
+    }
+    fig = omx.pl.gene_scores(table, key="fit")
+    assert "section S2" in fig.axes[0].get_title()
+    fig = omx.pl.gene_scores(table, key="cv", section="S2")
+    mean_line = fig.axes[0].get_lines()[0].get_xdata()[0]
+    assert mean_line == pytest.approx(scores["pearson"].mean() + 0.1)
+    fig = omx.pl.gene_scores(table, key="cv")  # averaged over the two sections, gene by gene
+    assert "mean over 2 sections" in fig.axes[0].get_title()
+    assert fig.axes[0].get_lines()[0].get_xdata()[0] == pytest.approx(scores["pearson"].mean() + 0.05)
+    with pytest.raises(KeyError, match=r"No scores for section 'S9'.*\['S1', 'S2'\]"):
+        omx.pl.gene_scores(table, key="cv", section="S9")
+    with pytest.raises(ValueError, match="only applies when `scores` is a table"):
+        omx.pl.gene_scores(scores, section="S1")
+    plt.close("all")
+
+
+def test_plots_after_fit_predict_on_toy_data(tmp_path):
+    """End to end with the package's own toy data and front door."""
+    import omx
+
+    sdata = omx.datasets.toy_sdata(seed=0)
+    omx.tl.fit_predict(sdata, train="S1", predict="S2", show_progress_bar=False)
+    table = sdata.tables["table"]
+    fig = omx.pl.expression(sdata, ["gene_0", "gene_1"], save=tmp_path / "toy.png")
+    assert "Section S2" in fig.get_suptitle()
+    (_, im, coll), *_ = _spot_panels(fig)
+    assert im is not None and len(coll.get_array()) == int((table.obs["section"] == "S2").sum())
+    fig = omx.pl.gene_scores(table)
+    assert "section S2" in fig.axes[0].get_title()
+    fig.savefig(tmp_path / "toy_scores.png")
+    plt.close("all")
