@@ -1,0 +1,172 @@
+"""Cross-validation by section or patient, with every fitted step inside the fold."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from spatialdata import SpatialData
+
+from omx._utils import as_list, logger, progress
+from omx.tl._core import check_key_free, resolve_sections, resolve_table
+from omx.tl._predict import _get_model, _inputs, _scores, _uns_entry, _write_layer, fit_sections, predict_section
+
+
+def _fresh(model, *, seed, device, show_progress_bar):
+    from omx.models import Model
+
+    if isinstance(model, Model):
+        return model.clone()
+    return _get_model(model, seed=seed, device=device, show_progress_bar=show_progress_bar)
+
+
+def cross_validate(
+    sdata: SpatialData,
+    *,
+    groups: str = "section",
+    model="ridge",
+    sections: Sequence[str] | None = None,
+    test: Sequence[str] | None = None,
+    genes: Sequence[str] | None = None,
+    n_top_genes: int | None = None,
+    table_key: str | None = None,
+    section_key: str = "section",
+    layer: str | None = None,
+    mpp: float | None = None,
+    size_um: float | None = None,
+    context: Sequence[float] = (1.0,),
+    target_norm: str = "section",
+    min_counts: int = 10,
+    top_n: int = 50,
+    key_added: str | None = "omx_cv",
+    overwrite: bool = False,
+    seed: int = 0,
+    device: str = "auto",
+    show_progress_bar: bool = True,
+) -> pd.DataFrame:
+    """Leave-one-group-out evaluation: each fold fits genes, normalisation and model on its training sections only.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with images, spots and a table of raw counts.
+    groups
+        Obs column that defines folds: ``"section"`` (leave one section out) or ``"patient"`` (leave one
+        patient out), or any other column constant within sections.
+    model
+        ``"ridge"``, ``"cnn"`` or an unfitted :class:`omx.models.Model` (a fresh copy is fitted in each fold).
+    sections
+        Sections taking part (values of ``obs[section_key]``); all when omitted.
+    test
+        Groups to hold out, one fold each; every group when omitted.
+    genes, n_top_genes, table_key, layer, mpp, size_um, context, target_norm, min_counts
+        As in :func:`omx.tl.fit_predict`.
+    seed, device, show_progress_bar
+        As in :func:`omx.tl.fit_predict`.
+    section_key
+        Obs column naming each spot's section.
+    top_n
+        Size of the "most expressed" (in the test section) and "most variable" (over the training sections)
+        gene sets of the summary.
+    key_added
+        Out-of-fold predictions go to ``table.layers[key_added]`` and scores to ``table.uns['omx'][key_added]``;
+        None writes nothing.
+    overwrite
+        Replace an existing ``key_added``.
+
+    Returns
+    -------
+    One row per fold: the held-out group, the number of training and test spots, the mean per-gene Pearson r,
+    Spearman rho, MSE and Lin's CCC over all genes (``*_all``), the ``top_n`` most expressed genes of the test
+    section (``*_top_expressed``) and the ``top_n`` most variable genes of the training sections
+    (``*_top_variable``), and seconds to fit and to predict. Per-gene scores of each fold are written to
+    ``table.uns['omx'][key_added]['gene_scores'][fold]``; out-of-fold predictions to ``table.layers[key_added]``.
+    """
+    from omx.metrics import summarize
+
+    table_key, table = resolve_table(sdata, table_key)
+    if key_added is not None:
+        check_key_free(table, key_added, overwrite=overwrite)
+    for col in (groups, section_key):
+        if col not in table.obs:
+            raise KeyError(f"Table {table_key!r} has no obs column {col!r}; its columns: {list(table.obs.columns)}.")
+    obs = table.obs[list(dict.fromkeys([section_key, groups]))].astype(str)
+    names = as_list(sections) or pd.unique(obs[section_key]).tolist()
+    group_of = {}
+    for name in names:
+        values = pd.unique(obs.loc[obs[section_key] == name, groups])
+        if len(values) != 1:
+            raise ValueError(
+                f"Section {name!r} has {len(values)} values of {groups!r}; folds must not split a section."
+            )
+        group_of[name] = values[0]
+    folds = as_list(test) or list(dict.fromkeys(group_of.values()))
+    if len(set(group_of.values())) < 2:
+        raise ValueError(
+            f"Cross-validation needs at least 2 groups of {groups!r}; the sections form {len(set(group_of.values()))}."
+        )
+    resolved = resolve_sections(sdata, names, table_key=table_key, groups_key=section_key, mpp=mpp, role="a")
+
+    cache: dict = {}
+    rows, gene_scores, oof = [], {}, []
+    for fold in progress(folds, show=show_progress_bar, desc="folds", unit="fold"):
+        train = [n for n in names if group_of[n] != fold]
+        held = [n for n in names if group_of[n] == fold]
+        if not held:
+            raise KeyError(f"No section has {groups} == {fold!r}; groups: {sorted(set(group_of.values()))}.")
+        m = _fresh(model, seed=seed, device=device, show_progress_bar=show_progress_bar)
+        if size_um is None:  # encode once, outside the timed fit; the cache is keyed by section and patch settings
+            fold_size = resolved[train[0]].spots.diameter_um
+        else:
+            fold_size = size_um
+        for n in train + held:
+            _inputs(resolved[n], m, fold_size, context, show_progress_bar, cache)
+        t0 = time.perf_counter()
+        m, train_var = fit_sections(
+            sdata, resolved, train, m, table_key=table_key, genes=genes, n_top_genes=n_top_genes, layer=layer,
+            min_counts=min_counts, target_norm=target_norm, size_um=fold_size, context=context,
+            show_progress_bar=show_progress_bar, cache=cache,
+        )  # fmt: skip
+        fit_s = time.perf_counter() - t0
+        fold_genes = m.meta_["genes"]
+        var = pd.Series(train_var, index=fold_genes)
+        for n in held:
+            t0 = time.perf_counter()
+            pred = predict_section(m, resolved[n], show_progress_bar=show_progress_bar, cache=cache)
+            predict_s = time.perf_counter() - t0
+            scores = _scores(table, resolved[n], fold_genes, pred, layer, min_counts)
+            summary = summarize(scores, y_train_var=var, top_n=top_n)
+            row = {
+                "fold": fold,
+                "section": n,
+                "train": ",".join(train),
+                "n_train": int(sum(len(resolved[t].rows) for t in train)),
+                "n_test": len(resolved[n].rows),
+                "n_genes": len(fold_genes),
+            }
+            for set_name, stats in summary.items():
+                for metric, value in stats.items():
+                    if metric != "n_genes":
+                        row[f"{metric}_{set_name}"] = value
+            row.update(fit_s=fit_s, predict_s=predict_s)
+            rows.append(row)
+            gene_scores[n] = scores.reset_index().to_dict(orient="list")
+            oof.append((resolved[n].rows, fold_genes, pred))
+            logger.info("fold %s, section %s: mean Pearson r %.3f", fold, n, row.get("pearson_all", np.nan))
+    result = pd.DataFrame(rows)
+    if key_added is not None:
+        all_genes = list(dict.fromkeys(g for _, gs, _ in oof for g in gs))
+        layer_values = np.full((table.n_obs, len(all_genes)), np.nan, dtype=np.float32)
+        pos = pd.Index(all_genes)
+        for r, gs, pred in oof:
+            layer_values[np.ix_(r, pos.get_indexer(gs))] = pred
+        rows_all = np.concatenate([r for r, _, _ in oof])
+        _write_layer(table, key_added, rows_all, all_genes, layer_values[rows_all])
+        table.uns.setdefault("omx", {})[key_added] = {
+            **_uns_entry(m, groups=groups, folds=folds, seed=seed),
+            "summary": result.to_dict(orient="list"),
+            "gene_scores": gene_scores,
+        }
+    return result

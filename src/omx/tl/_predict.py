@@ -1,0 +1,401 @@
+"""Front doors: fit on sections with expression, predict expression where there is only H&E."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from os import PathLike
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from spatialdata import SpatialData
+from spatialdata.models import TableModel
+
+import omx
+from omx._utils import as_list, logger
+from omx.tl._core import (
+    TARGET_SCALE,
+    Section,
+    SectionScaler,
+    check_key_free,
+    choose_genes,
+    counts,
+    log_written,
+    model_inputs,
+    resolve_sections,
+    resolve_table,
+    targets,
+)
+
+if TYPE_CHECKING:
+    from omx.models import Model
+
+
+def _get_model(model, *, seed: int, device: str, show_progress_bar: bool) -> Model:
+    from omx.models import Model, get_model
+
+    if isinstance(model, Model):
+        return model
+    return get_model(model, seed=seed, device=device, show_progress_bar=show_progress_bar)
+
+
+def fit_sections(
+    sdata: SpatialData,
+    sections: dict[str, Section],
+    train: Sequence[str],
+    model: Model,
+    *,
+    table_key: str,
+    genes: Sequence[str] | None,
+    n_top_genes: int | None,
+    layer: str | None,
+    min_counts: int,
+    target_norm: str,
+    size_um: float | None,
+    context: Sequence[float],
+    show_progress_bar: bool,
+    cache: dict | None = None,
+) -> tuple[Model, np.ndarray]:
+    """Fit ``model`` on the training sections; everything fitted here sees the training sections only.
+
+    Returns the fitted model (with ``meta_`` holding genes, target statistics and patch settings) and the
+    per-gene variance of the training targets (for choosing the most variable genes when scoring).
+    """
+    table = sdata.tables[table_key]
+    for name in train:
+        if not sections[name].measured:
+            raise ValueError(f"Training section {name!r} has no measured expression in table {table_key!r}.")
+    rows = np.concatenate([sections[n].rows for n in train])
+    X = counts(table, rows, layer=layer)
+    total = np.asarray(X.sum(axis=1)).ravel()
+    keep = total >= min_counts
+    if keep.sum() < 2:
+        raise ValueError(f"Fewer than 2 training spots have at least min_counts={min_counts} counts.")
+    if (~keep).any():
+        logger.info("Left out %d training spots with fewer than %d counts.", int((~keep).sum()), min_counts)
+    genes = choose_genes(table, genes, X[keep], n_top_genes=n_top_genes)
+    gene_idx = table.var_names.get_indexer(genes)
+    Y = targets(X, gene_idx)[keep]
+    groups = np.concatenate([np.full(len(sections[n].rows), n, dtype=object) for n in train])[keep]
+    train_var = Y.var(axis=0)
+    scaler = SectionScaler(target_norm)
+    Z = scaler.fit_transform(Y, groups)
+    size_um = sections[train[0]].spots.diameter_um if size_um is None else float(size_um)
+    inputs = np.concatenate([_inputs(sections[n], model, size_um, context, show_progress_bar, cache) for n in train])[
+        keep
+    ]
+    model.fit(inputs, Z, groups=groups)
+    model.meta_ = {
+        "genes": list(genes),
+        "target_mean": scaler.mean_.tolist(),
+        "target_std": scaler.std_.tolist(),
+        "target_norm": target_norm,
+        "target_scale": TARGET_SCALE,
+        "size_um": size_um,
+        "context": list(context),
+        "train_sections": list(train),
+        "min_counts": min_counts,
+    }
+    return model, train_var
+
+
+def _inputs(section, model, size_um, context, show_progress_bar, cache) -> np.ndarray:
+    key = (section.name, model.input, getattr(model, "patch_px", None), size_um, tuple(context), _encoder_id(model))
+    if cache is not None and key in cache:
+        return cache[key]
+    out = model_inputs(section, model, size_um=size_um, context=context, show_progress_bar=show_progress_bar)
+    if cache is not None:
+        cache[key] = out
+    return out
+
+
+def _encoder_id(model) -> str | None:
+    enc = getattr(model, "encoder", None)
+    return None if enc is None else f"{enc.name}:{sorted(enc.get_params().items())}"
+
+
+def predict_section(
+    model: Model, section: Section, *, show_progress_bar: bool, cache: dict | None = None
+) -> np.ndarray:
+    """Predictions ``(n_spots, n_genes)`` on the log-normalised scale for one section."""
+    meta = model.meta_
+    inputs = _inputs(section, model, meta["size_um"], meta["context"], show_progress_bar, cache)
+    Z = model.predict(inputs, groups=np.full(len(inputs), section.name, dtype=object))
+    return (Z * np.asarray(meta["target_std"]) + np.asarray(meta["target_mean"])).astype(np.float32)
+
+
+def _write_layer(table: AnnData, key_added: str, rows: np.ndarray, genes: list[str], values: np.ndarray) -> None:
+    layer = np.full(table.shape, np.nan, dtype=np.float32)
+    layer[np.ix_(rows, table.var_names.get_indexer(genes))] = values
+    table.layers[key_added] = layer
+
+
+def _scores(table: AnnData, section: Section, genes: list[str], pred: np.ndarray, layer: str | None, min_counts: int):
+    from omx.metrics import gene_scores
+
+    X = counts(table, section.rows, layer=layer)
+    ok = np.asarray(X.sum(axis=1)).ravel() >= min_counts
+    y = targets(X, table.var_names.get_indexer(genes))
+    return gene_scores(y[ok], pred[ok], genes)
+
+
+def _uns_entry(model: Model, **extra) -> dict:
+    return {
+        "model": type(model).__name__,
+        "params": dict(model.init_params_),
+        "version": omx.__version__,
+        **{k: v for k, v in model.meta_.items() if k not in ("target_mean", "target_std")},
+        **extra,
+    }
+
+
+def fit_predict(
+    sdata: SpatialData,
+    *,
+    train: str | Sequence[str],
+    predict: str | Sequence[str],
+    model: str | Model = "ridge",
+    genes: Sequence[str] | None = None,
+    n_top_genes: int | None = None,
+    table_key: str | None = None,
+    groups_key: str = "section",
+    layer: str | None = None,
+    image_key: str | None = None,
+    mpp: float | None = None,
+    size_um: float | None = None,
+    context: Sequence[float] = (1.0,),
+    target_norm: str = "section",
+    min_counts: int = 10,
+    key_added: str = "omx_pred",
+    overwrite: bool = False,
+    seed: int = 0,
+    device: str = "auto",
+    show_progress_bar: bool = True,
+) -> Model:
+    """Fit a model on sections with expression and predict the expression of other sections from their H&E.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with H&E images, spots and a table of raw counts.
+    train
+        Sections to fit on: values of ``table.obs[groups_key]``.
+    predict
+        Sections to predict: values of ``table.obs[groups_key]``, or shapes elements without a measured table
+        (H&E-only sections).
+    model
+        ``"ridge"`` (ridge on handcrafted features), ``"cnn"`` (CNN regression from scratch), or a
+        :class:`omx.models.Model` instance, unfitted.
+    genes
+        Genes to predict; all must be in the table. Omitted: the genes detected in at least 1 % of training spots.
+    n_top_genes
+        With ``genes=None``, keep only this many of the most expressed genes of the training sections.
+    table_key
+        The table with the counts; may be omitted when there is one.
+    groups_key
+        The obs column naming each spot's section.
+    layer
+        Layer with the raw counts; ``X`` when omitted.
+    image_key
+        The H&E image, when it cannot be found from the spots' coordinate system.
+    mpp
+        Microns per pixel of the images, when their coordinate systems are not in microns.
+    size_um
+        Side of the patch around each spot, in microns; the spot diameter when omitted.
+    context
+        Patch sizes as multiples of ``size_um`` whose features are concatenated (feature models only),
+        e.g. ``(1, 2)`` adds the spot's surroundings.
+    target_norm
+        ``"section"`` standardises each gene within each training section (recommended when library depths
+        differ), ``"none"`` pools log-normalised values as they are.
+    min_counts
+        Spots with fewer counts are left out of training and of the scores (their predictions are still written).
+    key_added
+        Name of the layer (and of the ``uns['omx']`` entry) written.
+    overwrite
+        Replace an existing ``key_added``.
+    seed
+        Random seed.
+    device
+        ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+    show_progress_bar
+        Show progress bars.
+
+    Returns
+    -------
+    The fitted model (save it with ``model.save(path)``). Writes, for sections with a table:
+
+    - ``table.layers[key_added]``: predictions on the scale log1p(counts / total x 1e4) for the predicted
+      sections' spots and the chosen genes; NaN elsewhere.
+    - ``table.uns['omx'][key_added]``: model, parameters, genes, sections, seed, version and, where the predicted
+      sections are measured, per-gene scores (``gene_scores``) and their summary (``summary``).
+
+    For an H&E-only section (a shapes element with no table rows), a new table ``sdata.tables[key_added]``
+    annotating those shapes, with the predictions in ``X``.
+    """
+    train, predict = as_list(train), as_list(predict)
+    if not train or not predict:
+        raise ValueError("Pass at least one section in `train=` and one in `predict=`.")
+    if overlap := sorted(set(train) & set(predict)):
+        raise ValueError(
+            f"Sections {overlap} are in both `train` and `predict`; a model must not be scored on its training data."
+        )
+    table_key, table = resolve_table(sdata, table_key)
+    check_key_free(table, key_added, overwrite=overwrite)
+    sections = resolve_sections(
+        sdata, [*train, *predict], table_key=table_key, groups_key=groups_key, image_key=image_key, mpp=mpp, role="a"
+    )
+    unmeasured = [n for n in predict if not sections[n].measured]
+    if unmeasured and key_added in sdata.tables and not overwrite:
+        raise KeyError(f"sdata.tables[{key_added!r}] exists; pass another `key_added=` or `overwrite=True`.")
+    model = _get_model(model, seed=seed, device=device, show_progress_bar=show_progress_bar)
+    model, train_var = fit_sections(
+        sdata, sections, train, model, table_key=table_key, genes=genes, n_top_genes=n_top_genes, layer=layer,
+        min_counts=min_counts, target_norm=target_norm, size_um=size_um, context=context,
+        show_progress_bar=show_progress_bar,
+    )  # fmt: skip
+    genes = model.meta_["genes"]
+    preds = {n: predict_section(model, sections[n], show_progress_bar=show_progress_bar) for n in predict}
+
+    from omx.metrics import summarize
+
+    measured = [n for n in predict if sections[n].measured]
+    uns = _uns_entry(model, predict_sections=predict, seed=seed, table_key=table_key)
+    if measured:
+        rows = np.concatenate([sections[n].rows for n in measured])
+        _write_layer(table, key_added, rows, genes, np.concatenate([preds[n] for n in measured]))
+        log_written(len(rows), len(genes), f"sdata.tables[{table_key!r}].layers[{key_added!r}]")
+        per_section = {}
+        for n in measured:
+            scores = _scores(table, sections[n], genes, preds[n], layer, min_counts)
+            summary = summarize(scores, y_train_var=pd.Series(train_var, index=genes))
+            per_section[n] = {"summary": summary, "gene_scores": scores.reset_index().to_dict(orient="list")}
+            logger.info("%s: mean Pearson r %.3f over %d genes", n, summary["all"]["pearson"], len(genes))
+        uns["scores"] = per_section
+        table.uns.setdefault("omx", {})[key_added] = uns
+    if unmeasured:
+        _new_prediction_table(
+            sdata,
+            [sections[n] for n in unmeasured],
+            genes,
+            [preds[n] for n in unmeasured],
+            key_added=key_added,
+            uns=uns,
+        )
+    return model
+
+
+def _new_prediction_table(
+    sdata: SpatialData, sections: list[Section], genes, preds: list, *, key_added: str, uns: dict
+):
+    """Write predictions of spots without a measured table to a new table annotating their shapes."""
+    obs, spatial = [], []
+    for section in sections:
+        spots = section.spots
+        obs.append(
+            pd.DataFrame(
+                {"region": spots.shapes_key, "spot_id": np.asarray(spots.index), "section": section.name},
+                index=[f"{section.name}_{i}" for i in spots.index],
+            )
+        )
+        spatial.append(spots.centers * spots.mpp)
+    obs = pd.concat(obs)
+    obs["region"] = obs["region"].astype("category")
+    adata = AnnData(X=np.concatenate(preds).astype(np.float32), obs=obs, var=pd.DataFrame(index=list(genes)))
+    adata.obsm["spatial"] = np.concatenate(spatial)
+    adata.uns["omx"] = {key_added: uns}
+    regions = [s.spots.shapes_key for s in sections]
+    sdata.tables[key_added] = TableModel.parse(adata, region=regions, region_key="region", instance_key="spot_id")
+    log_written(adata.n_obs, len(genes), f"sdata.tables[{key_added!r}] (a new table annotating {regions})")
+
+
+def predict_expression(
+    sdata: SpatialData,
+    model: Model | str | PathLike,
+    *,
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    table_key: str | None = None,
+    mpp: float | None = None,
+    key_added: str = "omx_pred",
+    overwrite: bool = False,
+    device: str = "auto",
+    show_progress_bar: bool = True,
+    inplace: bool = True,
+) -> AnnData | None:
+    """Predict expression for the spots of one shapes element with a fitted model.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with the H&E image and the spots (circles or polygons).
+    model
+        A fitted :class:`omx.models.Model` (e.g. returned by :func:`omx.tl.fit_predict`), or the path where
+        one was saved with ``model.save(path)``.
+    image_key
+        The H&E image; may be omitted when one image shares the spots' coordinate system.
+    shapes_key
+        The spots; may be omitted when there is one shapes element (or the table annotates one).
+    table_key
+        A table annotating the spots; predictions then go to its ``layers[key_added]``.
+    mpp
+        Microns per pixel of the image, when its coordinate system is not in microns.
+    key_added
+        Layer name (spots with a table) or new table name (spots without one).
+    overwrite
+        Replace an existing ``key_added``.
+    device
+        Device for the model (``"auto"``, ``"cpu"``, ``"cuda"``).
+    show_progress_bar
+        Show progress bars.
+    inplace
+        Write into ``sdata``; otherwise return the predictions as a new AnnData.
+
+    Returns
+    -------
+    With ``inplace=False``, an AnnData of spots x genes (log1p(counts / total x 1e4)). Otherwise None, and:
+
+    - spots annotated by a table: ``table.layers[key_added]`` (NaN for rows of other spots and other genes),
+      ``table.uns['omx'][key_added]`` with the model's parameters;
+    - spots without a table: a new table ``sdata.tables[key_added]`` annotating them, predictions in ``X``.
+    """
+    from omx.models import Model, load
+
+    if not isinstance(model, Model):
+        if isinstance(model, str) and model in ("ridge", "cnn"):
+            raise ValueError(
+                f"model={model!r} is not fitted. Fit one first, e.g. `m = omx.tl.fit_predict(sdata, train=[...], "
+                "predict=[...])`, then pass `m` (or the path of `m.save(path)`)."
+            )
+        model = load(model)
+    if getattr(model, "meta_", None) is None:
+        raise ValueError("The model is not fitted through omx.tl; fit it with omx.tl.fit_predict first.")
+    if hasattr(model, "set_device"):
+        model.set_device(device)
+    spots = omx.pp.resolve_spots(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp)
+    has_table = spots.table_key is not None and (spots.table_rows >= 0).any()
+    if inplace:
+        if has_table:
+            check_key_free(sdata.tables[spots.table_key], key_added, overwrite=overwrite)
+        elif key_added in sdata.tables and not overwrite:
+            raise KeyError(f"sdata.tables[{key_added!r}] exists; pass another `key_added=` or `overwrite=True`.")
+    section = Section(name=spots.shapes_key, spots=spots)
+    pred = predict_section(model, section, show_progress_bar=show_progress_bar)
+    genes = model.meta_["genes"]
+    uns = _uns_entry(model, predict_shapes=spots.shapes_key)
+    if not inplace:
+        obs = pd.DataFrame(index=[str(i) for i in spots.index])
+        out = AnnData(X=pred, obs=obs, var=pd.DataFrame(index=list(genes)))
+        out.obsm["spatial"] = spots.centers * spots.mpp
+        out.uns["omx"] = {key_added: uns}
+        return out
+    if has_table:
+        table = sdata.tables[spots.table_key]
+        ok = spots.table_rows >= 0
+        _write_layer(table, key_added, spots.table_rows[ok], genes, pred[ok])
+        table.uns.setdefault("omx", {})[key_added] = uns
+        log_written(int(ok.sum()), len(genes), f"sdata.tables[{spots.table_key!r}].layers[{key_added!r}]")
+    else:
+        _new_prediction_table(sdata, [section], genes, [pred], key_added=key_added, uns=uns)
+    return None

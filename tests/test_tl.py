@@ -1,0 +1,140 @@
+import numpy as np
+import pandas as pd
+import pytest
+import spatialdata as sd
+from spatialdata.models import TableModel
+
+import omx
+
+
+@pytest.fixture
+def sdata():
+    return omx.datasets.toy_sdata(n_spots=200, n_genes=30, n_sections=2, seed=0)
+
+
+def _held_out_r(sdata, key="omx_pred", section="S2"):
+    return sdata.tables["table"].uns["omx"][key]["scores"][section]["summary"]["all"]["pearson"]
+
+
+def test_fit_predict_writes_layer_and_learns(sdata):
+    table = sdata.tables["table"]
+    X_before = table.X.copy()
+    model = omx.tl.fit_predict(sdata, train="S1", predict="S2", model="ridge", show_progress_bar=False)
+    layer = table.layers["omx_pred"]
+    assert layer.shape == table.shape and layer.dtype == np.float32
+    s2 = (table.obs["section"] == "S2").to_numpy()
+    genes = model.meta_["genes"]
+    cols = table.var_names.get_indexer(genes)
+    assert np.isfinite(layer[np.ix_(s2, cols)]).all()
+    assert np.isnan(layer[~s2]).all()  # rows of other sections are left as NaN
+    assert (X_before != table.X).nnz == 0  # the counts are untouched
+    entry = table.uns["omx"]["omx_pred"]
+    assert entry["model"] == "Ridge" and entry["train_sections"] == ["S1"] and entry["predict_sections"] == ["S2"]
+    assert _held_out_r(sdata) > 0.3  # the toy expression depends on the image
+
+
+def test_fit_predict_refuses_to_overwrite(sdata):
+    omx.tl.fit_predict(sdata, train="S1", predict="S2", show_progress_bar=False)
+    before = sdata.tables["table"].layers["omx_pred"].copy()
+    with pytest.raises(KeyError, match="overwrite=True"):
+        omx.tl.fit_predict(sdata, train="S2", predict="S1", show_progress_bar=False)
+    np.testing.assert_array_equal(before, sdata.tables["table"].layers["omx_pred"])
+    omx.tl.fit_predict(sdata, train="S2", predict="S1", overwrite=True, show_progress_bar=False)
+    assert np.isnan(
+        sdata.tables["table"].layers["omx_pred"][(sdata.tables["table"].obs["section"] == "S2").to_numpy()]
+    ).all()
+
+
+def test_fit_predict_bad_input(sdata):
+    with pytest.raises(ValueError, match="both `train` and `predict`"):
+        omx.tl.fit_predict(sdata, train="S1", predict=["S1", "S2"], show_progress_bar=False)
+    with pytest.raises(KeyError, match="not in the table"):
+        omx.tl.fit_predict(sdata, train="S1", predict="S2", genes=["gene_0", "NOPE"], show_progress_bar=False)
+    with pytest.raises(KeyError, match="neither a value"):
+        omx.tl.fit_predict(sdata, train="S1", predict="S9", show_progress_bar=False)
+
+
+@pytest.mark.parametrize("bad", [np.nan, -1.0])
+def test_bad_counts_are_refused(sdata, bad):
+    table = sdata.tables["table"]
+    X = table.X.toarray().astype(np.float32)
+    X[0, 0] = bad
+    table.X = X
+    with pytest.raises(ValueError, match="NaN" if np.isnan(bad) else "negative"):
+        omx.tl.fit_predict(sdata, train="S1", predict="S2", show_progress_bar=False)
+
+
+def test_predict_section_without_image(sdata):
+    del sdata.images["S2_he"]
+    with pytest.raises(KeyError, match="Section 'S2'.*No image shares"):
+        omx.tl.fit_predict(sdata, train="S1", predict="S2", show_progress_bar=False)
+
+
+def test_he_only_section_gets_new_table(sdata):
+    table = sdata.tables["table"]
+    s1 = table[table.obs["section"] == "S1"].copy()
+    s1.obs["region"] = s1.obs["region"].astype(str).astype("category")
+    del s1.uns["spatialdata_attrs"]
+    sdata.tables["table"] = TableModel.parse(s1, region="S1_spots", region_key="region", instance_key="spot_id")
+    omx.tl.fit_predict(sdata, train="S1", predict="S2_spots", show_progress_bar=False)
+    pred = sdata.tables["omx_pred"]
+    assert pred.n_obs == len(sdata.shapes["S2_spots"])
+    assert np.isfinite(pred.X).all()
+    assert (
+        pred.uns["spatialdata_attrs"]["region"] == ["S2_spots"] or pred.uns["spatialdata_attrs"]["region"] == "S2_spots"
+    )
+
+
+def test_saved_model_predicts_the_same(sdata, tmp_path):
+    model = omx.tl.fit_predict(sdata, train="S1", predict="S2", show_progress_bar=False)
+    model.save(tmp_path / "m")
+    omx.tl.predict_expression(sdata, tmp_path / "m", shapes_key="S2_spots", key_added="again", show_progress_bar=False)
+    table = sdata.tables["table"]
+    np.testing.assert_allclose(table.layers["again"], table.layers["omx_pred"], rtol=1e-5, equal_nan=True)
+    out = omx.tl.predict_expression(sdata, model, shapes_key="S2_spots", inplace=False, show_progress_bar=False)
+    assert out.n_obs == len(sdata.shapes["S2_spots"]) and list(out.var_names) == model.meta_["genes"]
+    with pytest.raises(ValueError, match="not fitted"):
+        omx.tl.predict_expression(sdata, "ridge")
+
+
+def test_zarr_round_trip(sdata, tmp_path):
+    omx.tl.fit_predict(sdata, train="S1", predict="S2", show_progress_bar=False)
+    sdata.write(tmp_path / "s.zarr")
+    back = sd.read_zarr(tmp_path / "s.zarr")
+    t0, t1 = sdata.tables["table"], back.tables["table"]
+    np.testing.assert_array_equal(t0.layers["omx_pred"], t1.layers["omx_pred"])
+    assert t1.uns["omx"]["omx_pred"]["model"] == "Ridge"
+
+
+def test_cross_validate_folds_and_no_leakage(sdata):
+    res = omx.tl.cross_validate(sdata, model="ridge", show_progress_bar=False)
+    assert list(res["fold"]) == ["S1", "S2"]
+    assert {"pearson_all", "pearson_top_expressed", "pearson_top_variable", "fit_s"} <= set(res.columns)
+    assert (res["pearson_all"] > 0.3).all()
+    table = sdata.tables["table"]
+    oof = table.layers["omx_cv"].copy()
+    assert np.isfinite(oof).any(axis=1).all()  # every spot got an out-of-fold prediction
+    # scramble the expression of S2: predictions for S2 must not change (nothing is fitted on the held-out section)
+    s2 = (table.obs["section"] == "S2").to_numpy()
+    X = table.X.toarray()
+    rng = np.random.default_rng(1)
+    X[s2] = rng.permutation(X[s2].T).T * 3
+    table.X = X
+    omx.tl.cross_validate(sdata, model="ridge", test=["S2"], key_added="omx_cv2", show_progress_bar=False)
+    np.testing.assert_allclose(table.layers["omx_cv2"][s2], oof[s2], rtol=1e-5)
+
+
+def test_cross_validate_needs_two_groups(sdata):
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        omx.tl.cross_validate(sdata, sections=["S1"], show_progress_bar=False)
+
+
+def test_cnn_is_deterministic(sdata):
+    kw = {"train": "S1", "predict": "S2", "show_progress_bar": False}
+    model = omx.models.CNNRegressor(epochs=2, patch_px=32, seed=0)
+    omx.tl.fit_predict(sdata, model=model, key_added="a", **kw)
+    model = omx.models.CNNRegressor(epochs=2, patch_px=32, seed=0)
+    omx.tl.fit_predict(sdata, model=model, key_added="b", **kw)
+    table = sdata.tables["table"]
+    np.testing.assert_array_equal(table.layers["a"], table.layers["b"])
+    assert pd.notna(_held_out_r(sdata, "a"))
