@@ -57,21 +57,31 @@ def test_ridge_predicts_held_out_group(linear_data):
 
 def test_ridge_alpha_selection(linear_data):
     X, Y, groups = linear_data
-    model = Ridge(show_progress_bar=False).fit(X, Y, groups=groups)
-    assert set(model.history_) == {"alpha", "cv_pearson"}
-    assert len(model.history_["cv_pearson"]) == len(model.alphas)
-    assert model.alpha_ == model.alphas[int(np.argmax(model.history_["cv_pearson"]))]
+    model = Ridge(n_components=None, show_progress_bar=False).fit(X, Y, groups=groups)
+    assert set(model.history_) == {"alpha", "n_components", "cv_pearson"}
+    assert np.shape(model.history_["cv_pearson"]) == (1, len(model.alphas))
+    assert model.alpha_ == model.alphas[int(np.argmax(model.history_["cv_pearson"][0]))]
     # the clean signal wants little shrinkage ...
     assert model.alpha_ <= 1.0
-    # ... while pure noise targets push alpha to the top of the grid
+    # ... while noisier targets push alpha up
     noise = np.random.default_rng(1).normal(size=(40, 3))
     rng = np.random.default_rng(2)
     Xn = rng.normal(size=(40, 30))
     Yn = Xn[:, :1] * 0.3 + noise
     noisy = Ridge(show_progress_bar=False).fit(Xn, Yn)  # 5-fold without groups
     assert noisy.alpha_ > model.alpha_
-    fixed = Ridge(alpha=0.5, show_progress_bar=False).fit(X, Y)
+    fixed = Ridge(alpha=0.5, n_components=None, show_progress_bar=False).fit(X, Y)
     assert fixed.alpha_ == 0.5 and fixed.history_ == {}
+
+
+def test_ridge_auto_components_find_low_rank_targets():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 20))
+    groups = np.repeat(["a", "b", "c"], 100)
+    Y = X[:, :2] @ rng.normal(size=(2, 60)) + 2.0 * rng.normal(size=(300, 60))  # rank-2 signal in 60 noisy genes
+    model = Ridge(show_progress_bar=False).fit(X, Y, groups=groups)
+    assert model.n_components_ is not None and model.n_components_ <= 10
+    assert np.shape(model.history_["cv_pearson"]) == (5, len(model.alphas))
 
 
 def test_ridge_group_standardisation_removes_offset(linear_data):

@@ -122,3 +122,17 @@ def test_non_rgb_image_rejected_and_float_converted():
     p = omx.pp.extract_patches(sdata, image_key="float", size_um=50, size_px=100)
     assert p.dtype == np.uint8
     assert np.abs(p[1].astype(int) - img[:, 250:350, 150:250].transpose(1, 2, 0)).max() <= 1
+
+
+def test_missing_and_ambiguous_shapes_and_tables():
+    sdata, _ = _sdata()
+    with pytest.raises(KeyError, match="There is no table 'nope'"):
+        omx.pp.resolve_spots(sdata, table_key="nope")
+    with pytest.raises(KeyError, match="There is no shapes element 'nope'"):
+        omx.pp.resolve_spots(sdata, shapes_key="nope")
+    del sdata.tables["table"]
+    sdata.shapes["more"] = sdata.shapes["spots"]
+    with pytest.raises(KeyError, match="Ambiguous shapes element.*shapes_key="):
+        omx.pp.resolve_spots(sdata)
+    spots = omx.pp.resolve_spots(sdata, shapes_key="more")
+    assert spots.table_key is None and (spots.table_rows == -1).all()

@@ -6,9 +6,10 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
-DEMO_GENES = ("ERBB2", "GNAS", "MUCL1", "COL1A1")
+DEMO_GENES = ("GNAS", "FASN", "KRT8", "COL1A1")  # members of the 785-gene panel of the sample
 
 
 def _print_summary(summary: dict, title: str) -> None:
@@ -40,15 +41,16 @@ def demo(out: Path, model: str = "ridge", seed: int = 0) -> int:
     print(f"Done in {time.perf_counter() - t0:.1f} s.")
     entry = sdata.tables["table"].uns["omx"]["omx_pred"]
     _print_summary(entry["scores"][predict]["summary"], f"Held-out section {predict}, mean per-gene scores:")
-    scores = omx.pl._scores.scores_frame(entry["scores"][predict]["gene_scores"])
+    import pandas as pd
+
+    scores = pd.DataFrame(entry["scores"][predict]["gene_scores"]).set_index("gene")
     best = scores.sort_values("pearson", ascending=False).head(5)
     print("  best genes: " + ", ".join(f"{g} ({r:.2f})" for g, r in zip(best.index, best["pearson"], strict=True)))
     genes = [g for g in DEMO_GENES if g in scores.index][:2] + list(best.index[:2])
     fig = omx.pl.expression(sdata, genes=list(dict.fromkeys(genes)), section=predict)
     png = out / "observed_vs_predicted.png"
     fig.savefig(png, dpi=110, bbox_inches="tight")
-    fig_scores = omx.pl.gene_scores(scores)
-    fig_scores = getattr(fig_scores, "figure", fig_scores)
+    fig_scores = omx.pl.gene_scores(sdata.tables["table"], key="omx_pred", section=predict)
     fig_scores.savefig(out / "gene_scores.png", dpi=110, bbox_inches="tight")
     model_dir = out / "model"
     fitted.save(model_dir)
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p_pred.add_argument("--key-added", default="omx_pred")
     sub.add_parser("bench", help="run benchmarks/her2st.py (needs the her2st data)")
     args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message="zarr v3 autosharding")  # zarr's notice on every write, not ours
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.command == "demo":
         return demo(args.out, model=args.model, seed=args.seed)

@@ -363,11 +363,14 @@ class TorchModel(Model):
         patience: int | None,
         generator: torch.Generator,
         device: torch.device,
+        val_score: Callable[[], float] | None = None,
     ) -> None:
-        """Train `module_` with Adam; early-stop on the validation loss and restore the best weights.
+        """Train `module_` with Adam; early-stop on the validation rows and restore the best weights.
 
         ``batch_loss(rows, train)`` returns the mean loss of the rows (indices into the training arrays). Fills
-        ``history_["train_loss"]`` and ``history_["val_loss"]`` (NaN without validation rows) per epoch.
+        ``history_["train_loss"]`` and ``history_["val_loss"]`` (NaN without validation rows) per epoch. With
+        ``val_score`` (higher is better, computed in eval mode), early stopping follows it instead of the
+        validation loss, and ``history_["val_score"]`` records it.
         """
         import torch
 
@@ -405,8 +408,12 @@ class TorchModel(Model):
                 bar.set_postfix(train=f"{history['train_loss'][-1]:.4f}", val=f"{val_loss:.4f}")
             if len(val_idx) == 0:
                 continue
-            if val_loss < best:
-                best, bad, self.best_epoch_ = val_loss, 0, epoch
+            criterion = val_loss
+            if val_score is not None:
+                history.setdefault("val_score", []).append(val_score())
+                criterion = -history["val_score"][-1]
+            if criterion < best:
+                best, bad, self.best_epoch_ = criterion, 0, epoch
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
             else:
                 bad += 1

@@ -217,7 +217,7 @@ def expression(
     Examples
     --------
     >>> omx.tl.fit_predict(sdata, train=["C2", "C3"], predict=["C4"])  # doctest: +SKIP
-    >>> omx.pl.expression(sdata, ["ERBB2", "GNAS"], section="C4")  # doctest: +SKIP
+    >>> omx.pl.expression(sdata, ["GNAS", "SCD"], section="C4")  # doctest: +SKIP
     """
     from omx.pp import resolve_spots
 

@@ -15,6 +15,8 @@ from omx._utils import check_counts, log_normalize, logger, progress, resolve_ke
 from omx.pp import Spots, iter_patches, resolve_spots
 from omx.pp._spots import table_regions
 
+#: Patch sizes, as multiples of the spot size, whose features feature models concatenate.
+DEFAULT_CONTEXT = (1.0, 2.0, 3.0)
 #: Scale of every prediction omx writes: log1p(counts / total * 1e4).
 TARGET_SCALE = "log1p(counts / total * 1e4)"
 
@@ -96,19 +98,20 @@ def model_inputs(
     model,
     *,
     size_um: float | None,
-    context: Sequence[float] = (1.0,),
+    context: Sequence[float] = DEFAULT_CONTEXT,
     show_progress_bar: bool = True,
 ) -> np.ndarray:
     """Features (feature models) or patches (patch models) for every spot of a section.
 
     Feature models get the encoder's features of patches ``size_um * c`` microns wide for each context
-    factor ``c``, concatenated; patch models get ``size_um``-wide patches of ``model.patch_px`` pixels.
+    factor ``c``, concatenated; patch models get one patch of ``model.patch_px`` pixels spanning the largest
+    context, ``size_um * max(context)`` microns.
     """
     spots = section.spots
     size_um = spots.diameter_um if size_um is None else size_um
     if model.input == "patches":
         out = np.empty((spots.n_spots, model.patch_px, model.patch_px, 3), dtype=np.uint8)
-        for idx, patches in iter_patches(spots, size_um=size_um, size_px=model.patch_px):
+        for idx, patches in iter_patches(spots, size_um=size_um * max(context), size_px=model.patch_px):
             out[idx] = patches
         return out
     encoder = model.encoder

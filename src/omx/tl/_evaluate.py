@@ -10,7 +10,7 @@ import pandas as pd
 from spatialdata import SpatialData
 
 from omx._utils import as_list, logger, progress
-from omx.tl._core import check_key_free, resolve_sections, resolve_table
+from omx.tl._core import DEFAULT_CONTEXT, check_key_free, resolve_sections, resolve_table
 from omx.tl._predict import _get_model, _inputs, _scores, _uns_entry, _write_layer, fit_sections, predict_section
 
 
@@ -18,7 +18,7 @@ def _fresh(model, *, seed, device, show_progress_bar):
     from omx.models import Model
 
     if isinstance(model, Model):
-        return model.clone()
+        return model.clone(show_progress_bar=show_progress_bar)
     return _get_model(model, seed=seed, device=device, show_progress_bar=show_progress_bar)
 
 
@@ -36,7 +36,7 @@ def cross_validate(
     layer: str | None = None,
     mpp: float | None = None,
     size_um: float | None = None,
-    context: Sequence[float] = (1.0,),
+    context: Sequence[float] = DEFAULT_CONTEXT,
     target_norm: str = "section",
     min_counts: int = 10,
     top_n: int = 50,

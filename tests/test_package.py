@@ -1,0 +1,29 @@
+import subprocess
+import sys
+
+import omx
+
+
+def test_import_does_not_import_torch():
+    code = (
+        "import sys, omx; omx.tl, omx.pp, omx.pl, omx.datasets, omx.metrics, omx.io, omx.models, omx.encoders; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_version_and_submodules():
+    assert isinstance(omx.__version__, str)
+    assert set(dir(omx)) >= {"datasets", "pp", "tl", "pl", "metrics", "models", "encoders", "io"}
+
+
+def test_cli_demo_runs_offline(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "omx.cli", "demo", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Held-out section C4" in out.stdout and "Pearson r" in out.stdout
+    assert (tmp_path / "observed_vs_predicted.png").stat().st_size > 10_000
+    assert (tmp_path / "her2st_sample_pred.zarr").is_dir()
+    assert (tmp_path / "model" / "params.json").is_file()
