@@ -56,7 +56,7 @@ def synthetic(size_px: int, n_spots: int, mpp: float = 0.5, seed: int = 0, chunk
 def throughput() -> None:
     sdata = synthetic(8000, 4000)
     spots = omx.pp.resolve_spots(sdata)
-    for size_um in (112.0, 56.0):  # 224 px at 0.5 um/px (native) and at 0.25 um/px (upsampled)
+    for size_um in (112.0, 56.0, 224.0):  # 224 px at 0.5 um/px (native), 0.25 (upsampled), 1.0 (downsampled)
         t = time.perf_counter()
         n = 0
         for idx, _ in omx.pp.iter_patches(spots, size_um=size_um, size_px=224, batch_size=256):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
@@ -11,6 +13,7 @@ from spatialdata import SpatialData
 from omx._utils import progress
 from omx.pp._spots import Spots, resolve_spots
 
+_N_THREADS = max(1, min(8, os.cpu_count() or 1))
 #: Value used to pad patches that reach past the image edge (white, like glass).
 PAD_VALUE = 255
 
@@ -152,11 +155,25 @@ def _band(level, factor: float, oy0: int, oy1: int, ox0: int, ox1: int) -> np.nd
     # Output pixel u covers level coordinates [u / factor, (u + 1) / factor).
     sy0, sy1 = int(np.floor(oy0 / factor)) - 1, int(np.ceil(oy1 / factor)) + 1
     sx0, sx1 = int(np.floor(ox0 / factor)) - 1, int(np.ceil(ox1 / factor)) + 1
-    src = _read_region(level, sy0, sy1, sx0, sx1)
-    box = (ox0 / factor - sx0, oy0 / factor - sy0, ox1 / factor - sx0, oy1 / factor - sy0)
+    src = Image.fromarray(_read_region(level, sy0, sy1, sx0, sx1))
     resample = Image.Resampling.BILINEAR if factor > 1 else Image.Resampling.BOX
-    out = Image.fromarray(src).resize((ox1 - ox0, oy1 - oy0), resample=resample, box=box)
-    return np.asarray(out)
+    out = np.empty((oy1 - oy0, ox1 - ox0, 3), dtype=np.uint8)
+
+    def resize_rows(rows: tuple[int, int]) -> None:
+        r0, r1 = rows  # output rows, relative to oy0
+        box = (ox0 / factor - sx0, (oy0 + r0) / factor - sy0, ox1 / factor - sx0, (oy0 + r1) / factor - sy0)
+        out[r0:r1] = np.asarray(src.resize((ox1 - ox0, r1 - r0), resample=resample, box=box))
+
+    # PIL releases the GIL while resampling: strips of rows resize in parallel threads.
+    n = min(_N_THREADS, max(1, (oy1 - oy0) // 256))
+    edges = np.linspace(0, oy1 - oy0, n + 1).astype(int)
+    strips = list(zip(edges[:-1], edges[1:], strict=True))
+    if n == 1:
+        resize_rows(strips[0])
+    else:
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(resize_rows, strips))
+    return out
 
 
 def extract_patches(
