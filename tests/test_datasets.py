@@ -157,11 +157,9 @@ def test_sample_small_and_documented():
     assert "CC BY 4.0" in readme and "Andersson" in readme
 
 
-def test_sample_matches_full_study():
+def test_sample_matches_full_study(her2st_dir):
     """The packaged counts are the study's counts, restricted to the panel (when the study is here)."""
-    root = _find_her2st_dir()
-    if root is None:
-        pytest.skip("her2st data not found (../shared/data/her2st or $OMX_HER2ST_DIR).")
+    root = her2st_dir
     import pandas as pd
 
     full = pd.read_csv(root / "data" / "ST-cnts" / "C2.tsv.gz", sep="\t", index_col=0)

@@ -14,7 +14,7 @@ from PIL import Image
 from scipy import sparse
 from spatialdata.transformations import Identity, Scale
 
-from omx.datasets._her2st import _SAMPLE_DIR, _find_her2st_dir
+from omx.datasets._her2st import _SAMPLE_DIR
 from omx.io import read_st
 
 # Microns per pixel that the her2st README gives: full-resolution B and C images, and A1's downscaled copy.
@@ -27,17 +27,6 @@ def _level0(img):
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def her2st_dir():
-    try:
-        root = _find_her2st_dir()
-    except FileNotFoundError as err:
-        pytest.skip(f"her2st data not usable: {err}")
-    if root is None:
-        pytest.skip("her2st data not found (../shared/data/her2st or $OMX_HER2ST_DIR); real-data tests skipped.")
-    return root
-
-
 @pytest.fixture(scope="module")
 def her2st_all(her2st_dir):
     return read_st(her2st_dir)

@@ -243,3 +243,14 @@ def test_get_model():
         get_model(ridge, alpha=1.0)
     with pytest.raises(ValueError, match="Unknown model"):
         get_model("transformer")
+
+
+@pytest.mark.gpu
+def test_cnn_on_cuda_matches_cpu():
+    rng = np.random.default_rng(0)
+    patches = rng.integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
+    Y = patches.reshape(64, -1, 3).mean(1)[:, :2].astype(np.float32)
+    kw = {"patch_px": 32, "epochs": 3, "val_fraction": 0, "augment": False, "show_progress_bar": False}
+    cpu = CNNRegressor(device="cpu", **kw).fit(patches, Y).predict(patches)
+    gpu = CNNRegressor(device="cuda", **kw).fit(patches, Y).predict(patches)
+    assert np.corrcoef(cpu.ravel(), gpu.ravel())[0, 1] > 0.95  # same seed; mixed precision on CUDA
