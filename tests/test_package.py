@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import numpy as np
+
 import omx
 
 
@@ -27,3 +29,17 @@ def test_cli_demo_runs_offline(tmp_path):
     assert (tmp_path / "observed_vs_predicted.png").stat().st_size > 10_000
     assert (tmp_path / "her2st_sample_pred.zarr").is_dir()
     assert (tmp_path / "model" / "params.json").is_file()
+
+    zarr_path = tmp_path / "her2st_sample_pred.zarr"
+    cmd = [sys.executable, "-m", "omx.cli", "predict", str(zarr_path), "--model", str(tmp_path / "model")]
+    out = subprocess.run([*cmd, "--shapes-key", "C4_spots", "--key-added", "c4_pred"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import spatialdata as sd
+
+    back = sd.read_zarr(zarr_path)
+    pred, table = back.tables["c4_pred"], back.tables["table"]
+    c4 = (table.obs["section"] == "C4").to_numpy()
+    cols = table.var_names.get_indexer(pred.var_names)
+    np.testing.assert_allclose(pred.X, table.layers["omx_pred"][c4][:, cols], rtol=1e-5)  # same model, same spots
+    again = subprocess.run([*cmd, "--shapes-key", "C4_spots", "--key-added", "c4_pred"], capture_output=True, text=True)
+    assert again.returncode == 2 and "already has a table" in again.stderr

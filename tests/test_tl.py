@@ -93,6 +93,10 @@ def test_saved_model_predicts_the_same(sdata, tmp_path):
     np.testing.assert_allclose(table.layers["again"], table.layers["omx_pred"], rtol=1e-5, equal_nan=True)
     out = omx.tl.predict_expression(sdata, model, shapes_key="S2_spots", inplace=False, show_progress_bar=False)
     assert out.n_obs == len(sdata.shapes["S2_spots"]) and list(out.var_names) == model.meta_["genes"]
+    assert "again2" not in sdata.tables  # inplace=False leaves the object alone ...
+    sdata.tables["again2"] = out  # ... and returns a valid table annotating the spots
+    matched = sd.match_table_to_element(sdata, element_name="S2_spots", table_name="again2")
+    assert matched.n_obs == out.n_obs
     with pytest.raises(ValueError, match="not fitted"):
         omx.tl.predict_expression(sdata, "ridge")
 

@@ -64,20 +64,19 @@ def demo(out: Path, model: str = "ridge", seed: int = 0) -> int:
 
 
 def predict(sdata_path: Path, model_path: Path, shapes_key: str | None, key_added: str) -> int:
-    """Predict expression for one shapes element of a SpatialData on disk with a saved model."""
+    """Predict expression for one shapes element of a SpatialData on disk, into a new table element."""
     import spatialdata as sd
 
     import omx
 
     sdata = sd.read_zarr(sdata_path)
-    omx.tl.predict_expression(sdata, str(model_path), shapes_key=shapes_key, key_added=key_added)
-    target = key_added if key_added in sdata.tables else None
-    if target is not None:
-        sdata.write_element(target)
-    else:
-        table_key = omx.pp.resolve_spots(sdata, shapes_key=shapes_key).table_key
-        sdata.write_element(table_key, overwrite=True)  # the table gains a layer; nothing of it is removed
-    print(f"Wrote predictions ({key_added!r}) into {sdata_path}.")
+    if key_added in sdata.tables:
+        print(f"{sdata_path} already has a table {key_added!r}; pass another --key-added.", file=sys.stderr)
+        return 2
+    table = omx.tl.predict_expression(sdata, str(model_path), shapes_key=shapes_key, key_added=key_added, inplace=False)
+    sdata.tables[key_added] = table
+    sdata.write_element(key_added)  # a new element: nothing on disk is changed or removed
+    print(f"Wrote {table.n_obs} spots x {table.n_vars} genes to the new table {key_added!r} in {sdata_path}.")
     return 0
 
 

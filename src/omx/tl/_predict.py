@@ -278,21 +278,15 @@ def fit_predict(
         uns["scores"] = per_section
         table.uns.setdefault("omx", {})[key_added] = uns
     if unmeasured:
-        _new_prediction_table(
-            sdata,
-            [sections[n] for n in unmeasured],
-            genes,
-            [preds[n] for n in unmeasured],
-            key_added=key_added,
-            uns=uns,
+        table = _prediction_table(
+            [sections[n] for n in unmeasured], genes, [preds[n] for n in unmeasured], key_added=key_added, uns=uns
         )
+        _add_prediction_table(sdata, table, key_added)
     return model
 
 
-def _new_prediction_table(
-    sdata: SpatialData, sections: list[Section], genes, preds: list, *, key_added: str, uns: dict
-):
-    """Write predictions of spots without a measured table to a new table annotating their shapes."""
+def _prediction_table(sections: list[Section], genes, preds: list, *, key_added: str, uns: dict) -> AnnData:
+    """A SpatialData table of predictions (spots x genes in ``X``) annotating the sections' shapes."""
     obs, spatial = [], []
     for section in sections:
         spots = section.spots
@@ -309,8 +303,13 @@ def _new_prediction_table(
     adata.obsm["spatial"] = np.concatenate(spatial)
     adata.uns["omx"] = {key_added: uns}
     regions = [s.spots.shapes_key for s in sections]
-    sdata.tables[key_added] = TableModel.parse(adata, region=regions, region_key="region", instance_key="spot_id")
-    log_written(adata.n_obs, len(genes), f"sdata.tables[{key_added!r}] (a new table annotating {regions})")
+    return TableModel.parse(adata, region=regions, region_key="region", instance_key="spot_id")
+
+
+def _add_prediction_table(sdata: SpatialData, table: AnnData, key_added: str) -> None:
+    sdata.tables[key_added] = table
+    regions = table.uns["spatialdata_attrs"]["region"]
+    log_written(table.n_obs, table.n_vars, f"sdata.tables[{key_added!r}] (a new table annotating {regions})")
 
 
 def predict_expression(
@@ -357,7 +356,8 @@ def predict_expression(
 
     Returns
     -------
-    With ``inplace=False``, an AnnData of spots x genes (log1p(counts / total x 1e4)). Otherwise None, and:
+    With ``inplace=False``, a SpatialData table of spots x genes (log1p(counts / total x 1e4)) annotating the
+    shapes, ready for ``sdata.tables[name] = table``. Otherwise None, and:
 
     - spots annotated by a table: ``table.layers[key_added]`` (NaN for rows of other spots and other genes),
       ``table.uns['omx'][key_added]`` with the model's parameters;
@@ -388,11 +388,7 @@ def predict_expression(
     genes = model.meta_["genes"]
     uns = _uns_entry(model, predict_shapes=spots.shapes_key)
     if not inplace:
-        obs = pd.DataFrame(index=[str(i) for i in spots.index])
-        out = AnnData(X=pred, obs=obs, var=pd.DataFrame(index=list(genes)))
-        out.obsm["spatial"] = spots.centers * spots.mpp
-        out.uns["omx"] = {key_added: uns}
-        return out
+        return _prediction_table([section], genes, [pred], key_added=key_added, uns=uns)
     if has_table:
         table = sdata.tables[spots.table_key]
         ok = spots.table_rows >= 0
@@ -400,5 +396,7 @@ def predict_expression(
         table.uns.setdefault("omx", {})[key_added] = uns
         log_written(int(ok.sum()), len(genes), f"sdata.tables[{spots.table_key!r}].layers[{key_added!r}]")
     else:
-        _new_prediction_table(sdata, [section], genes, [pred], key_added=key_added, uns=uns)
+        _add_prediction_table(
+            sdata, _prediction_table([section], genes, [pred], key_added=key_added, uns=uns), key_added
+        )
     return None
