@@ -53,6 +53,8 @@ class Model:
 
     #: What :meth:`fit` and :meth:`predict` take: feature vectors ``(n, d)`` or uint8 patches ``(n, H, W, 3)``.
     input: ClassVar[Literal["features", "patches"]] = "features"
+    #: Spatial models also take the spot centres (``coords``) in `fit` and `predict`.
+    spatial: ClassVar[bool] = False
     #: Side in pixels of the patches a patch model takes.
     patch_px: int
     _registry: ClassVar[dict[str, type[Model]]] = {}
@@ -99,7 +101,9 @@ class Model:
         return {}
 
     # ------------------------------------------------------------------ fit / predict
-    def fit(self, X: np.ndarray, Y: np.ndarray, *, groups: np.ndarray | None = None) -> Model:
+    def fit(
+        self, X: np.ndarray, Y: np.ndarray, *, groups: np.ndarray | None = None, coords: np.ndarray | None = None
+    ) -> Model:
         """Fit the model.
 
         Parameters
@@ -111,6 +115,9 @@ class Model:
         groups
             Label of each row (e.g. the section). Validation splits hold out whole groups when there are two or
             more, and feature models standardise each group on its own.
+        coords
+            Spot centres ``(n, 2)`` in microns, for spatial models (``spatial = True``), which need them to know
+            each spot's neighbours (within its group); other models ignore them.
 
         Returns
         -------
@@ -123,11 +130,13 @@ class Model:
             raise ValueError(f"{type(self).__name__} needs at least 2 rows to fit, got {len(X)}.")
         self.history_ = {}
         self.n_targets_ = Y.shape[1]
-        self._fit(X, Y, groups)
+        self._fit(X, Y, groups, *self._spatial_args(coords, len(X)))
         self.is_fitted_ = True
         return self
 
-    def predict(self, X: np.ndarray, *, groups: np.ndarray | None = None) -> np.ndarray:
+    def predict(
+        self, X: np.ndarray, *, groups: np.ndarray | None = None, coords: np.ndarray | None = None
+    ) -> np.ndarray:
         """Predict targets.
 
         Parameters
@@ -136,6 +145,8 @@ class Model:
             Features or patches, as in :meth:`fit`.
         groups
             Label of each row (e.g. the section); feature models standardise each group with its own statistics.
+        coords
+            Spot centres ``(n, 2)`` in microns, for spatial models; as in :meth:`fit`.
 
         Returns
         -------
@@ -146,13 +157,24 @@ class Model:
         groups = self._check_groups(groups, len(X))
         if len(X) == 0:
             return np.zeros((0, self.n_targets_), dtype=np.float32)
-        return np.asarray(self._predict(X, groups), dtype=np.float32)
+        return np.asarray(self._predict(X, groups, *self._spatial_args(coords, len(X))), dtype=np.float32)
 
     def _fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None) -> None:
         raise NotImplementedError
 
     def _predict(self, X: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
+
+    def _spatial_args(self, coords: np.ndarray | None, n: int) -> tuple:
+        """``(coords,)`` for spatial models (checked), ``()`` for the others."""
+        if not self.spatial:
+            return ()
+        if coords is None:
+            raise ValueError(f"{type(self).__name__} is a spatial model: pass `coords=` (spot centres in microns).")
+        coords = np.asarray(coords, dtype=np.float64)
+        if coords.shape != (n, 2) or not np.isfinite(coords).all():
+            raise ValueError(f"`coords` must be finite spot centres of shape ({n}, 2), got shape {coords.shape}.")
+        return (coords,)
 
     # ------------------------------------------------------------------ checks
     def _check_fitted(self) -> None:

@@ -86,7 +86,8 @@ def fit_sections(
     inputs = np.concatenate([_inputs(sections[n], model, size_um, context, show_progress_bar, cache) for n in train])[
         keep
     ]
-    model.fit(inputs, Z, groups=groups)
+    coords = np.concatenate([sections[n].spots.centers * sections[n].spots.mpp for n in train])[keep]
+    model.fit(inputs, Z, groups=groups, coords=coords)
     model.meta_ = {
         "genes": list(genes),
         "target_mean": scaler.mean_.tolist(),
@@ -122,7 +123,8 @@ def predict_section(
     """Predictions ``(n_spots, n_genes)`` on the log-normalised scale for one section."""
     meta = model.meta_
     inputs = _inputs(section, model, meta["size_um"], meta["context"], show_progress_bar, cache)
-    Z = model.predict(inputs, groups=np.full(len(inputs), section.name, dtype=object))
+    coords = section.spots.centers * section.spots.mpp
+    Z = model.predict(inputs, groups=np.full(len(inputs), section.name, dtype=object), coords=coords)
     return (Z * np.asarray(meta["target_std"]) + np.asarray(meta["target_mean"])).astype(np.float32)
 
 
