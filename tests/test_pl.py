@@ -296,3 +296,61 @@ def test_plots_after_fit_predict_on_toy_data(tmp_path):
     assert "section S2" in fig.axes[0].get_title()
     fig.savefig(tmp_path / "toy_scores.png")
     plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return omx.datasets.her2st_sample()
+
+
+def test_cell_types_dominant_and_panels(sample, tmp_path):
+    fig = omx.pl.cell_types(sample, key="stereoscope_major", section="C3", save=tmp_path / "ct.png")
+    table = sample.tables["table"]
+    n_types = table.obsm["stereoscope_major"].shape[1]
+    drawn = [a for a in fig.axes if a.get_title()]  # colourbars have no title
+    assert len(drawn) == 1 + n_types
+    c3 = (table.obs["section"] == "C3").to_numpy()
+    dominant = drawn[0].collections[0].get_array()
+    assert len(dominant) == c3.sum()
+    expected = np.argmax(table.obsm["stereoscope_major"].to_numpy()[c3], axis=1)
+    assert sorted(np.bincount(np.asarray(dominant, int), minlength=n_types)) == sorted(
+        np.bincount(expected, minlength=n_types)
+    )
+    assert (tmp_path / "ct.png").stat().st_size > 10_000
+    with pytest.raises(KeyError, match="obsm has no 'nope'"):
+        omx.pl.cell_types(sample, key="nope")
+    with pytest.raises(KeyError, match="are not columns"):
+        omx.pl.cell_types(sample, key="stereoscope_major", section="C3", cell_types=["Neurons"])
+
+
+def test_history_of_ridge_and_cnn():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(90, 5))
+    Y = X[:, :2] + 0.1 * rng.normal(size=(90, 2))
+    groups = np.repeat(["a", "b", "c"], 30)
+    ridge = omx.models.Ridge(show_progress_bar=False).fit(X, Y, groups=groups)
+    ax = omx.pl.history(ridge)
+    assert len(ax.lines) == len(ridge.history_["n_components"]) and ax.get_xscale() == "log"
+    patches = rng.integers(0, 256, size=(60, 16, 16, 3), dtype=np.uint8)
+    cnn = omx.models.CNNRegressor(patch_px=16, epochs=3, patience=None, show_progress_bar=False)
+    cnn.fit(patches, patches.mean(axis=(1, 2))[:, :2].astype(np.float32), groups=groups[:60].copy())
+    ax = omx.pl.history(cnn)
+    assert len(ax.lines[0].get_xdata()) == 3
+    with pytest.raises(ValueError, match="no training history"):
+        omx.pl.history(omx.models.Ridge(alpha=1.0, n_components=None))
+
+
+def test_uncertainty_panels_and_errors(sample):
+    sdata = omx.datasets.her2st_sample("C4")
+    table = sdata.tables["table"]
+    rng = np.random.default_rng(0)
+    table.layers["p"] = rng.normal(2, 1, size=table.shape).astype(np.float32)
+    with pytest.raises(KeyError, match="no layer 'p_var'"):
+        omx.pl.uncertainty(sdata, ["GNAS"], layer="p")
+    table.layers["p_var"] = rng.uniform(0.1, 1, size=table.shape).astype(np.float32)
+    fig = omx.pl.uncertainty(sdata, ["GNAS", "SCD"], layer="p")
+    drawn = [a for a in fig.axes if a.get_title()]  # colourbars have no title
+    assert len(drawn) == 6  # prediction, SD and |error| for each gene
+    sd_values = np.asarray(drawn[1].collections[0].get_array())
+    col = table.var_names.get_loc("GNAS")
+    np.testing.assert_allclose(np.sort(sd_values), np.sort(np.sqrt(table.layers["p_var"][:, col])), rtol=1e-6)

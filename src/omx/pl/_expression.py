@@ -12,19 +12,15 @@ import numpy as np
 from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
-from matplotlib.collections import EllipseCollection
-from matplotlib.colors import Colormap, Normalize
+from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from scipy import sparse
 from spatialdata import SpatialData
-from spatialdata.models import get_table_keys
 
 from omx._utils import as_list, check_counts, logger, resolve_key
 from omx.metrics import pearson
+from omx.pl._tissue import canvas, robust_norm, section_column
 
-#: Side (pixels) that the background image is read at: the coarsest pyramid level that still has this many
-#: pixels across the spots' extent, then subsampled to at most twice that.
-_TARGET_PX = 800
 _PANEL_IN = 3.6
 
 
@@ -86,56 +82,6 @@ def _pick_section(values: np.ndarray, has_pred: np.ndarray, section: str | None,
             f"{predicted}. Predict that section first (omx.tl.fit_predict(..., predict=[{section!r}]))."
         )
     return section
-
-
-def _background(spots, bounds_px: tuple[float, float, float, float]) -> tuple[np.ndarray, tuple[float, ...]] | None:
-    """Read the image around ``bounds_px`` (level-0 pixels) at a low resolution.
-
-    Returns ``(rgb, extent)`` with ``rgb`` ``(h, w, 3)`` uint8 and ``extent`` in level-0 pixels for ``imshow``.
-    """
-    x0, x1, y0, y1 = bounds_px
-    level_idx = 0
-    for i, s in enumerate(spots.level_scales):
-        if max(x1 - x0, y1 - y0) / s >= _TARGET_PX:
-            level_idx = i
-    level, s = spots.levels[level_idx], spots.level_scales[level_idx]
-    h, w = int(level.sizes["y"]), int(level.sizes["x"])
-    lx0, lx1 = max(0, math.floor(x0 / s)), min(w, math.ceil(x1 / s))
-    ly0, ly1 = max(0, math.floor(y0 / s)), min(h, math.ceil(y1 / s))
-    if lx1 <= lx0 or ly1 <= ly0:
-        return None
-    step = max(1, max(lx1 - lx0, ly1 - ly0) // (2 * _TARGET_PX))
-    block = np.asarray(level.data[:, ly0:ly1:step, lx0:lx1:step])
-    if block.shape[0] >= 3:
-        block = block[:3]
-    else:
-        block = np.repeat(block[:1], 3, axis=0)
-    if block.dtype != np.uint8:
-        block = block.astype(np.float64)
-        hi = np.nanpercentile(block, 99.5) if block.size else 1.0
-        block = np.clip(np.nan_to_num(block) / (hi or 1.0) * 255, 0, 255).astype(np.uint8)
-    rgb = np.ascontiguousarray(block.transpose(1, 2, 0))
-    hh, ww = rgb.shape[:2]
-    extent = (lx0 * s, (lx0 + ww * step) * s, (ly0 + hh * step) * s, ly0 * s)  # left, right, bottom, top
-    return rgb, extent
-
-
-def _spot_layer(ax: Axes, xy: np.ndarray, radius: np.ndarray, values: np.ndarray, cmap, norm: Normalize) -> None:
-    # An EllipseCollection in data units draws each spot at its true radius and scales to 10^5 spots, unlike
-    # one Circle patch per spot.
-    coll = EllipseCollection(
-        widths=2 * radius,
-        heights=2 * radius,
-        angles=np.zeros(len(radius)),
-        units="xy",
-        offsets=xy,
-        offset_transform=ax.transData,
-        cmap=cmap,
-        norm=norm,
-        linewidths=0,
-    )
-    coll.set_array(values)
-    ax.add_collection(coll, autolim=False)
 
 
 def _layout(n_genes: int, ncols: int, aspect: float) -> tuple[Figure, list[Axes]]:
@@ -219,8 +165,6 @@ def expression(
     >>> omx.tl.fit_predict(sdata, train=["C2", "C3"], predict=["C4"])  # doctest: +SKIP
     >>> omx.pl.expression(sdata, ["GNAS", "SCD"], section="C4")  # doctest: +SKIP
     """
-    from omx.pp import resolve_spots
-
     genes = as_list(genes)
     if not genes:
         raise ValueError("Pass at least one gene.")
@@ -241,36 +185,21 @@ def expression(
             n = 2 * len(genes)
             raise ValueError(f"Pass {n} axes as `ax=` (observed and predicted for each gene), got {len(ax)}.")
 
-    _, region_key, _ = get_table_keys(table)
-    column = "section" if "section" in table.obs.columns else region_key
+    column = section_column(table)
     section_values = table.obs[column].astype(str).to_numpy()
     pred_all = _dense_columns(table.layers[layer], np.arange(table.n_obs), cols)
     has_pred = ~np.isnan(pred_all).all(axis=1)
     section = _pick_section(section_values, has_pred, section, layer, column)
-    in_section = (section_values == section) & has_pred
-
-    regions = sorted(set(table.obs[region_key].astype(str).to_numpy()[in_section]))
-    if shapes_key is None:
-        if len(regions) > 1:
-            raise ValueError(f"Section {section!r} spans several shapes elements {regions}. Pass `shapes_key=`.")
-        shapes_key = regions[0]
-    elif shapes_key not in regions:
-        raise KeyError(f"The predicted spots of section {section!r} are annotated by {regions}, not {shapes_key!r}.")
-    in_section &= table.obs[region_key].astype(str).to_numpy() == shapes_key
-
-    try:
-        spots = resolve_spots(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key)
-    except ValueError as err:  # the image is fine but not in microns: draw in pixels
-        if "microns per pixel" not in str(err):
-            raise
-        spots = resolve_spots(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=1.0)
-    keep = spots.table_rows >= 0
-    keep[keep] = in_section[spots.table_rows[keep]]
-    spots = spots.subset(keep)
-    rows = spots.table_rows
-    if len(rows) == 0:
-        raise ValueError(f"No spot of {shapes_key!r} has a predicted row in table {table_key!r}.")
-
+    frame = canvas(
+        sdata,
+        table_key,
+        (section_values == section) & has_pred,
+        what=f"predicted spots of section {section!r}",
+        image_key=image_key,
+        shapes_key=shapes_key,
+        spot_size=spot_size,
+    )
+    rows = frame.rows
     predicted = pred_all[rows]
     if unpredicted := [g for g, empty in zip(genes, np.isnan(predicted).all(axis=0), strict=True) if empty]:
         raise ValueError(
@@ -278,23 +207,10 @@ def expression(
             "not among the modelled genes (see table.uns['omx'][key]['genes'])."
         )
     observed = _observed(table, rows, cols, observed_layer)
-    radius_px = np.full(len(rows), spot_size / 2 / spots.mpp) if spot_size is not None else spots.radius_px
-    centers = spots.centers
-    pad = 2 * float(radius_px.max())
-    bounds = (
-        float((centers[:, 0] - radius_px).min() - pad),
-        float((centers[:, 0] + radius_px).max() + pad),
-        float((centers[:, 1] - radius_px).min() - pad),
-        float((centers[:, 1] + radius_px).max() + pad),
-    )
-    background = _background(spots, bounds)
-    mpp = spots.mpp  # draw in microns (pixels times microns per pixel): spots and image share the frame
-    xy, radius = centers * mpp, radius_px * mpp
-    x0, x1, y0, y1 = (b * mpp for b in bounds)
 
     made_figure = ax is None
     if made_figure:
-        fig, ax = _layout(len(genes), ncols, (y1 - y0) / max(x1 - x0, 1e-9))
+        fig, ax = _layout(len(genes), ncols, frame.aspect)
     else:
         fig = ax[0].figure
     cmap = plt.get_cmap(cmap) if isinstance(cmap, str) else cmap
@@ -303,22 +219,11 @@ def expression(
     for j, gene in enumerate(genes):
         ok = np.isfinite(observed[:, j]) & np.isfinite(predicted[:, j])
         obs_j, pred_j = observed[ok, j], predicted[ok, j]
-        both = np.concatenate([obs_j, pred_j])
-        vmin, vmax = np.percentile(both, [1, 99]) if both.size else (0.0, 1.0)
-        if not vmax > vmin:
-            vmin, vmax = vmin - 0.5, vmax + 0.5
-        norm = Normalize(vmin=float(vmin), vmax=float(vmax))
+        norm = robust_norm(obs_j, pred_j)
         r = pearson(obs_j, pred_j) if ok.sum() > 1 else float("nan")
         pair = ax[2 * j : 2 * j + 2]
         for a, values, what in ((pair[0], obs_j, "observed"), (pair[1], pred_j, "predicted")):
-            if background is not None:
-                a.imshow(background[0], extent=[e * mpp for e in background[1]], interpolation="bilinear", zorder=0)
-            _spot_layer(a, xy[ok], radius[ok], values, cmap, norm)
-            a.set_xlim(x0, x1)
-            a.set_ylim(y1, y0)
-            a.set_aspect("equal")
-            a.set_xticks([])
-            a.set_yticks([])
+            frame.draw(a, values, ok, cmap=cmap, norm=norm)
             title = f"{gene}, {what}" if what == "observed" else f"{gene}, predicted (r = {r:.2f})"
             a.set_title(title, fontsize=10)
         cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(pair), shrink=0.85, pad=0.02, aspect=25)

@@ -1,0 +1,228 @@
+"""Cell-type proportions and prediction uncertainty over the tissue of one section."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import BoundaryNorm, ListedColormap, Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from spatialdata import SpatialData
+
+from omx._utils import as_list, resolve_key
+from omx.pl._expression import _check_genes, _dense_columns, _observed, _pick_section
+from omx.pl._tissue import canvas, robust_norm, section_column
+
+_PANEL_IN = 3.2
+
+
+def _grid(n: int, ncols: int, aspect: float, axes) -> tuple[Figure, list]:
+    if axes is not None:
+        axes = list(np.ravel(axes))
+        if len(axes) != n:
+            raise ValueError(f"Pass {n} axes as `ax=`, got {len(axes)}.")
+        return axes[0].figure, axes
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    height = min(max(_PANEL_IN * aspect, 1.5), 2.5 * _PANEL_IN) + 0.5
+    fig = plt.figure(figsize=(ncols * (_PANEL_IN + 0.6), nrows * height + 0.4), layout="constrained")
+    grid = list(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for extra in grid[n:]:
+        extra.remove()
+    return fig, grid[:n]
+
+
+def cell_types(
+    sdata: SpatialData,
+    *,
+    key: str = "omx_proportions",
+    table_key: str = "table",
+    section: str | None = None,
+    cell_types: Sequence[str] | None = None,
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    ncols: int = 4,
+    ax=None,
+    cmap: str = "magma",
+    save=None,
+) -> Figure:
+    """Plot cell-type proportions per spot over the H&E of one section.
+
+    The first panel colours each spot by its most abundant cell type; one panel per cell type follows with
+    its proportion, all on one colour scale from 0 to the largest proportion drawn.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object.
+    key
+        ``table.obsm`` entry with the proportions, a DataFrame with one column per cell type (e.g.
+        ``"omx_proportions"`` written by omx, or ``"stereoscope_major"`` of the her2st data).
+    table_key
+        The table.
+    section
+        The section to draw; may be omitted when only one section has proportions.
+    cell_types
+        Cell types to draw a panel for; all when omitted.
+    image_key, shapes_key
+        The image and spots, when they cannot be found from the table.
+    ncols
+        Panels per row.
+    ax
+        ``1 + len(cell_types)`` axes to draw into; a new figure when omitted.
+    cmap
+        Colour map of the proportions.
+    save
+        Path to save the figure to (150 dpi).
+
+    Returns
+    -------
+    The matplotlib figure.
+    """
+    table_key = resolve_key(table_key, sdata.tables.keys(), kind="table", argument="table_key")
+    table = sdata.tables[table_key]
+    if key not in table.obsm:
+        raise KeyError(
+            f"table.obsm has no {key!r} (entries: {list(table.obsm.keys())}). Pass the key of a DataFrame of "
+            "proportions (one column per cell type) as `key=`."
+        )
+    props = table.obsm[key]
+    props = props if isinstance(props, pd.DataFrame) else pd.DataFrame(np.asarray(props), index=table.obs_names)
+    props.columns = props.columns.astype(str)
+    types = list(props.columns) if cell_types is None else as_list(cell_types)
+    if missing := [t for t in types if t not in props.columns]:
+        raise KeyError(f"Cell types {missing} are not columns of table.obsm[{key!r}]: {list(props.columns)}.")
+    values = props.to_numpy(dtype=np.float64)
+    column = section_column(table)
+    sections = table.obs[column].astype(str).to_numpy()
+    has = np.isfinite(values).all(axis=1)
+    section = _pick_section(sections, has, section, f"obsm[{key!r}]", column)
+    frame = canvas(
+        sdata, table_key, (sections == section) & has, what=f"spots of section {section!r} with proportions",
+        image_key=image_key, shapes_key=shapes_key,
+    )  # fmt: skip
+    P = values[frame.rows]
+    fig, axes = _grid(1 + len(types), ncols, frame.aspect, ax)
+
+    palette = plt.get_cmap("tab20" if len(props.columns) > 10 else "tab10")
+    colours = ListedColormap([palette(i % palette.N) for i in range(len(props.columns))])
+    dominant = np.argmax(P, axis=1)
+    frame.draw(axes[0], dominant, cmap=colours, norm=BoundaryNorm(np.arange(len(props.columns) + 1) - 0.5, colours.N))
+    axes[0].set_title("most abundant type", fontsize=10)
+    present = np.unique(dominant)
+    axes[0].legend(
+        handles=[Patch(color=colours(i), label=props.columns[i]) for i in present],
+        fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False,
+    )  # fmt: skip
+    idx = [list(props.columns).index(t) for t in types]
+    norm = Normalize(0.0, float(np.nanmax(P[:, idx])) if len(idx) else 1.0)
+    for a, t, i in zip(axes[1:], types, idx, strict=True):
+        frame.draw(a, P[:, i], cmap=cmap, norm=norm)
+        a.set_title(t, fontsize=10)
+    if types:
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[1:], shrink=0.6, label="proportion")
+    if ax is None:
+        fig.suptitle(f"Section {section}: cell-type proportions ({key!r}), {len(frame.rows)} spots", fontsize=11)
+    if save is not None:
+        fig.savefig(save, dpi=150, bbox_inches="tight")
+    return fig
+
+
+def uncertainty(
+    sdata: SpatialData,
+    genes: str | Sequence[str],
+    *,
+    layer: str = "omx_pred",
+    var_layer: str | None = None,
+    table_key: str = "table",
+    section: str | None = None,
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    ax=None,
+    cmap: str = "viridis",
+    save=None,
+) -> Figure:
+    """Plot predictions next to their uncertainty, and their error where expression was measured.
+
+    For each gene: the prediction, its predictive standard deviation (the square root of ``var_layer``) and,
+    when the table holds counts for the section, the absolute error against the observed log-normalised
+    expression. Where the model is uncertain, its errors should be large.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object.
+    genes
+        One gene or a list of them.
+    layer
+        Table layer with the predictions.
+    var_layer
+        Table layer with the predictive variance; ``layer + "_var"`` when omitted.
+    table_key
+        The table.
+    section
+        The section to draw; may be omitted when the predictions cover one section.
+    image_key, shapes_key
+        The image and spots, when they cannot be found from the table.
+    ax
+        ``3 * len(genes)`` axes to draw into; a new figure when omitted.
+    cmap
+        Colour map.
+    save
+        Path to save the figure to (150 dpi).
+
+    Returns
+    -------
+    The matplotlib figure.
+    """
+    genes = as_list(genes)
+    table_key = resolve_key(table_key, sdata.tables.keys(), kind="table", argument="table_key")
+    table = sdata.tables[table_key]
+    var_layer = f"{layer}_var" if var_layer is None else var_layer
+    for name, what in ((layer, "predictions"), (var_layer, "predictive variances")):
+        if name not in table.layers:
+            raise KeyError(
+                f"The table has no layer {name!r} for the {what} (layers: {list(table.layers.keys())}). Models "
+                "with a count likelihood write `key_added` and `key_added + '_var'`."
+            )
+    cols = _check_genes(table, genes)
+    column = section_column(table)
+    sections = table.obs[column].astype(str).to_numpy()
+    pred_all = _dense_columns(table.layers[layer], np.arange(table.n_obs), cols)
+    has = ~np.isnan(pred_all).all(axis=1)
+    section = _pick_section(sections, has, section, layer, column)
+    frame = canvas(
+        sdata, table_key, (sections == section) & has, what=f"predicted spots of section {section!r}",
+        image_key=image_key, shapes_key=shapes_key,
+    )  # fmt: skip
+    pred = pred_all[frame.rows]
+    sd = np.sqrt(np.clip(_dense_columns(table.layers[var_layer], frame.rows, cols), 0, None))
+    try:
+        error = np.abs(_observed(table, frame.rows, cols, None) - pred)
+    except (ValueError, TypeError):  # no counts for this section
+        error = None
+    per_gene = 3 if error is not None else 2
+    fig, axes = _grid(per_gene * len(genes), per_gene, frame.aspect, ax)
+    for j, gene in enumerate(genes):
+        panels = [(pred[:, j], f"{gene}, predicted", robust_norm(pred[:, j]))]
+        spread = robust_norm(sd[:, j], *(() if error is None else (error[:, j],)))
+        panels.append((sd[:, j], f"{gene}, predictive SD", spread))
+        if error is not None:
+            r = np.corrcoef(sd[:, j], error[:, j])[0, 1] if len(sd) > 2 else np.nan
+            panels.append((error[:, j], f"{gene}, |error| (r with SD = {r:.2f})", spread))
+        for k, (values, title, norm) in enumerate(panels):
+            a = axes[per_gene * j + k]
+            ok = np.isfinite(values)
+            frame.draw(a, values[ok], ok, cmap=cmap, norm=norm)
+            a.set_title(title, fontsize=9)
+            fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=a, shrink=0.7)
+    if ax is None:
+        fig.suptitle(f"Section {section}: prediction and uncertainty ({layer!r}, {var_layer!r})", fontsize=11)
+    if save is not None:
+        fig.savefig(save, dpi=150, bbox_inches="tight")
+    return fig
