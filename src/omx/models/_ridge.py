@@ -132,16 +132,9 @@ class Ridge(Model):
     def _standardise(self, X: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
         if self.standardize is None:
             return X.copy()
-        out = (X - self.x_mean_) / self.x_scale_
         if self.standardize == "group":
-            labels, inverse = (
-                (np.array([0]), np.zeros(len(X), int)) if groups is None else np.unique(groups, return_inverse=True)
-            )
-            for k in range(len(labels)):
-                rows = inverse == k
-                if rows.sum() >= MIN_GROUP_ROWS:
-                    out[rows] = (X[rows] - X[rows].mean(0)) / _safe_scale(X[rows].std(0))
-        return out
+            return standardize_by_group(X, groups, self.x_mean_, self.x_scale_)
+        return (X - self.x_mean_) / self.x_scale_
 
     # ------------------------------------------------------------------ fit / predict
     def _fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None) -> None:
@@ -223,6 +216,23 @@ class Ridge(Model):
         self.x_mean_, self.x_scale_, self.z_mean_ = arrays["x_mean"], arrays["x_scale"], arrays["z_mean"]
         self.coef_, self.intercept_ = arrays["coef"], arrays["intercept"]
         self.components_ = arrays.get("components")
+
+
+def standardize_by_group(X: np.ndarray, groups: np.ndarray | None, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Z-score the rows of each group with that group's own statistics (images only: leakage-free).
+
+    Groups of fewer than `MIN_GROUP_ROWS` rows use the given (training) ``mean`` and ``scale``; ``groups=None``
+    is one group.
+    """
+    out = (X - mean) / scale
+    labels, inverse = (
+        (np.array([0]), np.zeros(len(X), int)) if groups is None else np.unique(groups, return_inverse=True)
+    )
+    for k in range(len(labels)):
+        rows = inverse == k
+        if rows.sum() >= MIN_GROUP_ROWS:
+            out[rows] = (X[rows] - X[rows].mean(0)) / _safe_scale(X[rows].std(0))
+    return out
 
 
 def _safe_scale(std: np.ndarray) -> np.ndarray:
