@@ -1,4 +1,12 @@
+import geopandas as gpd
+import numpy as np
+import pandas as pd
 import pytest
+from anndata import AnnData
+from shapely import points
+from spatialdata import SpatialData
+from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.transformations import Scale
 
 from omx.datasets._her2st import _find_her2st_dir
 
@@ -27,3 +35,84 @@ def her2st_dir():
     if root is None:
         pytest.skip("her2st data not found (../shared/data/her2st or $OMX_HER2ST_DIR); real-data tests skipped.")
     return root
+
+
+_OD_H = np.array([0.65, 0.70, 0.29])  # hematoxylin optical density per unit stain (R, G, B)
+_OD_E = np.array([0.07, 0.99, 0.11])  # eosin
+
+
+def synthetic_he(size=400, n_nuclei=120, mpp=0.5, seed=0, n_touching=10):
+    """An H&E-like image: pink stroma with dark purple elliptic nuclei, some in touching pairs.
+
+    Returns ``(image (y, x, 3) uint8, centres (n, 2) as (x, y))``.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    hem = np.zeros((size, size))
+    centres = []
+    r_mean = 3.5 / mpp  # nucleus radius ~3.5 um
+
+    def free(c, margin):
+        return all(np.hypot(*(c - np.asarray(o))) > margin for o in centres)
+
+    tries = 0
+    while len(centres) < n_nuclei - 2 * n_touching and tries < 10000:
+        tries += 1
+        c = rng.uniform(r_mean * 2, size - r_mean * 2, 2)
+        if free(c, 3.2 * r_mean):
+            centres.append(tuple(c))
+    for _ in range(n_touching):  # pairs of nuclei whose edges touch
+        for _ in range(1000):
+            c = rng.uniform(r_mean * 3, size - r_mean * 3, 2)
+            ang = rng.uniform(0, np.pi)
+            d = 1.8 * r_mean * np.array([np.cos(ang), np.sin(ang)])
+            if free(c, 4.5 * r_mean):
+                centres.extend([tuple(c - d / 2), tuple(c + d / 2)])
+                break
+    for cx, cy in centres:
+        a, b = r_mean * rng.uniform(0.9, 1.2), r_mean * rng.uniform(0.7, 0.95)
+        t = rng.uniform(0, np.pi)
+        u = (xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)
+        v = -(xx - cx) * np.sin(t) + (yy - cy) * np.cos(t)
+        inside = (u / a) ** 2 + (v / b) ** 2 <= 1
+        hem[inside] = np.maximum(hem[inside], rng.uniform(0.8, 1.1))
+    eos = 0.35 + 0.1 * rng.random((size, size))
+    od = hem[..., None] * _OD_H + eos[..., None] * _OD_E + rng.normal(0, 0.02, (size, size, 3))
+    rgb = np.clip(255 * np.exp(-np.clip(od, 0, None)), 0, 255).astype(np.uint8)
+    return rgb, np.asarray(centres)[:, ::-1][:, ::-1]
+
+
+def _synthetic_sdata(size=400, n_nuclei=120, mpp=0.5, seed=0, spots=True):
+    """A SpatialData with the synthetic image (in microns) and, optionally, a 3 x 3 grid of spots with a table."""
+    rgb, centres = synthetic_he(size=size, n_nuclei=n_nuclei, mpp=mpp, seed=seed)
+    img = Image2DModel.parse(
+        rgb.transpose(2, 0, 1), dims=("c", "y", "x"), transformations={"global": Scale([mpp, mpp], axes=("y", "x"))}
+    )
+    elements = {"images": {"he": img}}
+    tables = {}
+    if spots:
+        side = size * mpp
+        g = np.linspace(side / 6, side * 5 / 6, 3)
+        xy = np.array([(x, y) for y in g for x in g])
+        gdf = gpd.GeoDataFrame({"radius": np.full(len(xy), side / 7)}, geometry=points(xy), index=np.arange(len(xy)))
+        elements["shapes"] = {
+            "spots": ShapesModel.parse(gdf, transformations={"global": Scale([1, 1], axes=("y", "x"))})
+        }
+        obs = pd.DataFrame({"region": "spots", "spot_id": np.arange(len(xy)), "section": "S1"})
+        obs.index = obs.index.astype(str)
+        obs["region"] = obs["region"].astype("category")
+        tables["table"] = TableModel.parse(
+            AnnData(X=np.ones((len(xy), 3), np.float32), obs=obs),
+            region="spots",
+            region_key="region",
+            instance_key="spot_id",
+        )
+    sdata = SpatialData(**elements, tables=tables)
+    sdata.attrs["omx"] = {"units": {"global": "um"}}
+    return sdata, centres
+
+
+@pytest.fixture
+def synthetic_sdata():
+    """Factory of synthetic H&E SpatialData objects with known nuclei (see `_synthetic_sdata`)."""
+    return _synthetic_sdata

@@ -80,6 +80,9 @@ def test_he_only_section_gets_new_table(sdata):
     pred = sdata.tables["omx_pred"]
     assert pred.n_obs == len(sdata.shapes["S2_spots"])
     assert np.isfinite(pred.X).all()
+    # the new table is omx's: an omitted table_key still means the measured table
+    omx.tl.fit_predict(sdata, train="S1", predict="S2_spots", key_added="again", show_progress_bar=False)
+    assert "again" in sdata.tables
     assert (
         pred.uns["spatialdata_attrs"]["region"] == ["S2_spots"] or pred.uns["spatialdata_attrs"]["region"] == "S2_spots"
     )

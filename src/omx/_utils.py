@@ -16,6 +16,9 @@ logger = logging.getLogger("omx")
 
 #: Name of the `sdata.attrs` entry where omx records which coordinate systems are in microns.
 ATTRS_KEY = "omx"
+#: ``table.uns`` entry that marks the tables omx makes (``"cells"``, ``"predictions"``); an omitted
+#: ``table_key`` never resolves to them while the object holds another table.
+OMX_TABLE = "omx_table"
 
 
 def resolve_key(key: str | None, candidates: Iterable[str], *, kind: str, argument: str) -> str:

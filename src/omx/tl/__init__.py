@@ -1,6 +1,14 @@
 """Tools: fit models on sections with expression, predict from H&E, evaluate without leakage."""
 
+from omx.tl._deconvolve import assign_cells, deconvolve, predict_proportions
 from omx.tl._evaluate import cross_validate
 from omx.tl._predict import fit_predict, predict_expression
 
-__all__ = ["cross_validate", "fit_predict", "predict_expression"]
+__all__ = [
+    "assign_cells",
+    "cross_validate",
+    "deconvolve",
+    "fit_predict",
+    "predict_expression",
+    "predict_proportions",
+]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -11,7 +11,7 @@ from anndata import AnnData
 from scipy import sparse
 from spatialdata import SpatialData
 
-from omx._utils import check_counts, log_normalize, logger, progress, resolve_key
+from omx._utils import OMX_TABLE, check_counts, log_normalize, logger, progress, resolve_key
 from omx.pp import Spots, iter_patches, resolve_spots
 from omx.pp._spots import table_regions
 
@@ -40,8 +40,12 @@ class Section:
 
 
 def resolve_table(sdata: SpatialData, table_key: str | None) -> tuple[str, AnnData]:
-    """Return the key and the table, resolving an omitted key when there is one table."""
-    table_key = resolve_key(table_key, sdata.tables.keys(), kind="table", argument="table_key")
+    """Return the key and the table; an omitted key resolves to the one table that omx did not make."""
+    candidates = list(sdata.tables.keys())
+    if table_key is None:
+        measured = [k for k in candidates if OMX_TABLE not in sdata.tables[k].uns]
+        candidates = measured or candidates
+    table_key = resolve_key(table_key, candidates, kind="table", argument="table_key")
     return table_key, sdata.tables[table_key]
 
 
@@ -89,6 +93,8 @@ def resolve_sections(
         if name in known:
             spots = spots.subset(spots.table_rows >= 0)
             spots = spots.subset(labels[spots.table_rows] == name)
+        else:  # H&E only: rows of any other table (e.g. earlier predictions) are not measurements
+            spots = replace(spots, table_key=None, table_rows=np.full(spots.n_spots, -1))
         out[name] = Section(name=name, spots=spots)
     return out
 

@@ -1,0 +1,304 @@
+"""Benchmarks of nuclei, deconvolution and image-only proportions; each part prints its numbers.
+
+Run one part per process (peak memory is per process)::
+
+    python benchmarks/deconvolution.py segment   # nuclei on a full her2st section: seconds, peak GB, counts
+    python benchmarks/deconvolution.py simulate  # simulated spots: Bayesian model vs NNLS (RMSE, JSD)
+    python benchmarks/deconvolution.py scale     # 4,000 spots x 30 cell types: seconds
+    python benchmarks/deconvolution.py her2st    # signatures from training sections, held-out vs stereoscope
+    python benchmarks/deconvolution.py image     # proportions from H&E only, held-out vs stereoscope
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+
+def peak_gb() -> float:
+    """Peak resident memory of this process in GB (Linux ru_maxrss is in kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def bench_segment(section: str) -> None:
+    """Nuclei of a full her2st section."""
+    import omx
+
+    sdata = omx.datasets.her2st(sections=[section])
+    image_key = f"{section}_he"
+    shape = sdata.images[image_key]["scale0"]["image"].shape
+    before = peak_gb()
+    t0 = time.perf_counter()
+    omx.pp.segment_nuclei(sdata, image_key=image_key, show_progress_bar=False)
+    dt = time.perf_counter() - t0
+    cells = sdata.tables["omx_cells"]
+    n = sdata.tables["table"].obs["omx_n_nuclei"]
+    print(f"segment_nuclei {section}: image {shape[2]} x {shape[1]} px, {cells.n_obs} nuclei in {dt:.1f} s")
+    print(f"  peak RSS {peak_gb():.2f} GB (after loading, before segmenting: {before:.2f} GB)")
+    print(f"  nuclei per spot: median {n.median():.0f}, IQR {n.quantile(0.25):.0f}-{n.quantile(0.75):.0f}")
+    print(
+        f"  area um2: median {cells.obs['area_um2'].median():.1f}; "
+        f"in a spot: {(cells.obs['spot_index'] >= 0).mean():.2f}"
+    )
+
+
+def simulate(n_spots=1000, n_types=8, n_genes=500, n_cells_ref=2000, seed=0, platform_sd=0.5):
+    """Single-cell reference and spots summed from 5-15 cells with known proportions plus a platform effect.
+
+    Returns ``(reference AnnData, spot counts, true proportions, cell type names, nuclei per spot)``.
+    """
+    from anndata import AnnData
+
+    rng = np.random.default_rng(seed)
+    base = rng.lognormal(0.0, 1.2, n_genes)
+    types = [f"type_{k}" for k in range(n_types)]
+    lfc = rng.normal(0, 1.0, (n_types, n_genes)) * (rng.random((n_types, n_genes)) < 0.3)
+    size = rng.lognormal(0, 0.3, n_types)  # RNA content per cell differs between types
+    mean = base * np.exp(lfc) * size[:, None]
+    mean = mean / mean.sum(1, keepdims=True) * 2000 * size[:, None]  # ~2,000 UMIs per cell
+    disp = 5.0
+
+    def draw_cells(labels):
+        mu = mean[labels]
+        return rng.negative_binomial(disp, disp / (disp + mu))
+
+    ref_labels = rng.integers(0, n_types, n_cells_ref)
+    ref = AnnData(X=draw_cells(ref_labels).astype(np.float32))
+    ref.obs["cell_type"] = pd.Categorical([types[k] for k in ref_labels])
+    ref.var_names = [f"g{i}" for i in range(n_genes)]
+    n_cells = rng.integers(5, 16, n_spots)
+    conc = np.full(n_types, 0.5)
+    props = rng.dirichlet(conc, n_spots)
+    counts = np.zeros((n_spots, n_genes))
+    truth = np.zeros((n_spots, n_types))
+    platform = rng.lognormal(0, platform_sd, n_genes)
+    capture = rng.lognormal(np.log(0.1), 0.3, n_spots)
+    for s in range(n_spots):
+        labels = rng.choice(n_types, n_cells[s], p=props[s])
+        truth[s] = np.bincount(labels, minlength=n_types) / n_cells[s]
+        mu = mean[labels].sum(0) * platform * capture[s]
+        counts[s] = rng.negative_binomial(disp, disp / (disp + mu))
+    nuclei = np.maximum(0, n_cells + rng.integers(-2, 3, n_spots))  # imperfect segmentation
+    return ref, counts, truth, types, nuclei
+
+
+def bench_simulate(seed: int = 0) -> None:
+    """Bayesian model vs NNLS on the same signatures, simulated spots."""
+    from omx.models._deconv import DeconvolutionModel, jsd, nnls_proportions, signatures_from_reference
+
+    ref, Y, truth, types, nuclei = simulate(seed=seed)
+    sig, names = signatures_from_reference(ref, "cell_type", min_cells_per_type=10)
+    assert list(names) == types
+    t0 = time.perf_counter()
+    p_nnls = nnls_proportions(Y, sig)
+    t_nnls = time.perf_counter() - t0
+    for use_nuclei in (True, False):
+        model = DeconvolutionModel(seed=seed, show_progress_bar=False)
+        t0 = time.perf_counter()
+        model.fit(Y, sig, n_cells=nuclei if use_nuclei else None)
+        dt = time.perf_counter() - t0
+        p = model.proportions_
+        print(
+            f"simulated {Y.shape[0]} spots x {Y.shape[1]} genes x {len(types)} types (seed {seed}), "
+            f"nuclei {'given' if use_nuclei else 'not given'}: Bayesian RMSE {_rmse(truth, p):.4f} "
+            f"JSD {jsd(truth, p).mean():.4f} ({dt:.1f} s, {model.n_steps_} steps); "
+            f"NNLS RMSE {_rmse(truth, p_nnls):.4f} JSD {jsd(truth, p_nnls).mean():.4f} ({t_nnls:.2f} s); "
+            f"90% interval coverage {_coverage(truth, model):.2f}; the model's start (NNLS with a moment-matched "
+            f"platform effect) RMSE {_rmse(truth, model.init_proportions_):.4f} "
+            f"JSD {jsd(truth, model.init_proportions_).mean():.4f}"
+        )
+
+
+def _rmse(a, b) -> float:
+    return float(np.sqrt(np.mean((np.asarray(a) - np.asarray(b)) ** 2)))
+
+
+def _coverage(truth, model) -> float:
+    return float(np.mean((truth >= model.q05_ - 1e-9) & (truth <= model.q95_ + 1e-9)))
+
+
+def bench_scale() -> None:
+    """4,000 spots x 30 cell types on this CPU."""
+    from omx.models._deconv import DeconvolutionModel, jsd, nnls_proportions, signatures_from_reference
+
+    ref, Y, truth, types, nuclei = simulate(n_spots=4000, n_types=30, n_genes=2000, n_cells_ref=6000, seed=1)
+    sig, _ = signatures_from_reference(ref, "cell_type", min_cells_per_type=10)
+    model = DeconvolutionModel(seed=0, show_progress_bar=False)
+    t0 = time.perf_counter()
+    model.fit(Y, sig, n_cells=nuclei)
+    dt = time.perf_counter() - t0
+    p_nnls = nnls_proportions(Y, sig)
+    print(
+        f"scale: 4,000 spots x 2,000 genes x 30 types: {dt:.1f} s ({model.n_steps_} steps, torch threads "
+        f"{_threads()}); RMSE {_rmse(truth, model.proportions_):.4f} (NNLS {_rmse(truth, p_nnls):.4f}), "
+        f"JSD {jsd(truth, model.proportions_).mean():.4f} (NNLS {jsd(truth, p_nnls).mean():.4f}); "
+        f"peak {peak_gb():.2f} GB"
+    )
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _her2st_signatures(sdata, train, key, genes):
+    """Signatures from training sections: per gene, counts regressed on stereoscope proportions (NNLS)."""
+    from scipy.optimize import nnls
+
+    table = sdata.tables["table"]
+    rows = np.flatnonzero(table.obs["section"].isin(train).to_numpy())
+    X = table[rows, genes].X
+    X = X.toarray() if hasattr(X, "toarray") else np.asarray(X)
+    lib = np.asarray(table[rows].X.sum(1)).ravel()
+    P = table.obsm[key].iloc[rows].to_numpy()
+    # mean counts per spot = lib / median lib * (P @ S): scale each spot to the median library
+    Xn = X / lib[:, None] * np.median(lib)
+    S = np.zeros((P.shape[1], len(genes)))
+    for g in range(len(genes)):
+        S[:, g] = nnls(P, Xn[:, g])[0]
+    return S
+
+
+def bench_her2st(key: str = "stereoscope_major", n_genes: int = 1000, platform_sd: float = 0.5) -> None:
+    """her2st: signatures from training sections; deconvolve held-out sections; agreement with stereoscope."""
+    from anndata import AnnData
+
+    import omx
+    from omx.models._deconv import jsd
+
+    patients = "ABCDEFGH"
+    sdata = omx.datasets.her2st()
+    table = sdata.tables["table"]
+    sections = sorted(table.obs["section"].astype(str).unique())
+    by_patient = {p: [s for s in sections if s.startswith(p)] for p in patients}
+    print(
+        f"her2st: {len(sections)} sections, {table.n_obs} spots; leave-one-patient-out, {key}, "
+        f"platform_sd {platform_sd}"
+    )
+    rows = []
+    for patient in patients:
+        held = by_patient[patient]
+        if not held:
+            continue
+        train = [s for s in sections if s not in held]
+        tr = table.obs["section"].isin(train).to_numpy()
+        X = table.X[tr]
+        detected = np.asarray((X > 0).mean(0)).ravel()
+        mean = np.asarray(X.mean(0)).ravel()
+        cand = np.flatnonzero(detected > 0.05)
+        genes = table.var_names[cand[np.argsort(-mean[cand])[:n_genes]]]
+        S = _her2st_signatures(sdata, train, key, genes)
+        types = list(table.obsm[key].columns)
+        ref = AnnData(X=S.astype(np.float32), obs=pd.DataFrame(index=types), var=pd.DataFrame(index=genes))
+        t0 = time.perf_counter()
+        omx.tl.deconvolve(
+            sdata,
+            ref,
+            sections=held,
+            key_added=f"omx_prop_{patient}",
+            platform_sd=platform_sd,
+            show_progress_bar=False,
+            overwrite=True,
+        )
+        dt = time.perf_counter() - t0
+        m = table.obs["section"].isin(held).to_numpy()
+        m &= np.isfinite(table.obsm[f"omx_prop_{patient}"].to_numpy()).all(1)  # spots with counts in the genes
+        pred = table.obsm[f"omx_prop_{patient}"].iloc[np.flatnonzero(m)][types].to_numpy()
+        true = table.obsm[key].iloc[np.flatnonzero(m)][types].to_numpy()
+        from omx.models._deconv import nnls_proportions
+
+        Yh = table.X[m][:, table.var_names.get_indexer(genes)]
+        Yh = Yh.toarray() if hasattr(Yh, "toarray") else np.asarray(Yh)
+        pn = nnls_proportions(Yh, S)
+        r = [np.corrcoef(true[:, k], pred[:, k])[0, 1] for k in range(len(types))]
+        rn = [np.corrcoef(true[:, k], pn[:, k])[0, 1] for k in range(len(types))]
+        rows.append({"patient": patient, "n_spots": int(m.sum()), "seconds": dt, "jsd": float(jsd(true, pred).mean()),
+                     "jsd_nnls": float(jsd(true, pn).mean()), **{f"r_{t}": v for t, v in zip(types, r, strict=True)},
+                     **{f"rnnls_{t}": v for t, v in zip(types, rn, strict=True)}})  # fmt: skip
+        print(
+            f"  patient {patient} ({','.join(held)}, {m.sum()} spots, {dt:.0f} s): mean JSD {rows[-1]['jsd']:.3f} "
+            f"(NNLS {rows[-1]['jsd_nnls']:.3f}), mean Pearson r {np.nanmean(r):.3f} (NNLS {np.nanmean(rn):.3f})"
+        )
+        sys.stdout.flush()
+    df = pd.DataFrame(rows)
+    types = list(table.obsm[key].columns)
+    print("per cell type, mean over held-out patients, Pearson r with stereoscope (Bayesian | NNLS):")
+    for t in types:
+        print(f"  {t:14s} {np.nanmean(df[f'r_{t}']):.3f} | {np.nanmean(df[f'rnnls_{t}']):.3f}")
+    print(f"mean JSD {df['jsd'].mean():.3f} (NNLS {df['jsd_nnls'].mean():.3f}); peak {peak_gb():.2f} GB")
+
+
+def bench_image(key: str = "stereoscope_major") -> None:
+    """Proportions from H&E only, leave-one-section-out over the local sections, compared with stereoscope."""
+    import omx
+    from omx.models._deconv import jsd
+
+    sdata = omx.datasets.her2st()  # the sections present locally
+    table = sdata.tables["table"]
+    sections = sorted(table.obs["section"].astype(str).unique())
+    types = list(table.obsm[key].columns)
+    out = []
+    for held in sections:
+        train = [s for s in sections if s != held]
+        t0 = time.perf_counter()
+        omx.tl.predict_proportions(
+            sdata,
+            train=train,
+            predict=[held],
+            key=key,
+            key_added="omx_img_prop",
+            overwrite=True,
+            show_progress_bar=False,
+        )
+        dt = time.perf_counter() - t0
+        m = np.flatnonzero((table.obs["section"] == held).to_numpy())
+        pred = table.obsm["omx_img_prop"].iloc[m][types].to_numpy()
+        true = table.obsm[key].iloc[m][types].to_numpy()
+        base = np.tile(
+            table.obsm[key].iloc[np.flatnonzero(table.obs["section"].isin(train).to_numpy())].mean(0), (len(m), 1)
+        )
+        r = [np.corrcoef(true[:, k], pred[:, k])[0, 1] for k in range(len(types))]
+        out.append({"section": held, "jsd": float(jsd(true, pred).mean()), "jsd_mean": float(jsd(true, base).mean()),
+                    **dict(zip(types, r, strict=True))})  # fmt: skip
+        print(
+            f"  {held} ({len(m)} spots, {dt:.0f} s): JSD {out[-1]['jsd']:.3f} (training mean as prediction "
+            f"{out[-1]['jsd_mean']:.3f}); mean Pearson r {np.nanmean(r):.3f}"
+        )
+        sys.stdout.flush()
+    df = pd.DataFrame(out)
+    print("per cell type, mean Pearson r over held-out sections:")
+    for t in types:
+        print(f"  {t:14s} {df[t].mean():.3f}")
+    print(f"mean JSD {df['jsd'].mean():.3f} (training mean {df['jsd_mean'].mean():.3f})")
+
+
+def main() -> None:
+    """Run one part."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["segment", "simulate", "scale", "her2st", "image"])
+    parser.add_argument("--section", default="C2")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--platform-sd", type=float, default=0.5)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.part == "segment":
+        bench_segment(args.section)
+    elif args.part == "simulate":
+        bench_simulate(args.seed)
+    elif args.part == "scale":
+        bench_scale()
+    elif args.part == "her2st":
+        bench_her2st(platform_sd=args.platform_sd)
+    else:
+        bench_image()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Bayesian deconvolution, cell types per nucleus and image-only proportions."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from anndata import AnnData
+from spatialdata.models import TableModel
+
+import omx
+from omx.models._deconv import DeconvolutionModel, jsd, nnls_proportions, signatures_from_reference
+
+
+def simulate(n_spots=300, n_types=5, n_genes=200, n_ref=500, seed=0):
+    """Reference cells and spots summed from 5-15 cells with known proportions, with a platform effect."""
+    rng = np.random.default_rng(seed)
+    base = rng.lognormal(0, 1.0, n_genes)
+    lfc = rng.normal(0, 1.2, (n_types, n_genes)) * (rng.random((n_types, n_genes)) < 0.3)
+    mean = base * np.exp(lfc)
+    mean = mean / mean.sum(1, keepdims=True) * 1500
+    types = [f"t{k}" for k in range(n_types)]
+    lab = rng.integers(0, n_types, n_ref)
+    ref = AnnData(X=rng.negative_binomial(5, 5 / (5 + mean[lab])).astype(np.float32))
+    ref.obs["cell_type"] = pd.Categorical([types[k] for k in lab])
+    ref.var_names = [f"g{i}" for i in range(n_genes)]
+    n_cells = rng.integers(5, 16, n_spots)
+    props = rng.dirichlet(np.full(n_types, 0.5), n_spots)
+    platform = rng.lognormal(0, 0.5, n_genes)
+    truth, Y = np.zeros((n_spots, n_types)), np.zeros((n_spots, n_genes))
+    for s in range(n_spots):
+        c = rng.choice(n_types, n_cells[s], p=props[s])
+        truth[s] = np.bincount(c, minlength=n_types) / n_cells[s]
+        mu = mean[c].sum(0) * platform * 0.1
+        Y[s] = rng.negative_binomial(5, 5 / (5 + mu))
+    return ref, Y, truth, types, n_cells
+
+
+def rmse(a, b):
+    return float(np.sqrt(np.mean((a - b) ** 2)))
+
+
+def test_bayesian_beats_nnls_on_simulated_spots():
+    ref, Y, truth, types, n_cells = simulate()
+    S, names = signatures_from_reference(ref, "cell_type")
+    assert names == types
+    model = DeconvolutionModel(n_steps=400, seed=0, show_progress_bar=False).fit(Y, S, n_cells=n_cells)
+    p = model.proportions_
+    assert p.shape == truth.shape and np.allclose(p.sum(1), 1, atol=1e-4)
+    assert (model.q05_ <= p + 1e-6).all() and (p <= model.q95_ + 1e-6).all()
+    p_nnls = nnls_proportions(Y, S)
+    assert rmse(truth, p) < rmse(truth, p_nnls)
+    assert jsd(truth, p).mean() < jsd(truth, p_nnls).mean()
+
+
+def test_model_is_deterministic():
+    ref, Y, _, _, n_cells = simulate(n_spots=60, n_genes=80)
+    S, _ = signatures_from_reference(ref, "cell_type")
+    a = DeconvolutionModel(n_steps=60, seed=3, show_progress_bar=False).fit(Y, S, n_cells=n_cells).proportions_
+    b = DeconvolutionModel(n_steps=60, seed=3, show_progress_bar=False).fit(Y, S, n_cells=n_cells).proportions_
+    np.testing.assert_allclose(a, b)
+
+
+def _spot_sdata(synthetic_sdata, seed=0):
+    """The synthetic H&E with 9 spots whose table holds simulated counts; nuclei segmented."""
+    sdata, _ = synthetic_sdata(seed=seed)
+    ref, Y, truth, types, _ = simulate(n_spots=9, seed=seed)
+    old = sdata.tables["table"]
+    obs = old.obs.copy()
+    adata = AnnData(X=Y.astype(np.float32), obs=obs, var=pd.DataFrame(index=ref.var_names))
+    adata.obsm["spatial"] = np.c_[sdata.shapes["spots"].geometry.x, sdata.shapes["spots"].geometry.y]
+    del sdata.tables["table"]
+    sdata.tables["table"] = TableModel.parse(adata, region="spots", region_key="region", instance_key="spot_id")
+    omx.pp.segment_nuclei(sdata, show_progress_bar=False)
+    return sdata, ref, truth, types
+
+
+def test_deconvolve_writes_results(synthetic_sdata):
+    sdata, ref, truth, types = _spot_sdata(synthetic_sdata)
+    omx.tl.deconvolve(sdata, ref, labels_key="cell_type", n_steps=200, show_progress_bar=False)
+    t = sdata.tables["table"]
+    props = t.obsm["omx_proportions"]
+    assert isinstance(props, pd.DataFrame) and list(props.columns) == types
+    assert np.allclose(props.sum(1), 1, atol=1e-4)
+    assert (t.obsm["omx_proportions_q05"].to_numpy() <= props.to_numpy() + 1e-6).all()
+    assert set(t.obs["omx_cell_type"].dropna()) <= set(types)
+    assert t.uns["omx"]["omx_proportions"]["n_cells_prior"] is True
+    assert t.varm["omx_proportions_signatures"].shape == (t.n_vars, len(types))
+    with pytest.raises(KeyError, match="overwrite"):
+        omx.tl.deconvolve(sdata, ref, labels_key="cell_type", n_steps=10, show_progress_bar=False)
+
+    # signatures as the reference (one row per type) work the same way
+    S, names = signatures_from_reference(ref, "cell_type")
+    sig = AnnData(X=S, obs=pd.DataFrame(index=names), var=pd.DataFrame(index=ref.var_names))
+    omx.tl.deconvolve(sdata, sig, n_steps=50, key_added="p2", show_progress_bar=False)
+    assert list(t.obsm["p2"].columns) == types
+
+    omx.tl.assign_cells(sdata)
+    cells = sdata.tables["omx_cells"]
+    assert cells.n_vars == len(t.uns["omx"]["omx_proportions"]["genes"])
+    assert set(cells.obs["cell_type"].dropna()) <= set(types)
+    assert cells.obs["cell_type"].notna().all()
+    inside = cells.obs["spot_index"].to_numpy() >= 0
+    # cells of a spot carry that spot's counts between them
+    rows = cells.obs["spot_index"].to_numpy()
+    r = rows[inside][0]
+    got = np.asarray(cells.X[rows == r]).sum(0)
+    want = np.asarray(t.X[r])[t.var_names.get_indexer(cells.var_names)]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    # type counts per spot follow its proportions (rounded)
+    n_in = (rows == r).sum()
+    counts = cells.obs.loc[rows == r, "cell_type"].value_counts().reindex(types).to_numpy()
+    assert np.abs(counts - props.iloc[r].to_numpy() * n_in).max() < 1.0 + 1e-9
+    with pytest.raises(KeyError, match="overwrite"):
+        omx.tl.assign_cells(sdata)
+
+
+def test_deconvolve_errors(synthetic_sdata):
+    sdata, ref, _, _ = _spot_sdata(synthetic_sdata)
+    with pytest.raises(KeyError, match="labels_key"):
+        omx.tl.deconvolve(sdata, ref, labels_key="nope", show_progress_bar=False)
+    few = ref[:40].copy()
+    with pytest.raises(ValueError, match="fewer than min_cells_per_type"):
+        omx.tl.deconvolve(sdata, few, labels_key="cell_type", min_cells_per_type=20, show_progress_bar=False)
+    other = ref.copy()
+    other.var_names = [f"x{i}" for i in range(ref.n_vars)]
+    other.var_names = list(ref.var_names[:10]) + list(other.var_names[10:])
+    with pytest.raises(ValueError, match="share 10 genes"):
+        omx.tl.deconvolve(sdata, other, labels_key="cell_type", show_progress_bar=False)
+    bad = sdata.tables["table"]
+    bad.X[0, 0] = -1
+    with pytest.raises(ValueError, match="negative"):
+        omx.tl.deconvolve(sdata, ref, labels_key="cell_type", show_progress_bar=False)
+    bad.X[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        omx.tl.deconvolve(sdata, ref, labels_key="cell_type", show_progress_bar=False)
+
+
+def test_predict_proportions_toy():
+    sdata = omx.datasets.toy_sdata(n_spots=60, n_genes=10, n_sections=3, seed=0)
+    t = sdata.tables[next(iter(sdata.tables))]
+    rng = np.random.default_rng(0)
+    t.obsm["ref_props"] = pd.DataFrame(rng.dirichlet(np.ones(3), t.n_obs), index=t.obs_names, columns=["a", "b", "c"])
+    secs = sorted(t.obs["section"].astype(str).unique())
+    omx.tl.predict_proportions(
+        sdata, train=secs[:2], predict=secs[2], key="ref_props", alpha=1.0, show_progress_bar=False
+    )
+    p = t.obsm["omx_proportions"]
+    m = (t.obs["section"] == secs[2]).to_numpy()
+    assert np.allclose(p[m].sum(1), 1) and p[~m].isna().all().all()
+    assert t.obs["omx_cell_type"][m].notna().all()
+    with pytest.raises(ValueError, match="both"):
+        omx.tl.predict_proportions(sdata, train=secs[:2], predict=secs[1], key="ref_props", show_progress_bar=False)
