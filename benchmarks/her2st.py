@@ -27,6 +27,8 @@ MODELS = {
     "ridge": {"model": "ridge"},  # handcrafted features of the spot and its surroundings (x2, x3)
     "ridge_spot": {"model": "ridge", "context": (1.0,)},  # the spot's patch alone
     "cnn": {"model": "cnn"},
+    "contrastive": {"model": "contrastive"},  # MLP on the same context features; retrieval + regression head
+    "graph": {"model": "graph"},  # SpatialGraph: MLP + 2 GCN layers over the 6-nearest-spot graph, same features
 }
 
 

@@ -10,12 +10,19 @@ from typing import Any
 
 from ._base import Model, TorchModel
 from ._cnn import CNNRegressor
+from ._contrastive import Contrastive
+from ._graph import SpatialGraph
 from ._ridge import Ridge
 
 #: Short names accepted by `get_model` (and by the ``model=`` argument of `omx.tl` functions).
-MODELS: dict[str, type[Model]] = {"ridge": Ridge, "cnn": CNNRegressor}
+MODELS: dict[str, type[Model]] = {
+    "ridge": Ridge,
+    "cnn": CNNRegressor,
+    "graph": SpatialGraph,
+    "contrastive": Contrastive,
+}
 
-__all__ = ["CNNRegressor", "MODELS", "Model", "Ridge", "TorchModel", "get_model", "load"]
+__all__ = ["CNNRegressor", "Contrastive", "MODELS", "Model", "Ridge", "SpatialGraph", "TorchModel", "get_model", "load"]
 
 
 def get_model(spec: str | Model = "ridge", **kwargs: Any) -> Model:
@@ -24,7 +31,8 @@ def get_model(spec: str | Model = "ridge", **kwargs: Any) -> Model:
     Parameters
     ----------
     spec
-        ``"ridge"`` (`Ridge`), ``"cnn"`` (`CNNRegressor`), or a `Model` (returned as is).
+        ``"ridge"`` (`Ridge`), ``"cnn"`` (`CNNRegressor`), ``"graph"`` (`SpatialGraph`), ``"contrastive"``
+        (`Contrastive`), or a `Model` (returned as is).
     **kwargs
         Constructor arguments, when `spec` is a name.
 

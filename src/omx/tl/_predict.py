@@ -13,12 +13,13 @@ from spatialdata import SpatialData
 from spatialdata.models import TableModel
 
 import omx
-from omx._utils import as_list, logger
+from omx._utils import OMX_TABLE, as_list, logger
 from omx.tl._core import (
     DEFAULT_CONTEXT,
     TARGET_SCALE,
     Section,
     SectionScaler,
+    as_dense,
     check_key_free,
     choose_genes,
     counts,
@@ -80,19 +81,24 @@ def fit_sections(
     Y = targets(X, gene_idx)[keep]
     groups = np.concatenate([np.full(len(sections[n].rows), n, dtype=object) for n in train])[keep]
     train_var = Y.var(axis=0)
-    scaler = SectionScaler(target_norm)
+    counts_model = getattr(model, "counts_target", False)  # a count likelihood: raw counts and library sizes
+    scaler = SectionScaler("none" if counts_model else target_norm)
     Z = scaler.fit_transform(Y, groups)
+    fit_kwargs = {}
+    if counts_model:
+        Z = np.asarray(as_dense(X[:, gene_idx]), dtype=np.float32)[keep]
+        fit_kwargs["library_size"] = total[keep]
     size_um = sections[train[0]].spots.diameter_um if size_um is None else float(size_um)
     inputs = np.concatenate([_inputs(sections[n], model, size_um, context, show_progress_bar, cache) for n in train])[
         keep
     ]
     coords = np.concatenate([sections[n].spots.centers * sections[n].spots.mpp for n in train])[keep]
-    model.fit(inputs, Z, groups=groups, coords=coords)
+    model.fit(inputs, Z, groups=groups, coords=coords, **fit_kwargs)
     model.meta_ = {
         "genes": list(genes),
         "target_mean": scaler.mean_.tolist(),
         "target_std": scaler.std_.tolist(),
-        "target_norm": target_norm,
+        "target_norm": "counts" if counts_model else target_norm,
         "target_scale": TARGET_SCALE,
         "size_um": size_um,
         "context": list(context),
@@ -118,14 +124,25 @@ def _encoder_id(model) -> str | None:
 
 
 def predict_section(
-    model: Model, section: Section, *, show_progress_bar: bool, cache: dict | None = None
-) -> np.ndarray:
-    """Predictions ``(n_spots, n_genes)`` on the log-normalised scale for one section."""
+    model: Model, section: Section, *, show_progress_bar: bool, cache: dict | None = None, return_var: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
+    """Predictions ``(n_spots, n_genes)`` on the log-normalised scale for one section.
+
+    With ``return_var``, also the predictive variance on that scale when the model provides one (a count
+    likelihood), else None.
+    """
     meta = model.meta_
     inputs = _inputs(section, model, meta["size_um"], meta["context"], show_progress_bar, cache)
     coords = section.spots.centers * section.spots.mpp
-    Z = model.predict(inputs, groups=np.full(len(inputs), section.name, dtype=object), coords=coords)
-    return (Z * np.asarray(meta["target_std"]) + np.asarray(meta["target_mean"])).astype(np.float32)
+    groups = np.full(len(inputs), section.name, dtype=object)
+    var = None
+    if return_var and getattr(model, "counts_target", False):
+        Z, var = model.predict(inputs, groups=groups, coords=coords, return_var=True)
+        var = (var * np.asarray(meta["target_std"]) ** 2).astype(np.float32)
+    else:
+        Z = model.predict(inputs, groups=groups, coords=coords)
+    pred = (Z * np.asarray(meta["target_std"]) + np.asarray(meta["target_mean"])).astype(np.float32)
+    return (pred, var) if return_var else pred
 
 
 def _write_layer(table: AnnData, key_added: str, rows: np.ndarray, genes: list[str], values: np.ndarray) -> None:
@@ -188,8 +205,10 @@ def fit_predict(
         Sections to predict: values of ``table.obs[groups_key]``, or shapes elements without a measured table
         (H&E-only sections).
     model
-        ``"ridge"`` (ridge on handcrafted features), ``"cnn"`` (CNN regression from scratch), or a
-        :class:`omx.models.Model` instance, unfitted.
+        ``"ridge"`` (ridge on handcrafted features), ``"cnn"`` (CNN regression from scratch), ``"graph"``
+        (`omx.models.SpatialGraph` over the spot graph), or a :class:`omx.models.Model` instance, unfitted. A
+        model with a count likelihood (``counts_target``) is fitted on the raw counts of the genes and each spot's
+        total count, not on standardised targets.
     genes
         Genes to predict; all must be in the table. Omitted: the genes detected in at least 1 % of training spots.
     n_top_genes
@@ -233,6 +252,9 @@ def fit_predict(
 
     - ``table.layers[key_added]``: predictions on the scale log1p(counts / total x 1e4) for the predicted
       sections' spots and the chosen genes; NaN elsewhere.
+    - ``table.layers[key_added + "_var"]``: with a count likelihood (e.g. ``SpatialGraph(likelihood="nb")``),
+      the predictive variance of log1p(counts / total x 1e4) under the fitted NB at the training median library
+      size (Monte Carlo), same rows and genes; NaN elsewhere.
     - ``table.uns['omx'][key_added]``: model, parameters, genes, sections, seed, version and, where the predicted
       sections are measured, per-gene scores (``gene_scores``) and their summary (``summary``).
 
@@ -261,7 +283,10 @@ def fit_predict(
         show_progress_bar=show_progress_bar,
     )  # fmt: skip
     genes = model.meta_["genes"]
-    preds = {n: predict_section(model, sections[n], show_progress_bar=show_progress_bar) for n in predict}
+    out = {
+        n: predict_section(model, sections[n], show_progress_bar=show_progress_bar, return_var=True) for n in predict
+    }
+    preds = {n: p for n, (p, _) in out.items()}
 
     from omx.metrics import summarize
 
@@ -271,6 +296,9 @@ def fit_predict(
         rows = np.concatenate([sections[n].rows for n in measured])
         _write_layer(table, key_added, rows, genes, np.concatenate([preds[n] for n in measured]))
         log_written(len(rows), len(genes), f"sdata.tables[{table_key!r}].layers[{key_added!r}]")
+        if out[measured[0]][1] is not None:  # the model's predictive variance (count likelihoods)
+            _write_layer(table, f"{key_added}_var", rows, genes, np.concatenate([out[n][1] for n in measured]))
+            log_written(len(rows), len(genes), f"sdata.tables[{table_key!r}].layers[{key_added + '_var'!r}]")
         per_section = {}
         for n in measured:
             scores = _scores(table, sections[n], genes, preds[n], layer, min_counts)
@@ -304,6 +332,7 @@ def _prediction_table(sections: list[Section], genes, preds: list, *, key_added:
     adata = AnnData(X=np.concatenate(preds).astype(np.float32), obs=obs, var=pd.DataFrame(index=list(genes)))
     adata.obsm["spatial"] = np.concatenate(spatial)
     adata.uns["omx"] = {key_added: uns}
+    adata.uns[OMX_TABLE] = "predictions"
     regions = [s.spots.shapes_key for s in sections]
     return TableModel.parse(adata, region=regions, region_key="region", instance_key="spot_id")
 
@@ -362,13 +391,14 @@ def predict_expression(
     shapes, ready for ``sdata.tables[name] = table``. Otherwise None, and:
 
     - spots annotated by a table: ``table.layers[key_added]`` (NaN for rows of other spots and other genes),
+      ``table.layers[key_added + "_var"]`` (the predictive variance, for models with a count likelihood), and
       ``table.uns['omx'][key_added]`` with the model's parameters;
     - spots without a table: a new table ``sdata.tables[key_added]`` annotating them, predictions in ``X``.
     """
-    from omx.models import Model, load
+    from omx.models import MODELS, Model, load
 
     if not isinstance(model, Model):
-        if isinstance(model, str) and model in ("ridge", "cnn"):
+        if isinstance(model, str) and model in MODELS:
             raise ValueError(
                 f"model={model!r} is not fitted. Fit one first, e.g. `m = omx.tl.fit_predict(sdata, train=[...], "
                 "predict=[...])`, then pass `m` (or the path of `m.save(path)`)."
@@ -386,7 +416,7 @@ def predict_expression(
         elif key_added in sdata.tables and not overwrite:
             raise KeyError(f"sdata.tables[{key_added!r}] exists; pass another `key_added=` or `overwrite=True`.")
     section = Section(name=spots.shapes_key, spots=spots)
-    pred = predict_section(model, section, show_progress_bar=show_progress_bar)
+    pred, var = predict_section(model, section, show_progress_bar=show_progress_bar, return_var=True)
     genes = model.meta_["genes"]
     uns = _uns_entry(model, predict_shapes=spots.shapes_key)
     if not inplace:
@@ -395,6 +425,8 @@ def predict_expression(
         table = sdata.tables[spots.table_key]
         ok = spots.table_rows >= 0
         _write_layer(table, key_added, spots.table_rows[ok], genes, pred[ok])
+        if var is not None:
+            _write_layer(table, f"{key_added}_var", spots.table_rows[ok], genes, var[ok])
         table.uns.setdefault("omx", {})[key_added] = uns
         log_written(int(ok.sum()), len(genes), f"sdata.tables[{spots.table_key!r}].layers[{key_added!r}]")
     else:

@@ -1,0 +1,182 @@
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+import omx  # noqa: E402
+from omx.models import Contrastive, get_model  # noqa: E402
+
+FAST = {
+    "epochs": 10,
+    "refit": False,
+    "head": "trained",
+    "batch_size": 64,
+    "k": 10,
+    "hidden": 64,
+    "embed_dim": 32,
+    "show_progress_bar": False,
+}
+
+
+def _mean_r(pred, truth):
+    return np.mean([np.corrcoef(pred[:, j], truth[:, j])[0, 1] for j in range(truth.shape[1])])
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Four groups of 80 rows; 12 targets depend non-linearly on 4 of 20 features, plus noise."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(320, 20))
+    W = rng.normal(size=(4, 12))
+    Y = (np.tanh(X[:, :4]) @ W + 0.3 * rng.normal(size=(320, 12))).astype(np.float32)
+    groups = np.repeat(["a", "b", "c", "d"], 80)
+    coords = np.concatenate([np.stack(np.meshgrid(np.arange(10), np.arange(8)), -1).reshape(-1, 2) * 100.0] * 4)
+    return X, Y, groups, coords
+
+
+def test_learns_and_predicts_both_ways(data):
+    X, Y, groups, _ = data
+    train = groups != "d"
+    untrained = Contrastive(**{**FAST, "epochs": 1, "lr": 1e-5}).fit(X[train], Y[train], groups=groups[train])
+    model = Contrastive(**{**FAST, "refit": True}).fit(X[train], Y[train], groups=groups[train])
+    hist = model.history_
+    assert hist["train_loss"][-1] < hist["train_loss"][0]  # the loss falls
+    assert len(hist["val_score"]) == len(hist["train_loss"]) and len(hist["blend_score"]) == 5
+    assert len(hist["refit_train_loss"]) == model.best_epoch_ + 1  # then refitted on all rows
+    before = _mean_r(untrained.predict(X[~train], groups=groups[~train]), Y[~train])
+    r = {}
+    for mode in ("default", "retrieval", "regression"):
+        pred = model.predict(X[~train], groups=groups[~train], mode=mode)
+        assert pred.shape == (80, 12) and pred.dtype == np.float32
+        r[mode] = _mean_r(pred, Y[~train])
+    assert r["default"] > before + 0.2 and r["default"] > 0.5  # held-out correlation rises
+    assert r["retrieval"] > 0.4 and r["regression"] > 0.3
+    assert 0.0 <= model.blend_ <= 1.0
+    assert abs(model.predict(X[~train], groups=groups[~train]).mean() - Y[~train].mean()) < 0.5  # targets' scale
+
+
+def test_planted_copy_is_never_retrieved(data):
+    X, Y, groups, _ = data
+    # the bank holds every row, section "d" included, plus exact copies of three spots of "d" (labelled "d")
+    planted = [250, 260, 270]
+    Xb, Yb = np.concatenate([X, X[planted]]), np.concatenate([Y, Y[planted]])
+    gb = np.concatenate([groups, groups[planted]])
+    model = Contrastive(**FAST, exclude="group").fit(Xb, Yb, groups=gb)
+    copies = np.arange(320, 323)
+    query = X[groups == "d"]
+    _, index, weight = model.retrieve(query, groups=np.full(len(query), "d"))
+    assert index.shape == weight.shape == (80, FAST["k"])
+    np.testing.assert_allclose(weight.sum(1), 1.0, rtol=1e-5)
+    assert not np.isin(index, copies).any()
+    assert (model.bank_groups_[index] != "d").all()  # nothing of the predicted section
+    # the control: without section labels nothing is excluded, and the copies are retrieved
+    _, index_all, _ = model.retrieve(query)
+    assert np.isin(copies, index_all).any()
+    # the regression head and the blend do not see the bank, but the retrieval part of the default follows it
+    np.testing.assert_array_equal(
+        model.predict(query, groups=np.full(len(query), "d"), mode="retrieval"),
+        model.retrieve(query, groups=np.full(len(query), "d"))[0],
+    )
+
+
+def test_patient_exclusion(data):
+    X, Y, groups, _ = data
+    patients = {"a": "P1", "b": "P1", "c": "P2", "d": "P2"}
+    model = Contrastive(**{**FAST, "epochs": 3}, patients=patients).fit(X, Y, groups=groups)
+    _, index, _ = model.retrieve(X[:80], groups=groups[:80])  # section "a" of patient P1
+    assert set(model.bank_groups_[index].ravel()) <= {"c", "d"}
+    group_only = Contrastive(**{**FAST, "epochs": 3}, patients=patients, exclude="group").fit(X, Y, groups=groups)
+    _, index, _ = group_only.retrieve(X[:80], groups=groups[:80])
+    assert "b" in set(group_only.bank_groups_[index].ravel()) and "a" not in set(group_only.bank_groups_[index].ravel())
+
+
+def test_deterministic_and_save_load(tmp_path, data):
+    X, Y, groups, _ = data
+    kw = {**FAST, "epochs": 4, "seed": 3, "device": "cpu", "head": "ridge+features", "refit": True}
+    a = Contrastive(**kw).fit(X, Y, groups=groups)
+    b = Contrastive(**kw).fit(X, Y, groups=groups)
+    assert a.head_ridge_["coef"].shape == (FAST["embed_dim"] + 20, 12)
+    np.testing.assert_array_equal(a.predict(X, groups=groups), b.predict(X, groups=groups))
+    a.meta_ = {"genes": ["x"]}
+    a.save(tmp_path / "m")
+    loaded = omx.models.load(tmp_path / "m")
+    assert isinstance(loaded, Contrastive) and loaded.meta_ == a.meta_ and loaded.history_ == a.history_
+    for name in ("bank_embedding_", "bank_targets_", "bank_groups_"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(a, name))
+    for mode in ("default", "retrieval", "regression"):
+        np.testing.assert_array_equal(
+            loaded.predict(X, groups=groups, mode=mode), a.predict(X, groups=groups, mode=mode)
+        )
+    np.testing.assert_array_equal(loaded.retrieve(X, groups=groups)[1], a.retrieve(X, groups=groups)[1])
+
+
+def test_spot_context_and_patches(data):
+    X, Y, groups, coords = data
+    model = Contrastive(**{**FAST, "epochs": 3}, neighbors=4).fit(X, Y, groups=groups, coords=coords)
+    assert model.spatial and "context" in model.module_
+    assert model.predict(X[:80], groups=groups[:80], coords=coords[:80]).shape == (80, 12)
+    with pytest.raises(ValueError, match="coords"):
+        model.predict(X[:80], groups=groups[:80])
+
+    rng = np.random.default_rng(0)
+    t = rng.uniform(0, 1, 96)
+    patches = np.clip(235 - 120 * t[:, None, None, None] + rng.normal(0, 10, (96, 32, 32, 3)), 0, 255).astype(np.uint8)
+    Yp = np.stack([t, 1 - t, t**2], 1).astype(np.float32)
+    cnn = Contrastive(image="patches", patch_px=32, width=8, **{**FAST, "epochs": 2, "k": 5})
+    assert cnn.input == "patches" and cnn.encoder is None
+    cnn.fit(patches, Yp, groups=np.repeat(["a", "b", "c"], 32))
+    assert cnn.predict(patches[:10]).shape == (10, 3)
+    with pytest.raises(ValueError, match="32 x 32"):
+        cnn.predict(np.zeros((4, 48, 48, 3), np.uint8))
+
+
+def test_errors(data):
+    X, Y, groups, _ = data
+    ungrouped = Contrastive(**{**FAST, "epochs": 2}).fit(X, Y)  # random validation rows, nothing excluded
+    assert ungrouped.predict(X[:5]).shape == (5, 12) and set(ungrouped.bank_groups_) == {""}
+    with pytest.raises(ValueError, match="not fitted"):
+        Contrastive().predict(X)
+    with pytest.raises(ValueError, match="rows"):
+        Contrastive(**FAST).fit(X, Y[:-1])
+    bad = Y.copy()
+    bad[5, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        Contrastive(**FAST).fit(X, bad)
+    with pytest.raises(ValueError, match="encode them"):
+        Contrastive(**FAST).fit(np.zeros((4, 8, 8, 3)), Y[:4])
+    with pytest.raises(ValueError, match="larger than the reference bank"):
+        Contrastive(**{**FAST, "k": 500}).fit(X, Y)
+    with pytest.raises(ValueError, match="groups"):
+        Contrastive(**FAST).fit(X, Y, groups=groups[:10])
+    for kwargs in (
+        {"image": "pixels"},
+        {"blend": 2.0},
+        {"k": 0},
+        {"exclude": "none"},
+        {"epochs": 0},
+        {"head": "ridge+features", "image": "patches"},
+    ):
+        with pytest.raises(ValueError):
+            Contrastive(**kwargs)
+    model = Contrastive(**{**FAST, "k": 70, "epochs": 1}).fit(X[:160], Y[:160], groups=groups[:160])
+    with pytest.raises(ValueError, match="20 features"):
+        model.predict(X[:, :5])
+    # the bank holds 80 rows of "a" and 80 of "b"; a query of "a" may retrieve only the 80 of "b"
+    model.predict(X[:10], groups=np.full(10, "a"), mode="retrieval")
+    small = Contrastive(**{**FAST, "k": 90, "epochs": 1}).fit(X[:160], Y[:160], groups=groups[:160])
+    with pytest.raises(ValueError, match="fewer than k=90"):
+        small.predict(X[:10], groups=np.full(10, "a"), mode="retrieval")
+    with pytest.raises(ValueError, match="mode"):
+        model.predict(X, mode="nearest")
+
+
+def test_factory_and_tl():
+    model = get_model("contrastive", k=5)
+    assert isinstance(model, Contrastive) and model.k == 5 and not model.spatial
+    sdata = omx.datasets.toy_sdata(n_spots=150, n_genes=20, n_sections=3, seed=0)
+    fitted = omx.tl.fit_predict(
+        sdata, train=["S1", "S2"], predict="S3", model=Contrastive(**FAST), show_progress_bar=False
+    )
+    entry = sdata.tables["table"].uns["omx"]["omx_pred"]
+    assert entry["model"] == "Contrastive" and fitted.bank_groups_.tolist().count("S1") > 0
+    assert entry["scores"]["S3"]["summary"]["all"]["pearson"] > 0.3
