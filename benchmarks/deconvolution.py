@@ -148,24 +148,6 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _her2st_signatures(sdata, train, key, genes):
-    """Signatures from training sections: per gene, counts regressed on stereoscope proportions (NNLS)."""
-    from scipy.optimize import nnls
-
-    table = sdata.tables["table"]
-    rows = np.flatnonzero(table.obs["section"].isin(train).to_numpy())
-    X = table[rows, genes].X
-    X = X.toarray() if hasattr(X, "toarray") else np.asarray(X)
-    lib = np.asarray(table[rows].X.sum(1)).ravel()
-    P = table.obsm[key].iloc[rows].to_numpy()
-    # mean counts per spot = lib / median lib * (P @ S): scale each spot to the median library
-    Xn = X / lib[:, None] * np.median(lib)
-    S = np.zeros((P.shape[1], len(genes)))
-    for g in range(len(genes)):
-        S[:, g] = nnls(P, Xn[:, g])[0]
-    return S
-
-
 def bench_her2st(key: str = "stereoscope_major", n_genes: int = 1000, platform_sd: float = 0.5) -> None:
     """her2st: signatures from training sections; deconvolve held-out sections; agreement with stereoscope."""
     from anndata import AnnData
@@ -194,7 +176,7 @@ def bench_her2st(key: str = "stereoscope_major", n_genes: int = 1000, platform_s
         mean = np.asarray(X.mean(0)).ravel()
         cand = np.flatnonzero(detected > 0.05)
         genes = table.var_names[cand[np.argsort(-mean[cand])[:n_genes]]]
-        S = _her2st_signatures(sdata, train, key, genes)
+        S = omx.tl.signatures_from_proportions(sdata, key=key, sections=train, genes=genes).X
         types = list(table.obsm[key].columns)
         ref = AnnData(X=S.astype(np.float32), obs=pd.DataFrame(index=types), var=pd.DataFrame(index=genes))
         t0 = time.perf_counter()

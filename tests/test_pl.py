@@ -354,3 +354,19 @@ def test_uncertainty_panels_and_errors(sample):
     sd_values = np.asarray(drawn[1].collections[0].get_array())
     col = table.var_names.get_loc("GNAS")
     np.testing.assert_allclose(np.sort(sd_values), np.sort(np.sqrt(table.layers["p_var"][:, col])), rtol=1e-6)
+
+
+def test_cell_types_draws_typed_nuclei():
+    sdata = omx.datasets.her2st_sample()
+    reference = omx.tl.signatures_from_proportions(sdata, key="stereoscope_major", sections=["C2", "C3"])
+    omx.pp.segment_nuclei(sdata, image_key="C4_he", show_progress_bar=False)
+    omx.tl.deconvolve(sdata, reference, sections="C4", n_steps=200, show_progress_bar=False)
+    omx.tl.assign_cells(sdata)
+    fig = omx.pl.cell_types(sdata, section="C4", cell_types=["Epithelial"])
+    drawn = {a.get_title(): a for a in fig.axes if a.get_title()}
+    nuclei_panel = next(a for t, a in drawn.items() if t.startswith("nuclei by type"))
+    n_cells = sdata.tables["omx_cells"].n_obs
+    assert len(nuclei_panel.collections[0].get_array()) == n_cells
+    assert len(drawn) == 3  # most abundant type, nuclei, Epithelial
+    no_nuclei = omx.pl.cell_types(sdata, section="C4", cell_types=["Epithelial"], cells_key=None)
+    assert len([a for a in no_nuclei.axes if a.get_title()]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -44,6 +45,7 @@ def cell_types(
     table_key: str = "table",
     section: str | None = None,
     cell_types: Sequence[str] | None = None,
+    cells_key: str | None = "omx_cells",
     image_key: str | None = None,
     shapes_key: str | None = None,
     ncols: int = 4,
@@ -53,8 +55,10 @@ def cell_types(
 ) -> Figure:
     """Plot cell-type proportions per spot over the H&E of one section.
 
-    The first panel colours each spot by its most abundant cell type; one panel per cell type follows with
-    its proportion, all on one colour scale from 0 to the largest proportion drawn.
+    The first panel colours each spot by its most abundant cell type; when the nuclei of the section's image
+    have cell types (:func:`omx.tl.assign_cells`), the next panel draws every nucleus in its type's colour. One
+    panel per cell type follows with its proportion, all on one colour scale from 0 to the largest proportion
+    drawn.
 
     Parameters
     ----------
@@ -69,6 +73,9 @@ def cell_types(
         The section to draw; may be omitted when only one section has proportions.
     cell_types
         Cell types to draw a panel for; all when omitted.
+    cells_key
+        Table of nuclei with ``obs["cell_type"]`` (written by :func:`omx.tl.assign_cells`); its panel is drawn
+        when it holds nuclei of this section's image. None leaves it out.
     image_key, shapes_key
         The image and spots, when they cannot be found from the table.
     ncols
@@ -107,30 +114,58 @@ def cell_types(
         image_key=image_key, shapes_key=shapes_key,
     )  # fmt: skip
     P = values[frame.rows]
-    fig, axes = _grid(1 + len(types), ncols, frame.aspect, ax)
+    nuclei = _typed_nuclei(sdata, cells_key, frame.image_key)
+    n_first = 2 if nuclei is not None else 1
+    fig, axes = _grid(n_first + len(types), ncols, frame.aspect, ax)
 
     palette = plt.get_cmap("tab20" if len(props.columns) > 10 else "tab10")
     colours = ListedColormap([palette(i % palette.N) for i in range(len(props.columns))])
     dominant = np.argmax(P, axis=1)
     frame.draw(axes[0], dominant, cmap=colours, norm=BoundaryNorm(np.arange(len(props.columns) + 1) - 0.5, colours.N))
     axes[0].set_title("most abundant type", fontsize=10)
-    present = np.unique(dominant)
+    present = set(np.unique(dominant).tolist())
+    if nuclei is not None:
+        present |= {list(props.columns).index(t) for t in set(nuclei[2]) if t in props.columns}
+    present = sorted(present)
     axes[0].legend(
         handles=[Patch(color=colours(i), label=props.columns[i]) for i in present],
         fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False,
     )  # fmt: skip
+    if nuclei is not None:
+        xy, radius, labels = nuclei
+        code = np.array([list(props.columns).index(t) if t in props.columns else -1 for t in labels])
+        nuclei_frame = replace(frame, rows=np.arange(len(xy)), xy=xy, radius=radius)
+        known = code >= 0
+        frame_norm = BoundaryNorm(np.arange(len(props.columns) + 1) - 0.5, colours.N)
+        nuclei_frame.draw(axes[1], code[known], known, cmap=colours, norm=frame_norm)
+        axes[1].set_title(f"nuclei by type ({int(known.sum())})", fontsize=10)
     idx = [list(props.columns).index(t) for t in types]
     norm = Normalize(0.0, float(np.nanmax(P[:, idx])) if len(idx) else 1.0)
-    for a, t, i in zip(axes[1:], types, idx, strict=True):
+    for a, t, i in zip(axes[n_first:], types, idx, strict=True):
         frame.draw(a, P[:, i], cmap=cmap, norm=norm)
         a.set_title(t, fontsize=10)
     if types:
-        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[1:], shrink=0.6, label="proportion")
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[n_first:], shrink=0.6, label="proportion")
     if ax is None:
         fig.suptitle(f"Section {section}: cell-type proportions ({key!r}), {len(frame.rows)} spots", fontsize=11)
     if save is not None:
         fig.savefig(save, dpi=150, bbox_inches="tight")
     return fig
+
+
+def _typed_nuclei(sdata: SpatialData, cells_key: str | None, image_key: str):
+    """``(centres, radii, cell types)`` in microns of the typed nuclei of ``image_key``, or None."""
+    from omx.pp import resolve_spots
+
+    shapes_key = f"{image_key}_nuclei_shapes"
+    if cells_key is None or cells_key not in sdata.tables or shapes_key not in sdata.shapes:
+        return None
+    if "cell_type" not in sdata.tables[cells_key].obs:
+        return None
+    nuclei = resolve_spots(sdata, image_key=image_key, shapes_key=shapes_key, table_key=cells_key)
+    nuclei = nuclei.subset(nuclei.table_rows >= 0)
+    labels = sdata.tables[cells_key].obs["cell_type"].astype(str).to_numpy()[nuclei.table_rows]
+    return nuclei.centers * nuclei.mpp, nuclei.radius_px * nuclei.mpp, labels
 
 
 def uncertainty(

@@ -28,6 +28,7 @@ def section_column(table: AnnData) -> str:
 class Canvas:
     """Spots of one section placed in microns, and a low-resolution copy of the image behind them."""
 
+    image_key: str  # the image behind the spots
     rows: np.ndarray  # table row of each drawn spot
     xy: np.ndarray  # (n, 2) centres in microns
     radius: np.ndarray  # (n,) radii in microns
@@ -117,6 +118,7 @@ def canvas(
     if background is not None:
         background = (background[0], [e * mpp for e in background[1]])
     return Canvas(
+        image_key=spots.image_key,
         rows=spots.table_rows,
         xy=c * mpp,
         radius=radius_px * mpp,

@@ -1,6 +1,6 @@
 """Tools: fit models on sections with expression, predict from H&E, evaluate without leakage."""
 
-from omx.tl._deconvolve import assign_cells, deconvolve, predict_proportions
+from omx.tl._deconvolve import assign_cells, deconvolve, predict_proportions, signatures_from_proportions
 from omx.tl._evaluate import cross_validate
 from omx.tl._predict import fit_predict, predict_expression
 
@@ -11,4 +11,5 @@ __all__ = [
     "fit_predict",
     "predict_expression",
     "predict_proportions",
+    "signatures_from_proportions",
 ]

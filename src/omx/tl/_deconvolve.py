@@ -238,6 +238,63 @@ def _largest_remainder(p: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def signatures_from_proportions(
+    sdata: SpatialData,
+    *,
+    key: str = "stereoscope_major",
+    sections: str | Sequence[str] | None = None,
+    genes: Sequence[str] | None = None,
+    table_key: str | None = None,
+    groups_key: str = "section",
+) -> AnnData:
+    """Cell-type signatures estimated from spots with known proportions, for use as a `deconvolve` reference.
+
+    Each spot's counts, scaled to the median library size, are modelled as its proportions times the
+    signatures; each gene's signature is the non-negative least-squares fit over the given (training) sections.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with a table of raw counts and proportions in ``table.obsm[key]``.
+    key
+        ``obsm`` entry with the proportions (a DataFrame, one column per cell type).
+    sections
+        Sections (values of ``obs[groups_key]``) to estimate from; all when omitted. Leave out the sections
+        you will deconvolve.
+    genes
+        Genes to keep; all genes of the table when omitted.
+    table_key
+        The table; may be omitted when there is one (besides tables omx made).
+    groups_key
+        The obs column naming each spot's section.
+
+    Returns
+    -------
+    An AnnData of cell types x genes (mean counts per spot at the median library size), to pass as
+    ``reference`` with ``labels_key=None``.
+    """
+    from scipy.optimize import nnls
+
+    table_key, table = resolve_table(sdata, table_key)
+    if key not in table.obsm:
+        raise KeyError(f"table.obsm has no {key!r} (entries: {list(table.obsm.keys())}).")
+    rows = _section_rows(table, as_list(sections), groups_key)
+    P = np.asarray(table.obsm[key], dtype=np.float64)[rows]
+    ok = np.isfinite(P).all(axis=1)
+    X = counts(table, rows[ok])
+    lib = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+    keep = lib > 0
+    genes = list(table.var_names) if genes is None else list(genes)
+    cols = table.var_names.get_indexer(genes)
+    if (cols < 0).any():
+        raise KeyError(f"{int((cols < 0).sum())} genes are not in the table, e.g. {np.asarray(genes)[cols < 0][:5]}.")
+    Xn = as_dense(X[keep][:, cols]) / lib[keep, None] * np.median(lib[keep])
+    P = P[ok][keep]
+    S = np.stack([nnls(P, Xn[:, g])[0] for g in range(len(genes))], axis=1)
+    types = [str(c) for c in getattr(table.obsm[key], "columns", range(P.shape[1]))]
+    return AnnData(X=S.astype(np.float32), obs=pd.DataFrame(index=types), var=pd.DataFrame(index=genes))
+
+
 def assign_cells(
     sdata: SpatialData,
     *,
