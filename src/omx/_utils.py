@@ -59,17 +59,20 @@ def check_counts(X: Any, *, name: str = "counts") -> None:
         )
 
 
-def log_normalize(X: Any, *, target_sum: float = 1e4) -> np.ndarray:
+def log_normalize(X: Any, *, target_sum: float = 1e4, columns: Any = None) -> np.ndarray:
     """Return dense ``log1p(counts / total * target_sum)`` in float32; spots with no counts give zeros.
 
-    The total is taken over the columns of ``X`` as given, so callers pass the full count matrix and
-    subset genes afterwards.
+    The total is taken over all columns of ``X``; ``columns`` (positions) selects the genes returned, so only
+    those are made dense.
     """
-    X = X.toarray() if sparse.issparse(X) else np.asarray(X)
-    X = X.astype(np.float64, copy=False)
-    total = X.sum(axis=1, keepdims=True)
+    if not sparse.issparse(X):
+        X = np.asarray(X)
+    total = np.asarray(X.sum(axis=1), dtype=np.float64).reshape(-1, 1)
     scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total > 0)
-    return np.log1p(X * scale).astype(np.float32)
+    if columns is not None:
+        X = X[:, columns]
+    X = X.toarray() if sparse.issparse(X) else np.asarray(X)
+    return np.log1p(X.astype(np.float64, copy=False) * scale).astype(np.float32)
 
 
 def get_device(device: str | torch.device = "auto") -> torch.device:

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from scipy import sparse
 from spatialdata import SpatialData
 
-from omx._utils import as_list, check_counts, logger, resolve_key
+from omx._utils import as_list, check_counts, log_normalize, logger, resolve_key
 from omx.metrics import pearson
 from omx.pl._tissue import canvas, robust_norm, section_column
 
@@ -45,10 +45,7 @@ def _observed(table: AnnData, rows: np.ndarray, cols: np.ndarray, observed_layer
     data = X.data if sparse.issparse(X) else np.asarray(X)
     if data.size and not np.allclose(data, np.round(data)):
         logger.warning("table.X does not hold integer counts; pass `observed_layer=` if it is already normalised.")
-    # Same as omx._utils.log_normalize, but only the plotted genes are densified (the totals use all genes).
-    total = np.asarray(X.sum(axis=1), dtype=np.float64).reshape(-1, 1)
-    scale = np.divide(1e4, total, out=np.zeros_like(total), where=total > 0)
-    return np.log1p(_dense_columns(X, np.arange(X.shape[0]), cols) * scale)
+    return log_normalize(X, columns=cols).astype(np.float64)  # totals over all genes; plotted genes made dense
 
 
 def _check_genes(table: AnnData, genes: list[str]) -> np.ndarray:

@@ -11,7 +11,7 @@ from anndata import AnnData
 from scipy import sparse
 from spatialdata import SpatialData
 
-from omx._utils import OMX_TABLE, check_counts, log_normalize, logger, progress, resolve_key
+from omx._utils import OMX_TABLE, as_list, check_counts, log_normalize, logger, progress, resolve_key
 from omx.pp import Spots, iter_patches, resolve_spots
 from omx.pp._spots import table_regions
 
@@ -175,7 +175,7 @@ def choose_genes(table: AnnData, genes: Sequence[str] | None, train_counts, *, n
 
 def targets(X, gene_idx: np.ndarray) -> np.ndarray:
     """log1p(counts / total * 1e4) of the chosen genes; the total is over all genes of the table."""
-    return log_normalize(X)[:, gene_idx]
+    return log_normalize(X, columns=gene_idx)
 
 
 class SectionScaler:
@@ -210,6 +210,18 @@ class SectionScaler:
     def inverse_transform(self, Z: np.ndarray) -> np.ndarray:
         """Map standardised predictions back to the log-normalised scale."""
         return (Z * self.std_ + self.mean_).astype(np.float32)
+
+
+def split_sections(train, predict) -> tuple[list[str], list[str]]:
+    """``train`` and ``predict`` as non-empty, disjoint lists: a model is never scored on its training data."""
+    train, predict = as_list(train), as_list(predict)
+    if not train or not predict:
+        raise ValueError("Pass at least one section in `train=` and one in `predict=`.")
+    if overlap := sorted(set(train) & set(predict)):
+        raise ValueError(
+            f"Sections {overlap} are in both `train` and `predict`; a model must not be scored on its training data."
+        )
+    return train, predict
 
 
 def check_key_free(table: AnnData, key_added: str, *, overwrite: bool, where: str = "layers") -> None:

@@ -13,7 +13,16 @@ import omx
 from omx._utils import OMX_TABLE, as_list, logger
 from omx.pp._nuclei import CELLS_KEY
 from omx.pp._spots import table_regions
-from omx.tl._core import DEFAULT_CONTEXT, as_dense, counts, model_inputs, resolve_sections, resolve_table
+from omx.tl._core import (
+    DEFAULT_CONTEXT,
+    as_dense,
+    check_key_free,
+    counts,
+    model_inputs,
+    resolve_sections,
+    resolve_table,
+    split_sections,
+)
 
 #: Pseudo-proportion added before the centred log-ratio transform of proportions.
 _CLR_EPS = 1e-3
@@ -139,12 +148,7 @@ def deconvolve(
 
     table_key, table = resolve_table(sdata, table_key)
     sections = as_list(sections)
-    taken = key_added in table.obsm or key_added in table.uns.get("omx", {})
-    if taken and not overwrite:
-        raise KeyError(
-            f"{key_added!r} already holds results in sdata.tables[{table_key!r}] (obsm or uns['omx']). "
-            "Pass another `key_added=` or `overwrite=True`."
-        )
+    check_key_free(table, key_added, overwrite=overwrite, where="obsm")
     rows = _section_rows(table, sections, groups_key)
     S, types = signatures_from_reference(
         reference, labels_key, min_cells_per_type=min_cells_per_type, layer=reference_layer
@@ -566,17 +570,11 @@ def predict_proportions(
     from omx.models import Ridge
     from omx.tl._predict import _add_prediction_table, _prediction_table
 
-    train, predict = as_list(train), as_list(predict)
-    if not train or not predict:
-        raise ValueError("Pass at least one section in `train=` and one in `predict=`.")
-    if overlap := sorted(set(train) & set(predict)):
-        raise ValueError(f"Sections {overlap} are in both `train` and `predict`.")
+    train, predict = split_sections(train, predict)
     table_key, table = resolve_table(sdata, table_key)
     if key not in table.obsm:
         raise KeyError(f"sdata.tables[{table_key!r}].obsm has no {key!r} (entries: {list(table.obsm.keys())}).")
-    taken = key_added in table.obsm or key_added in table.uns.get("omx", {})
-    if taken and not overwrite:
-        raise KeyError(f"{key_added!r} already holds results; pass another `key_added=` or `overwrite=True`.")
+    check_key_free(table, key_added, overwrite=overwrite, where="obsm")
     props = table.obsm[key]
     if not isinstance(props, pd.DataFrame):
         raise TypeError(f"obsm[{key!r}] must be a DataFrame with one column per cell type.")

@@ -13,7 +13,7 @@ from spatialdata import SpatialData
 from spatialdata.models import TableModel
 
 import omx
-from omx._utils import OMX_TABLE, as_list, logger
+from omx._utils import OMX_TABLE, logger
 from omx.tl._core import (
     DEFAULT_CONTEXT,
     TARGET_SCALE,
@@ -27,6 +27,7 @@ from omx.tl._core import (
     model_inputs,
     resolve_sections,
     resolve_table,
+    split_sections,
     targets,
 )
 
@@ -261,13 +262,7 @@ def fit_predict(
     For an H&E-only section (a shapes element with no table rows), a new table ``sdata.tables[key_added]``
     annotating those shapes, with the predictions in ``X``.
     """
-    train, predict = as_list(train), as_list(predict)
-    if not train or not predict:
-        raise ValueError("Pass at least one section in `train=` and one in `predict=`.")
-    if overlap := sorted(set(train) & set(predict)):
-        raise ValueError(
-            f"Sections {overlap} are in both `train` and `predict`; a model must not be scored on its training data."
-        )
+    train, predict = split_sections(train, predict)
     table_key, table = resolve_table(sdata, table_key)
     check_key_free(table, key_added, overwrite=overwrite)
     sections = resolve_sections(
