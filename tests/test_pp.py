@@ -68,7 +68,7 @@ def test_iter_patches_batches_cover_all_spots_once():
     centers = [(x, y) for x in range(20, 290, 30) for y in range(20, 190, 30)]
     sdata, _ = _sdata(centers_um=centers)
     seen = []
-    for idx, patches in omx.pp.iter_patches(sdata, size_px=32, batch_size=7, band_px=64):
+    for idx, patches in omx.pp.iter_patches(sdata, size_px=32, batch_size=7, tile_px=64):
         assert len(idx) == len(patches) <= 7
         seen.extend(idx.tolist())
     assert sorted(seen) == list(range(len(centers)))

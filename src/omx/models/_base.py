@@ -135,7 +135,12 @@ class Model:
         return self
 
     def predict(
-        self, X: np.ndarray, *, groups: np.ndarray | None = None, coords: np.ndarray | None = None
+        self,
+        X: np.ndarray,
+        *,
+        groups: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
+        group_stats: dict[str, tuple[np.ndarray, np.ndarray, int]] | None = None,
     ) -> np.ndarray:
         """Predict targets.
 
@@ -147,6 +152,10 @@ class Model:
             Label of each row (e.g. the section); feature models standardise each group with its own statistics.
         coords
             Spot centres ``(n, 2)`` in microns, for spatial models; as in :meth:`fit`.
+        group_stats
+            Feature statistics of whole groups, ``{group: (X_g.mean(0), X_g.std(0), len(X_g))}``, for predicting a
+            group a chunk of rows at a time: models that standardise features per group use them instead of the
+            statistics of the rows given, so that chunks give the same predictions as the whole group.
 
         Returns
         -------
@@ -157,7 +166,11 @@ class Model:
         groups = self._check_groups(groups, len(X))
         if len(X) == 0:
             return np.zeros((0, self.n_targets_), dtype=np.float32)
-        return np.asarray(self._predict(X, groups, *self._spatial_args(coords, len(X))), dtype=np.float32)
+        self._group_stats = group_stats  # read by the per-group standardisation of feature models
+        try:
+            return np.asarray(self._predict(X, groups, *self._spatial_args(coords, len(X))), dtype=np.float32)
+        finally:
+            self._group_stats = None
 
     def _fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None) -> None:
         raise NotImplementedError

@@ -599,6 +599,7 @@ class Contrastive(TorchModel):
         *,
         groups: np.ndarray | None = None,
         coords: np.ndarray | None = None,
+        group_stats: dict[str, tuple[np.ndarray, np.ndarray, int]] | None = None,
         mode: Literal["default", "retrieval", "regression"] = "default",
     ) -> np.ndarray:
         """Predict targets by the fitted blend, by retrieval alone or by the regression head alone.
@@ -612,6 +613,8 @@ class Contrastive(TorchModel):
             bank row of the row's group (nor of its patient, see `exclude`). Without groups nothing is excluded.
         coords
             Spot centres ``(n, 2)`` in microns, with ``neighbors > 0``.
+        group_stats
+            Feature statistics of whole groups predicted in chunks, as in `Model.predict`.
         mode
             ``"default"`` (the fitted `blend_`), ``"retrieval"`` or ``"regression"``.
 
@@ -622,11 +625,11 @@ class Contrastive(TorchModel):
         if mode not in ("default", "retrieval", "regression"):
             raise ValueError(f"mode must be 'default', 'retrieval' or 'regression', got {mode!r}.")
         if mode == "default":
-            return super().predict(X, groups=groups, coords=coords)
+            return super().predict(X, groups=groups, coords=coords, group_stats=group_stats)
         blend = getattr(self, "blend_", None)
         try:
             self.blend_ = 1.0 if mode == "retrieval" else 0.0
-            return super().predict(X, groups=groups, coords=coords)
+            return super().predict(X, groups=groups, coords=coords, group_stats=group_stats)
         finally:
             self.blend_ = blend
 

@@ -133,7 +133,7 @@ class Ridge(Model):
         if self.standardize is None:
             return X.copy()
         if self.standardize == "group":
-            return standardize_by_group(X, groups, self.x_mean_, self.x_scale_)
+            return standardize_by_group(X, groups, self.x_mean_, self.x_scale_, getattr(self, "_group_stats", None))
         return (X - self.x_mean_) / self.x_scale_
 
     # ------------------------------------------------------------------ fit / predict
@@ -218,20 +218,32 @@ class Ridge(Model):
         self.components_ = arrays.get("components")
 
 
-def standardize_by_group(X: np.ndarray, groups: np.ndarray | None, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def standardize_by_group(
+    X: np.ndarray,
+    groups: np.ndarray | None,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    stats: dict[str, tuple[np.ndarray, np.ndarray, int]] | None = None,
+) -> np.ndarray:
     """Z-score the rows of each group with that group's own statistics (images only: leakage-free).
 
     Groups of fewer than `MIN_GROUP_ROWS` rows use the given (training) ``mean`` and ``scale``; ``groups=None``
-    is one group.
+    is one group. ``stats`` gives the mean, standard deviation and size of whole groups whose rows come in
+    chunks (see `Model.predict`); other groups use the statistics of their rows here.
     """
     out = (X - mean) / scale
     labels, inverse = (
         (np.array([0]), np.zeros(len(X), int)) if groups is None else np.unique(groups, return_inverse=True)
     )
-    for k in range(len(labels)):
+    stats = stats or {}
+    for k, label in enumerate(labels):
         rows = inverse == k
-        if rows.sum() >= MIN_GROUP_ROWS:
-            out[rows] = (X[rows] - X[rows].mean(0)) / _safe_scale(X[rows].std(0))
+        if str(label) in stats:
+            mu, sd, n = stats[str(label)]
+        else:
+            mu, sd, n = X[rows].mean(0), X[rows].std(0), int(rows.sum())
+        if n >= MIN_GROUP_ROWS:
+            out[rows] = (X[rows] - mu) / _safe_scale(np.asarray(sd))
     return out
 
 

@@ -1,4 +1,4 @@
-"""Cut patches of a fixed physical size around spots, band by band from the (dask) image."""
+"""Cut patches of a fixed physical size around spots, tile by tile from the (dask) image."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from omx.pp._spots import Spots, resolve_spots
 _N_THREADS = max(1, min(8, os.cpu_count() or 1))
 #: Value used to pad patches that reach past the image edge (white, like glass).
 PAD_VALUE = 255
+#: Side in output pixels of the tiles that patches are cut from (see `iter_patches`).
+TILE_PX = 2048
 
 
 def _as_spots(data: SpatialData | Spots, resolve_kwargs: dict) -> Spots:
@@ -45,7 +47,7 @@ def _read_region(level, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     out = np.full((y1 - y0, x1 - x0, 3), PAD_VALUE, dtype=np.uint8)
     cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
     if cy1 > cy0 and cx1 > cx0:
-        block = np.asarray(level.data[:, cy0:cy1, cx0:cx1])  # one read per band: chunk-sized tasks, no per-patch graph
+        block = np.asarray(level.data[:, cy0:cy1, cx0:cx1])  # one read per tile: chunk-sized tasks, no per-patch graph
         out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = _to_uint8(block)
     return out
 
@@ -69,17 +71,34 @@ def patch_geometry(spots: Spots, size_um: float | None, size_px: int) -> tuple[f
     return float(size_um), level, float(factor)
 
 
+def patch_corners(spots: Spots, level: int, factor: float, size_px: int) -> np.ndarray:
+    """Top-left corners ``(n, 2)`` as ``(x, y)`` of the spots' patches, in output pixels (``level`` resampled by
+    ``factor``)."""
+    centers_out = spots.centers / spots.level_scales[level] * factor
+    return np.floor(centers_out - size_px / 2 + 0.5).astype(np.int64)
+
+
+def patch_tiles(corners: np.ndarray, size_px: int, tile_px: int) -> tuple[np.ndarray, int]:
+    """The tile ``(tx, ty)`` of each patch corner, and the tiles' step in output pixels.
+
+    Tiles lie on one grid anchored at the image origin; tile ``(tx, ty)`` holds the patches whose top-left corner
+    falls in its ``step x step`` square and spans output pixels ``[t * step, t * step + step + size_px)``.
+    """
+    step = max(tile_px, size_px)
+    return np.floor_divide(corners, step), step
+
+
 def iter_patches(
     data: SpatialData | Spots,
     *,
     size_um: float | None = None,
     size_px: int = 224,
     batch_size: int = 256,
-    band_px: int = 2048,
+    tile_px: int = TILE_PX,
     show_progress_bar: bool = False,
     **resolve_kwargs,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield patches around spots in batches, reading the image one band at a time.
+    """Yield patches around spots in batches, reading and resampling the image one tile at a time.
 
     Parameters
     ----------
@@ -91,8 +110,9 @@ def iter_patches(
         Side of the patch in pixels: patches are resampled to ``size_um / size_px`` microns per pixel.
     batch_size
         Patches per yielded batch.
-    band_px
-        Height in output pixels of the image band read at once; bounds memory.
+    tile_px
+        Side in output pixels of the image tiles read and resampled at once (plus one patch of overlap);
+        bounds memory.
     show_progress_bar
         Show a progress bar over spots.
     **resolve_kwargs
@@ -102,37 +122,37 @@ def iter_patches(
     ------
     ``(positions, patches)``: positions of the spots in ``spots`` order, and uint8 patches
     ``(len(positions), size_px, size_px, 3)``. Spots near the edge are padded with white.
+
+    Notes
+    -----
+    Tiles lie on a fixed grid of the image, so a spot's patch does not depend on which other spots are cut with
+    it: a subset of spots, or chunks of them, give the same patches as the whole section.
     """
     spots = _as_spots(data, resolve_kwargs)
     size_um, level_i, factor = patch_geometry(spots, size_um, size_px)
     level = spots.levels[level_i]
-    centers_out = spots.centers / spots.level_scales[level_i] * factor
-    tl = np.floor(centers_out - size_px / 2 + 0.5).astype(np.int64)  # top-left corner in output pixels
-    order = np.argsort(tl[:, 1], kind="stable")
-    band_px = max(band_px, size_px)
+    corners = patch_corners(spots, level_i, factor, size_px)
+    tiles, step = patch_tiles(corners, size_px, tile_px)
+    order = np.lexsort((tiles[:, 0], tiles[:, 1]))  # tile rows, then tiles along each row
+    bounds = np.flatnonzero(np.any(np.diff(tiles[order], axis=0) != 0, axis=1)) + 1
     bar = progress(range(spots.n_spots), show=show_progress_bar, desc="patches", unit="spot")
     bar_update = getattr(bar, "update", None)
 
     buf_idx: list[np.ndarray] = []
     buf: list[np.ndarray] = []
     n_buf = 0
-    start = 0
-    while start < len(order):
-        y_first = tl[order[start], 1]
-        stop = int(np.searchsorted(tl[order, 1], y_first + band_px - size_px, side="right"))
-        stop = max(stop, start + 1)
-        members = order[start:stop]
-        start = stop
-        oy0, oy1 = int(tl[members, 1].min()), int(tl[members, 1].max()) + size_px
-        ox0, ox1 = int(tl[members, 0].min()), int(tl[members, 0].max()) + size_px
-        band = _band(level, factor, oy0, oy1, ox0, ox1)
-        rel = tl[members] - (ox0, oy0)
+    for members in np.split(order, bounds):
+        if not len(members):
+            continue
+        ox0, oy0 = tiles[members[0]] * step
+        tile = _resampled(level, factor, oy0, oy0 + step + size_px, ox0, ox0 + step + size_px)
+        rel = corners[members] - (ox0, oy0)
         for s in range(0, len(members), batch_size):
             part = members[s : s + batch_size]
             r = rel[s : s + batch_size]
             patches = np.empty((len(part), size_px, size_px, 3), dtype=np.uint8)
             for k, (x, y) in enumerate(r):
-                patches[k] = band[y : y + size_px, x : x + size_px]
+                patches[k] = tile[y : y + size_px, x : x + size_px]
             buf_idx.append(part)
             buf.append(patches)
             n_buf += len(part)
@@ -148,7 +168,11 @@ def iter_patches(
         bar.close()
 
 
-def _band(level, factor: float, oy0: int, oy1: int, ox0: int, ox1: int) -> np.ndarray:
+#: Rows of output pixels resampled by one thread; fixed, so results do not depend on the number of threads.
+_STRIP_PX = 256
+
+
+def _resampled(level, factor: float, oy0: int, oy1: int, ox0: int, ox1: int) -> np.ndarray:
     """The output-resolution region [oy0, oy1) x [ox0, ox1), resampled from ``level`` by ``factor``."""
     if abs(factor - 1.0) < 1e-6:
         return _read_region(level, oy0, oy1, ox0, ox1)
@@ -159,19 +183,18 @@ def _band(level, factor: float, oy0: int, oy1: int, ox0: int, ox1: int) -> np.nd
     resample = Image.Resampling.BILINEAR if factor > 1 else Image.Resampling.BOX
     out = np.empty((oy1 - oy0, ox1 - ox0, 3), dtype=np.uint8)
 
-    def resize_rows(rows: tuple[int, int]) -> None:
-        r0, r1 = rows  # output rows, relative to oy0
+    def resize_rows(r0: int) -> None:
+        r1 = min(r0 + _STRIP_PX, oy1 - oy0)  # output rows, relative to oy0
         box = (ox0 / factor - sx0, (oy0 + r0) / factor - sy0, ox1 / factor - sx0, (oy0 + r1) / factor - sy0)
         out[r0:r1] = np.asarray(src.resize((ox1 - ox0, r1 - r0), resample=resample, box=box))
 
     # PIL releases the GIL while resampling: strips of rows resize in parallel threads.
-    n = min(_N_THREADS, max(1, (oy1 - oy0) // 256))
-    edges = np.linspace(0, oy1 - oy0, n + 1).astype(int)
-    strips = list(zip(edges[:-1], edges[1:], strict=True))
-    if n == 1:
-        resize_rows(strips[0])
+    strips = range(0, oy1 - oy0, _STRIP_PX)
+    if len(strips) == 1 or _N_THREADS == 1:
+        for r0 in strips:
+            resize_rows(r0)
     else:
-        with ThreadPoolExecutor(n) as pool:
+        with ThreadPoolExecutor(min(_N_THREADS, len(strips))) as pool:
             list(pool.map(resize_rows, strips))
     return out
 

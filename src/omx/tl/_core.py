@@ -12,8 +12,9 @@ from scipy import sparse
 from spatialdata import SpatialData
 
 from omx._utils import OMX_TABLE, as_list, check_counts, log_normalize, logger, progress, resolve_key
-from omx.pp import Spots, iter_patches, resolve_spots
+from omx.pp import Spots, resolve_spots
 from omx.pp._spots import table_regions
+from omx.pp._stream import iter_chunks
 
 #: Patch sizes, as multiples of the spot size, whose features feature models concatenate.
 DEFAULT_CONTEXT = (1.0, 2.0, 3.0)
@@ -111,28 +112,33 @@ def model_inputs(
 
     Feature models get the encoder's features of patches ``size_um * c`` microns wide for each context
     factor ``c``, concatenated; patch models get one patch of ``model.patch_px`` pixels spanning the largest
-    context, ``size_um * max(context)`` microns.
+    context, ``size_um * max(context)`` microns. Both are computed chunk by chunk (on the active dask.distributed
+    cluster, if any) by `omx.pp.encode` and the chunks behind it.
     """
-    spots = section.spots
-    size_um = spots.diameter_um if size_um is None else size_um
+    size_um = section.spots.diameter_um if size_um is None else size_um
+    out = None
+    for positions, values in input_chunks(section, model, size_um, context, show_progress_bar):
+        if out is None:
+            out = np.empty((section.spots.n_spots, *values.shape[1:]), dtype=values.dtype)
+        out[positions] = values
+    return out
+
+
+def input_chunks(section: Section, model, size_um: float, context: Sequence[float], show_progress_bar: bool):
+    """``(positions, inputs)`` of a model, chunk by chunk: patches of a patch model, features of a feature model."""
     if model.input == "patches":
-        out = np.empty((spots.n_spots, model.patch_px, model.patch_px, 3), dtype=np.uint8)
-        for idx, patches in iter_patches(spots, size_um=size_um * max(context), size_px=model.patch_px):
-            out[idx] = patches
-        return out
-    encoder = model.encoder
-    blocks = []
-    for factor in context:
-        feats = None
-        it = iter_patches(spots, size_um=size_um * factor, size_px=encoder.patch_px, batch_size=256)
-        bar = progress(it, show=show_progress_bar, desc=f"{section.name}: {encoder.name} x{factor:g}", unit="batch")
-        for idx, patches in bar:
-            f = encoder.transform(patches)
-            if feats is None:
-                feats = np.empty((spots.n_spots, f.shape[1]), dtype=np.float32)
-            feats[idx] = f
-        blocks.append(feats)
-    return np.concatenate(blocks, axis=1)
+        sizes_um, size_px, encoder, what = [size_um * max(context)], model.patch_px, None, "patches"
+    else:
+        encoder = model.encoder
+        sizes_um, size_px, what = [size_um * c for c in context], encoder.patch_px, f"{encoder.name} features"
+    return iter_chunks(
+        section.spots,
+        sizes_um=sizes_um,
+        size_px=size_px,
+        encoder=encoder,
+        show_progress_bar=show_progress_bar,
+        desc=f"{section.name}: {what}",
+    )
 
 
 def counts(table: AnnData, rows: np.ndarray, *, layer: str | None = None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from os import PathLike
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from omx.tl._core import (
     check_key_free,
     choose_genes,
     counts,
+    input_chunks,
     log_written,
     model_inputs,
     resolve_sections,
@@ -129,21 +131,85 @@ def predict_section(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
     """Predictions ``(n_spots, n_genes)`` on the log-normalised scale for one section.
 
-    With ``return_var``, also the predictive variance on that scale when the model provides one (a count
-    likelihood), else None.
+    Spatial models, and sections whose inputs are cached, are predicted from the inputs of the whole section;
+    the others stream (see `_predict_stream`). With ``return_var``, also the predictive variance on that scale
+    when the model provides one (a count likelihood), else None.
     """
     meta = model.meta_
-    inputs = _inputs(section, model, meta["size_um"], meta["context"], show_progress_bar, cache)
-    coords = section.spots.centers * section.spots.mpp
-    groups = np.full(len(inputs), section.name, dtype=object)
     var = None
-    if return_var and getattr(model, "counts_target", False):
-        Z, var = model.predict(inputs, groups=groups, coords=coords, return_var=True)
-        var = (var * np.asarray(meta["target_std"]) ** 2).astype(np.float32)
+    if model.spatial or cache is not None:
+        inputs = _inputs(section, model, meta["size_um"], meta["context"], show_progress_bar, cache)
+        coords = section.spots.centers * section.spots.mpp
+        groups = np.full(len(inputs), section.name, dtype=object)
+        if return_var and getattr(model, "counts_target", False):
+            Z, var = model.predict(inputs, groups=groups, coords=coords, return_var=True)
+            var = (var * np.asarray(meta["target_std"]) ** 2).astype(np.float32)
+        else:
+            Z = model.predict(inputs, groups=groups, coords=coords)
     else:
-        Z = model.predict(inputs, groups=groups, coords=coords)
+        Z = _predict_stream(model, section, show_progress_bar=show_progress_bar)
     pred = (Z * np.asarray(meta["target_std"]) + np.asarray(meta["target_mean"])).astype(np.float32)
     return (pred, var) if return_var else pred
+
+
+def _predict_stream(model: Model, section: Section, *, show_progress_bar: bool) -> np.ndarray:
+    """Predict a section chunk by chunk, so memory does not grow with its inputs.
+
+    Patch models predict each chunk of patches as it is cut. Feature models first write the features of all
+    chunks to a temporary zarr array on disk (``$TMPDIR``) while summing their per-section statistics, then
+    predict chunk by chunk with those statistics: the same predictions as from the whole section at once.
+    """
+    meta = model.meta_
+    n = section.spots.n_spots
+    chunks = input_chunks(section, model, meta["size_um"], meta["context"], show_progress_bar)
+    out = np.empty((n, model.n_targets_), dtype=np.float32)
+
+    def groups(k: int) -> np.ndarray:
+        return np.full(k, section.name, dtype=object)
+
+    if model.input == "patches":
+        for positions, patches in chunks:
+            out[positions] = model.predict(patches, groups=groups(len(positions)))
+        return out
+    import zarr
+
+    with tempfile.TemporaryDirectory(prefix="omx_features_") as tmp:
+        store, written, moments, start = None, [], _Moments(), 0
+        for positions, feats in chunks:
+            if store is None:
+                store = zarr.create_array(
+                    f"{tmp}/features.zarr", shape=(n, feats.shape[1]), chunks=(4096, feats.shape[1]), dtype="f4"
+                )
+            store[start : start + len(positions)] = feats
+            moments.add(feats)
+            written.append((start, positions))
+            start += len(positions)
+        stats = {section.name: moments.result()}
+        for start, positions in written:
+            X = store[start : start + len(positions)]
+            out[positions] = model.predict(X, groups=groups(len(positions)), group_stats=stats)
+    return out
+
+
+class _Moments:
+    """Mean and standard deviation of rows that come in chunks (Chan et al.'s pairwise update, float64)."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, X: np.ndarray) -> None:
+        X = np.asarray(X, dtype=np.float64)
+        k, mean = len(X), X.mean(axis=0)
+        m2 = ((X - mean) ** 2).sum(axis=0)
+        total = self.n + k
+        delta = mean - self.mean
+        self.mean = self.mean + delta * k / total
+        self.m2 = self.m2 + m2 + delta**2 * self.n * k / total
+        self.n = total
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """``(mean, std, n)``, the standard deviation with ``ddof=0`` like `numpy.std`."""
+        return self.mean, np.sqrt(self.m2 / self.n), self.n
 
 
 def _write_layer(table: AnnData, key_added: str, rows: np.ndarray, genes: list[str], values: np.ndarray) -> None:
