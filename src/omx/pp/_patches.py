@@ -72,8 +72,7 @@ def patch_geometry(spots: Spots, size_um: float | None, size_px: int) -> tuple[f
 
 
 def patch_corners(spots: Spots, level: int, factor: float, size_px: int) -> np.ndarray:
-    """Top-left corners ``(n, 2)`` as ``(x, y)`` of the spots' patches, in output pixels (``level`` resampled by
-    ``factor``)."""
+    """Top-left corners ``(n, 2)`` as ``(x, y)`` of the spots' patches, in pixels of ``level`` scaled by ``factor``."""
     centers_out = spots.centers / spots.level_scales[level] * factor
     return np.floor(centers_out - size_px / 2 + 0.5).astype(np.int64)
 

@@ -11,7 +11,7 @@ from anndata import AnnData
 from scipy import sparse
 from spatialdata import SpatialData
 
-from omx._utils import OMX_TABLE, as_list, check_counts, log_normalize, logger, progress, resolve_key
+from omx._utils import OMX_TABLE, as_list, check_counts, log_normalize, logger, resolve_key
 from omx.pp import Spots, resolve_spots
 from omx.pp._spots import table_regions
 from omx.pp._stream import iter_chunks
