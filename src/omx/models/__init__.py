@@ -11,6 +11,7 @@ from typing import Any
 from ._base import Model, TorchModel
 from ._cnn import CNNRegressor
 from ._contrastive import Contrastive
+from ._distributed import fit_distributed
 from ._graph import SpatialGraph
 from ._ridge import Ridge
 
@@ -22,7 +23,18 @@ MODELS: dict[str, type[Model]] = {
     "contrastive": Contrastive,
 }
 
-__all__ = ["CNNRegressor", "Contrastive", "MODELS", "Model", "Ridge", "SpatialGraph", "TorchModel", "get_model", "load"]
+__all__ = [
+    "CNNRegressor",
+    "Contrastive",
+    "MODELS",
+    "Model",
+    "Ridge",
+    "SpatialGraph",
+    "TorchModel",
+    "fit_distributed",
+    "get_model",
+    "load",
+]
 
 
 def get_model(spec: str | Model = "ridge", **kwargs: Any) -> Model:

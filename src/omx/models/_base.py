@@ -130,7 +130,12 @@ class Model:
             raise ValueError(f"{type(self).__name__} needs at least 2 rows to fit, got {len(X)}.")
         self.history_ = {}
         self.n_targets_ = Y.shape[1]
-        self._fit(X, Y, groups, *self._spatial_args(coords, len(X)))
+        self._fit_data = (X, Y)  # what a checkpoint of this fit must match (see TorchModel.checkpoint_dir)
+        self._n_train_calls = 0
+        try:
+            self._fit(X, Y, groups, *self._spatial_args(coords, len(X)))
+        finally:
+            del self._fit_data
         self.is_fitted_ = True
         return self
 
@@ -362,6 +367,15 @@ class Model:
             return {k: data[k] for k in data.files}
 
 
+def _distributed_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process in an initialised torch.distributed group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class TorchModel(Model):
     """Base of the torch models: device choice, mixed precision on CUDA, the training loop with early stopping.
 
@@ -372,6 +386,12 @@ class TorchModel(Model):
 
     _weights_file = "weights.pt"
     module_: torch.nn.Module
+    #: Directory where training writes a checkpoint after every epoch, and from which :meth:`fit` resumes when
+    #: it finds one of the same model and data (else it refuses to start); None writes none. Resuming gives the
+    #: same result as an uninterrupted fit. Set it on the model: ``model.checkpoint_dir = "ckpt"``.
+    checkpoint_dir: str | Path | None = None
+    #: Whether training runs under torch DistributedDataParallel when a process group is initialised.
+    supports_ddp: ClassVar[bool] = False
 
     def _torch_device(self) -> torch.device:
         return get_device(self.device)
@@ -416,48 +436,141 @@ class TorchModel(Model):
             device.type, enabled=device.type == "cuda" and autocast.fast_dtype == torch.float16
         )
         history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
+        state = {"epoch": -1, "best": math.inf, "best_state": None, "bad": 0, "best_epoch": epochs - 1, "done": False}
+        ckpt = self._checkpoint_file(train_idx, val_idx)
+        if ckpt is not None and ckpt.exists():
+            state = self._resume(ckpt, opt, scaler, generator, history)
         self.history_ = history
-        best, best_state, bad = math.inf, None, 0
-        self.best_epoch_ = epochs - 1
+        rank, world = _distributed_rank()
+        net = self._parallel(module, device) if world > 1 else module
         n_train = len(train_idx)
-        bar = progress(range(epochs), show=self.show_progress_bar, desc=f"{type(self).__name__}", unit="epoch")
+        bar = progress(
+            range(state["epoch"] + 1, epochs),
+            show=self.show_progress_bar and rank == 0,
+            desc=f"{type(self).__name__}",
+            unit="epoch",
+        )
         for epoch in bar:
+            if state["done"]:
+                break
             module.train()
             order = train_idx[torch.randperm(n_train, generator=generator).numpy()]
+            step = batch_size
+            if world > 1:  # every rank the same number of steps, each its share of the same global batches
+                order, step = order[: n_train - n_train % world], -(-batch_size // world)
+                order = order.reshape(-1, world)[:, rank]
             total = torch.zeros((), device=device)
-            for start in range(0, n_train, batch_size):
-                rows = order[start : start + batch_size]
-                if len(rows) < 2 and n_train >= 2:  # batch norm needs two samples; the row returns next epoch
-                    continue
-                with autocast:
-                    loss = batch_loss(rows, True)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                total += loss.detach().float() * len(rows)
-            history["train_loss"].append(float(total) / n_train)
+            self.module_ = net
+            try:
+                for start in range(0, len(order), step):
+                    rows = order[start : start + step]
+                    if len(rows) < 2 and len(order) >= 2:  # batch norm needs two samples; the row returns next epoch
+                        continue
+                    with autocast:
+                        loss = batch_loss(rows, True)
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    total += loss.detach().float() * len(rows)
+            finally:
+                self.module_ = module
+            if world > 1:
+                torch.distributed.all_reduce(total)
+            history["train_loss"].append(float(total) / max(1, len(order) * world))
             val_loss = self._evaluate(batch_loss, val_idx, batch_size=batch_size, device=device)
             history["val_loss"].append(val_loss)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(train=f"{history['train_loss'][-1]:.4f}", val=f"{val_loss:.4f}")
-            if len(val_idx) == 0:
-                continue
-            criterion = val_loss
-            if val_score is not None:
-                history.setdefault("val_score", []).append(val_score())
-                criterion = -history["val_score"][-1]
-            if criterion < best:
-                best, bad, self.best_epoch_ = criterion, 0, epoch
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-            else:
-                bad += 1
-                if patience and bad >= patience:
-                    logger.info("Early stopping after epoch %d; best epoch %d.", epoch + 1, self.best_epoch_ + 1)
-                    break
-        if best_state is not None:
-            module.load_state_dict(best_state)
+            state["epoch"] = epoch
+            if len(val_idx):
+                criterion = val_loss
+                if val_score is not None:
+                    history.setdefault("val_score", []).append(val_score())
+                    criterion = -history["val_score"][-1]
+                if criterion < state["best"]:
+                    state.update(best=criterion, bad=0, best_epoch=epoch)
+                    state["best_state"] = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+                else:
+                    state["bad"] += 1
+                    if patience and state["bad"] >= patience:
+                        logger.info("Early stopping after epoch %d; best epoch %d.", epoch + 1, state["best_epoch"] + 1)
+                        state["done"] = True
+            if ckpt is not None and rank == 0:
+                self._save_checkpoint(ckpt, state, opt, scaler, generator, history)
+        self.best_epoch_ = state["best_epoch"]
+        if state["best_state"] is not None:
+            module.load_state_dict(state["best_state"])
         module.eval()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_file(self, train_idx: np.ndarray, val_idx: np.ndarray) -> Path | None:
+        """Path of the checkpoint of this training run (one per `_train` call of a fit); sets its fingerprint."""
+        self._n_train_calls = getattr(self, "_n_train_calls", 0) + 1
+        if self.checkpoint_dir is None:
+            return None
+        import zlib
+
+        X, Y = getattr(self, "_fit_data", (np.zeros(0), np.zeros(0)))
+        crc = 0
+        for a in (np.ascontiguousarray(Y), np.ascontiguousarray(train_idx), np.ascontiguousarray(val_idx)):
+            crc = zlib.crc32(memoryview(a).cast("B"), crc)
+        for start in range(0, len(X), 4096):  # in slices: X may be a large array of patches
+            crc = zlib.crc32(memoryview(np.ascontiguousarray(X[start : start + 4096])).cast("B"), crc)
+        params = {k: v for k, v in self.init_params_.items() if k not in ("device", "show_progress_bar")}
+        self._fingerprint = json.dumps(
+            {"class": type(self).__name__, "params": params, "shapes": [X.shape, Y.shape], "crc": crc}, default=str
+        )
+        path = Path(self.checkpoint_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path / f"checkpoint_{self._n_train_calls}.pt"
+
+    def _save_checkpoint(self, file: Path, state: dict, opt, scaler, generator, history: dict) -> None:
+        import torch
+
+        payload = {
+            "fingerprint": self._fingerprint,
+            "state": state,
+            "module": self.module_.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(),
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+        }
+        tmp = file.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(file)  # atomic: an interrupted write never leaves a half checkpoint
+
+    def _resume(self, file: Path, opt, scaler, generator, history: dict) -> dict:
+        import torch
+
+        payload = torch.load(file, map_location="cpu", weights_only=False)
+        if payload["fingerprint"] != self._fingerprint:
+            raise ValueError(
+                f"The checkpoint {file} comes from another model or other data than this fit. Use another "
+                "`checkpoint_dir`, or delete it to start afresh."
+            )
+        self.module_.load_state_dict(payload["module"])
+        opt.load_state_dict(payload["optimizer"])
+        scaler.load_state_dict(payload["scaler"])
+        generator.set_state(payload["generator"])
+        torch.set_rng_state(payload["torch_rng"])
+        history.update(payload["history"])
+        logger.info("Resuming from %s after epoch %d.", file, payload["state"]["epoch"] + 1)
+        return payload["state"]
+
+    # ------------------------------------------------------------------ distributed training
+    def _parallel(self, module, device):
+        """`module` wrapped in DistributedDataParallel, for models whose training calls it as a whole."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not self.supports_ddp:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not train under torch.distributed yet (its training calls parts of "
+                "its network); fit it in one process, or use CNNRegressor."
+            )
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
     def _evaluate(
         self, batch_loss: Callable[[np.ndarray, bool], torch.Tensor], rows: np.ndarray, *, batch_size: int, device

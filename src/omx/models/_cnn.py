@@ -77,6 +77,7 @@ class CNNRegressor(TorchModel):
     """
 
     input = "patches"
+    supports_ddp = True
 
     def __init__(
         self,
