@@ -205,11 +205,13 @@ def segment_nuclei(
     one chunk at a time with ``overlap_px`` of context on each side; a nucleus is kept only by the chunk that
     holds its centroid, so nuclei on chunk borders are neither lost nor counted twice.
 
-    Memory does not grow with the image: it is bounded by one chunk at a time (about 60 bytes per pixel of
-    ``(chunk_px + 2 overlap_px)^2``: ~0.3 GB at 2048, plus the image chunks that the read touches), and the
-    table of nuclei (a few hundred bytes per nucleus). The labels never sit in memory whole: each chunk's
-    nuclei are written to an int32 zarr array on disk (chunks of ``chunk_px``), reading back the neighbouring
-    region first so that pixels a nucleus of an earlier chunk took stay its own. The array lives at
+    Memory does not grow with the image's pixels: it is bounded by the larger of the threshold step (at most
+    4,096 x 4,096 pixels of a low-resolution level or a subsample: ~1.3-1.5 GB) and one chunk at a time (about
+    60 bytes per pixel of ``(chunk_px + 2 overlap_px)^2``: ~0.3 GB at 2048, plus the image chunks that the read
+    touches), plus the table of nuclei (`benchmarks/nuclei_scale.py`: 1.3-1.5 GB in all from 10,000 to
+    30,000 pixels square, ~1 million nuclei at the largest). The labels never sit in memory whole: each
+    chunk's nuclei are written to an int32 zarr array on disk (chunks of ``chunk_px``), reading back the
+    neighbouring region first so that pixels a nucleus of an earlier chunk took stay its own. The array lives at
     ``labels_store``, or in a temporary directory (``tempfile.mkdtemp(prefix="omx_nuclei_")``, under
     ``$TMPDIR``) that is removed when Python exits; ``sdata.labels[key_added]`` reads it lazily
     (`dask.array.from_zarr`), and ``sdata.write`` (or ``sdata.write_element(key_added)`` for an object
