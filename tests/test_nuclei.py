@@ -81,11 +81,47 @@ def test_segment_nuclei_blank_image_errors():
 
 
 def test_segment_nuclei_round_trip(tmp_path, synthetic_sdata):
+    """`sdata.write` copies the labels out of their temporary store: they read back once it is gone."""
+    import shutil
+
     sdata, _ = synthetic_sdata()
-    omx.pp.segment_nuclei(sdata, show_progress_bar=False)
+    omx.pp.segment_nuclei(sdata, labels_store=tmp_path / "tmp_labels.zarr", show_progress_bar=False)
+    labels = sdata.labels["he_nuclei"].values
     sdata.write(tmp_path / "s.zarr")
+    shutil.rmtree(tmp_path / "tmp_labels.zarr")
     from spatialdata import read_zarr
 
     back = read_zarr(tmp_path / "s.zarr")
     assert back.tables["omx_cells"].n_obs == sdata.tables["omx_cells"].n_obs
-    assert "he_nuclei" in back.labels
+    np.testing.assert_array_equal(back.labels["he_nuclei"].values, labels)
+
+
+def test_segment_nuclei_labels_on_disk(tmp_path, monkeypatch, synthetic_sdata):
+    """The labels are written chunk by chunk to a temporary zarr array and read back lazily from it."""
+    import dask.array as da
+    import zarr
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    sdata, _ = synthetic_sdata()
+    omx.pp.segment_nuclei(sdata, chunk_px=128, overlap_px=32, show_progress_bar=False)
+    data = sdata.labels["he_nuclei"].data
+    assert isinstance(data, da.Array) and data.dtype == np.int32
+    (store,) = tmp_path.glob("omx_nuclei_*/labels.zarr")
+    on_disk = zarr.open_array(str(store), mode="r")
+    assert any(isinstance(v, zarr.Array) for v in dict(data.dask).values())  # from_zarr, not an in-memory copy
+    labels = np.asarray(data)
+    np.testing.assert_array_equal(labels, on_disk[:])
+    shapes = sdata.shapes["he_nuclei_shapes"]
+    at_centroid = labels[np.round(shapes.geometry.y).astype(int), np.round(shapes.geometry.x).astype(int)]
+    np.testing.assert_array_equal(at_centroid, shapes.index.to_numpy())
+    assert set(sdata.tables["omx_cells"].obs["cell_id"]) == set(np.unique(labels)) - {0}
+
+
+def test_segment_nuclei_labels_store(tmp_path, synthetic_sdata):
+    import zarr
+
+    sdata, _ = synthetic_sdata()
+    omx.pp.segment_nuclei(sdata, labels_store=tmp_path / "labels.zarr", show_progress_bar=False)
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "labels.zarr"))[:], sdata.labels["he_nuclei"].values)
+    with pytest.raises(FileExistsError, match="labels_store"):
+        omx.pp.segment_nuclei(sdata, labels_store=tmp_path / "labels.zarr", key_added="again", show_progress_bar=False)

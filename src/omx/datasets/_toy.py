@@ -187,22 +187,35 @@ def _render(rng, fields, centres_um, extent, *, spot_pitch: float, mpp: float) -
     inside = ndimage.map_coordinates(tissue.reshape(len(gy), len(gx)), (pts[:, ::-1] / step).T, order=1) > 0.5
     pts = pts[inside]
     radius_um = _NUCLEUS_RADIUS_UM * np.exp(0.3 * size(pts)) * rng.uniform(0.85, 1.15, size=len(pts))
-    hema_px = np.zeros((h, w), dtype=np.float32)
     strength = rng.uniform(0.8, 1.2, size=len(pts))
     centre_px = np.round(pts / mpp).astype(np.int64)
     radius_px = np.maximum(1, np.round(radius_um / mpp).astype(np.int64))
+    hema_px = _draw_nuclei((h, w), centre_px, radius_px, strength)
+    hema_px = ndimage.gaussian_filter(hema_px, 0.6 / mpp) * 0.9 + 0.04 * tissue_px
+    return _stain_rgb(hema_px, np.clip(eosin_px, 0, None).astype(np.float32), rng)
+
+
+def _draw_nuclei(shape: tuple[int, int], centre_px: np.ndarray, radius_px: np.ndarray, strength: np.ndarray):
+    """Hematoxylin density (float32 ``shape``) of flat discs at ``centre_px`` ``(n, 2)`` as (x, y) pixels.
+
+    Pixels of discs that fall outside the array are left out, so an image can be drawn block by block.
+    """
+    h, w = shape
+    hema_px = np.zeros((h, w), dtype=np.float32)
     for r in np.unique(radius_px):
         sel = radius_px == r
         oy, ox = np.mgrid[-r : r + 1, -r : r + 1]
         disc = oy**2 + ox**2 <= r**2 + r * 0.5
         oy, ox = oy[disc], ox[disc]
-        ys = np.clip(centre_px[sel, 1, None] + oy[None, :], 0, h - 1)
-        xs = np.clip(centre_px[sel, 0, None] + ox[None, :], 0, w - 1)
-        hema_px[ys, xs] = np.repeat(strength[sel], len(oy)).reshape(ys.shape)
-    hema_px = ndimage.gaussian_filter(hema_px, 0.6 / mpp) * 0.9 + 0.04 * tissue_px
+        ys, xs = centre_px[sel, 1, None] + oy[None, :], centre_px[sel, 0, None] + ox[None, :]
+        inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+        hema_px[ys[inside], xs[inside]] = np.repeat(strength[sel], len(oy)).reshape(ys.shape)[inside]
+    return hema_px
 
-    eosin_px = np.clip(eosin_px, 0, None).astype(np.float32)
+
+def _stain_rgb(hema_px: np.ndarray, eosin_px: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """RGB uint8 ``(y, x, 3)`` of hematoxylin and eosin densities (Beer-Lambert), with scanner noise."""
     od = hema_px[..., None] * _OD_HEMATOXYLIN.astype(np.float32) + eosin_px[..., None] * _OD_EOSIN.astype(np.float32)
-    od += 0.02 * rng.standard_normal((h, w, 1), dtype=np.float32)  # scanner noise
+    od += 0.02 * rng.standard_normal((*hema_px.shape, 1), dtype=np.float32)  # scanner noise
     rgb = 255.0 * np.exp(-np.log(10, dtype=np.float32) * np.clip(od, 0, None))
     return np.clip(rgb, 0, 255).astype(np.uint8)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from anndata import AnnData
@@ -122,6 +128,23 @@ def _segment_block(
     return labels, props[keep].reset_index(drop=True)
 
 
+def _labels_array(labels_store: str | os.PathLike | None, shape: tuple[int, int], chunk_px: int):
+    """An empty int32 zarr array on disk for the labels: at ``labels_store``, or in a temporary directory.
+
+    The temporary directory (``tempfile.mkdtemp``, so under ``$TMPDIR``) is removed when Python exits.
+    """
+    import zarr
+
+    if labels_store is None:
+        tmp = tempfile.mkdtemp(prefix="omx_nuclei_")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        path = Path(tmp) / "labels.zarr"
+    else:
+        path = Path(labels_store)
+    chunks = (min(chunk_px, shape[0]), min(chunk_px, shape[1]))
+    return zarr.create_array(store=str(path), shape=shape, chunks=chunks, dtype="int32", fill_value=0)
+
+
 def _image_mpp(sdata: SpatialData, image, mpp: float | None, spots) -> float:
     if mpp is not None:
         return float(mpp)
@@ -170,6 +193,7 @@ def segment_nuclei(
     threshold: float | None = None,
     key_added: str | None = None,
     cells_key: str = CELLS_KEY,
+    labels_store: str | os.PathLike | None = None,
     overwrite: bool = False,
     show_progress_bar: bool = True,
 ) -> None:
@@ -181,10 +205,17 @@ def segment_nuclei(
     one chunk at a time with ``overlap_px`` of context on each side; a nucleus is kept only by the chunk that
     holds its centroid, so nuclei on chunk borders are neither lost nor counted twice.
 
-    Memory: one chunk of the image at a time (about 60 bytes per pixel of ``(chunk_px + 2 overlap_px)^2``:
-    ~0.3 GB at 2048), plus the labels of the whole image as int32 (4 bytes per pixel: 0.37 GB for a
-    10,000 x 9,000 her2st section, 3.6 GB for 30,000 x 30,000), which are then handed to spatialdata as a
-    chunked dask array.
+    Memory does not grow with the image's pixels: it is bounded by the larger of the threshold step (at most
+    4,096 x 4,096 pixels of a low-resolution level or a subsample: ~1.3-1.5 GB) and one chunk at a time (about
+    60 bytes per pixel of ``(chunk_px + 2 overlap_px)^2``: ~0.3 GB at 2048, plus the image chunks that the read
+    touches), plus the table of nuclei (`benchmarks/nuclei_scale.py`: 1.3-1.5 GB in all from 10,000 to
+    30,000 pixels square, ~1 million nuclei at the largest). The labels never sit in memory whole: each
+    chunk's nuclei are written to an int32 zarr array on disk (chunks of ``chunk_px``), reading back the
+    neighbouring region first so that pixels a nucleus of an earlier chunk took stay its own. The array lives at
+    ``labels_store``, or in a temporary directory (``tempfile.mkdtemp(prefix="omx_nuclei_")``, under
+    ``$TMPDIR``) that is removed when Python exits; ``sdata.labels[key_added]`` reads it lazily
+    (`dask.array.from_zarr`), and ``sdata.write`` (or ``sdata.write_element(key_added)`` for an object
+    already on disk) copies the labels into the object's own store.
 
     Parameters
     ----------
@@ -213,6 +244,8 @@ def segment_nuclei(
         Name of the labels element; ``"{image_key}_nuclei"`` when omitted. The circles are ``key_added + "_shapes"``.
     cells_key
         Name of the table of nuclei. A table of the same name that annotates other images' nuclei is extended.
+    labels_store
+        Path of a new zarr array for the labels (it must not exist); a temporary directory when omitted.
     overwrite
         Replace existing labels, shapes and table rows of this image's nuclei.
     show_progress_bar
@@ -223,7 +256,8 @@ def segment_nuclei(
     None. Writes:
 
     - ``sdata.labels[key_added]``: int32 labels of the nuclei (0 = background), with the transformations of the
-      image's finest level; label ``i`` is the nucleus of shapes index ``i``.
+      image's finest level, backed by the zarr array described above; label ``i`` is the nucleus of shapes
+      index ``i``.
     - ``sdata.shapes[key_added + "_shapes"]``: one circle per nucleus at its centroid, radius ``sqrt(area / pi)``,
       in the image's coordinate systems.
     - ``sdata.tables[cells_key]``: one row per nucleus annotating those shapes, with obs ``area_um2``,
@@ -253,6 +287,8 @@ def segment_nuclei(
     for name, store in ((key_added, sdata.labels), (shapes_added, sdata.shapes)):
         if name in store and not overwrite:
             raise KeyError(f"{name!r} exists in the SpatialData object; pass another `key_added=` or `overwrite=True`.")
+    if labels_store is not None and Path(labels_store).exists():
+        raise FileExistsError(f"labels_store {str(labels_store)!r} exists; pass a path that does not exist yet.")
     old_cells = sdata.tables.get(cells_key)
     if old_cells is not None:
         regions = table_regions(old_cells)[0]
@@ -265,7 +301,7 @@ def segment_nuclei(
         threshold = _global_threshold(levels, mpp)
     h, w = int(level0.sizes["y"]), int(level0.sizes["x"])
     min_area_px, max_area_px = min_area_um2 / mpp**2, max_area_um2 / mpp**2
-    labels = np.zeros((h, w), dtype=np.int32)
+    labels = _labels_array(labels_store, (h, w), chunk_px)
     tiles = [(y0, x0) for y0 in range(0, h, chunk_px) for x0 in range(0, w, chunk_px)]
     parts = []
     n_next = 1
@@ -295,6 +331,7 @@ def segment_nuclei(
         target = labels[ry0:ry1, rx0:rx1]
         free = (relabelled > 0) & (target == 0)  # pixels a neighbouring chunk's nucleus already took stay its own
         target[free] = relabelled[free]
+        labels[ry0:ry1, rx0:rx1] = target
         props["y"] += ry0
         props["x"] += rx0
         props["label"] = new_ids
@@ -318,7 +355,7 @@ def segment_nuclei(
         spot_index[inside] = nearest[inside]
 
     transformations = get_transformation(level0, get_all=True)
-    lab = da.from_array(labels, chunks=(min(chunk_px, h), min(chunk_px, w)))
+    lab = da.from_zarr(labels)
     sdata.labels[key_added] = Labels2DModel.parse(lab, dims=("y", "x"), transformations=transformations)
     index = pd.Index(props["label"].to_numpy(), name=None)
     gdf = gpd.GeoDataFrame({"radius": np.sqrt(props["area"].to_numpy() / np.pi)}, geometry=points(xy), index=index)
