@@ -35,17 +35,22 @@ def smooth_data():
     return np.concatenate(X), np.concatenate(Y), np.concatenate(coords), np.concatenate(groups)
 
 
-def test_graph_beats_same_network_without_graph(smooth_data):
+@pytest.mark.parametrize("predictor", ["mlp", "ridge"])
+def test_graph_beats_same_predictor_without_graph(smooth_data, predictor):
     X, Y, coords, groups = smooth_data
     tr = groups != "s2"
     scores = {}
     for n_layers in (0, 2):
-        model = SpatialGraph(n_layers=n_layers, **FAST).fit(X[tr], Y[tr], groups=groups[tr], coords=coords[tr])
+        model = SpatialGraph(n_layers=n_layers, predictor=predictor, **FAST)
+        model.fit(X[tr], Y[tr], groups=groups[tr], coords=coords[tr])
         pred = model.predict(X[~tr], groups=groups[~tr], coords=coords[~tr])
         assert pred.shape == (tr.sum() // 2, 8) and pred.dtype == np.float32
         scores[n_layers] = np.nanmean(pearson(Y[~tr], pred))
     assert scores[2] > scores[0] + 0.1, scores
-    assert "val_score" in model.history_ and len(model.history_["val_score"]) >= 1
+    if predictor == "mlp":
+        assert "val_score" in model.history_ and len(model.history_["val_score"]) >= 1
+    else:  # the neighbour share is chosen by CV over the training sections; a smooth signal wants some
+        assert model.propagation_ > 0 and len(model.history_["cv_pearson"]) == len(model.history_["propagation"])
 
 
 @pytest.mark.parametrize("conv", ["gcn", "attention"])
@@ -57,7 +62,7 @@ def test_subgraphs_equal_full_graph(conv):
     coords = _grid(9)
     X = rng.normal(size=(len(coords), 5))
     Y = rng.normal(size=(len(coords), 3)).astype(np.float32)
-    model = SpatialGraph(conv=conv, hidden=16, dropout=0.0, tile_size=9, show_progress_bar=False)
+    model = SpatialGraph(conv=conv, predictor="mlp", hidden=16, dropout=0.0, tile_size=9, show_progress_bar=False)
     model.x_mean_, model.x_scale_ = X.mean(0), X.std(0)
     adj = model._build_graph(coords, None)
     deg = np.asarray(adj.sum(1)).ravel()
@@ -91,8 +96,8 @@ def test_subgraphs_equal_full_graph(conv):
 
 def test_fit_is_deterministic_and_tiling_invariant_at_prediction(smooth_data):
     X, Y, coords, groups = smooth_data
-    a = SpatialGraph(**{**FAST, "epochs": 3}).fit(X, Y, groups=groups, coords=coords)
-    b = SpatialGraph(**{**FAST, "epochs": 3}).fit(X, Y, groups=groups, coords=coords)
+    a = SpatialGraph(predictor="mlp", **{**FAST, "epochs": 3}).fit(X, Y, groups=groups, coords=coords)
+    b = SpatialGraph(predictor="mlp", **{**FAST, "epochs": 3}).fit(X, Y, groups=groups, coords=coords)
     pa = a.predict(X, groups=groups, coords=coords)
     np.testing.assert_array_equal(pa, b.predict(X, groups=groups, coords=coords))
     import omx.models._graph as graph_module
@@ -105,12 +110,14 @@ def test_fit_is_deterministic_and_tiling_invariant_at_prediction(smooth_data):
         graph_module.PREDICT_CHUNK = chunk
 
 
-@pytest.mark.parametrize("likelihood", ["mse", "zinb"])
-def test_save_load_round_trip(smooth_data, tmp_path, likelihood):
+@pytest.mark.parametrize(("likelihood", "predictor"), [("mse", "ridge"), ("mse", "mlp"), ("zinb", "auto")])
+def test_save_load_round_trip(smooth_data, tmp_path, likelihood, predictor):
     X, Y, coords, groups = smooth_data
     if likelihood != "mse":
         Y = np.random.default_rng(0).poisson(np.exp(Y / 4) * 3).astype(np.float32)
-    model = SpatialGraph(likelihood=likelihood, graph="delaunay", conv="attention", **{**FAST, "epochs": 2})
+    model = SpatialGraph(
+        likelihood=likelihood, predictor=predictor, graph="delaunay", conv="attention", **{**FAST, "epochs": 2}
+    )
     model.fit(X, Y, groups=groups, coords=coords)
     model.save(tmp_path / "m")
     loaded = omx.models.load(tmp_path / "m")
@@ -127,6 +134,8 @@ def test_save_load_round_trip(smooth_data, tmp_path, likelihood):
 
 def test_errors(smooth_data):
     X, Y, coords, groups = smooth_data
+    with pytest.raises(ValueError, match="predictor='ridge' fits log-normalised targets"):
+        SpatialGraph(predictor="ridge", likelihood="nb")
     with pytest.raises(ValueError, match="graph must be one of"):
         SpatialGraph(graph="grid")
     with pytest.raises(ValueError, match="needs `radius=`"):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from scipy import sparse
 
-from .._utils import check_counts, logger, seed_everything
+from .._utils import check_counts, logger, progress, seed_everything
 from ..encoders import Encoder, get_encoder
 from ..metrics import pearson
 from ._base import TorchModel
@@ -24,6 +24,10 @@ GRAPHS = ("knn", "radius", "delaunay")
 CONVS = ("gcn", "attention")
 #: Heads accepted by `SpatialGraph` (`likelihood=`).
 LIKELIHOODS = ("mse", "nb", "zinb")
+#: Per-spot predictors accepted by `SpatialGraph` (`predictor=`).
+PREDICTORS = ("auto", "ridge", "mlp")
+#: Shares of a spot's propagated prediction that come from its neighbours, tried with ``predictor="ridge"``.
+PROPAGATION_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 #: Scale of count-model predictions: log1p(counts / library size * TARGET_SUM).
 TARGET_SUM = 1e4
 #: Spots whose predictions are computed together at prediction time (each with its k-hop halo).
@@ -32,6 +36,16 @@ PREDICT_CHUNK = 8192
 
 class SpatialGraph(TorchModel):
     """Message passing over the graph of neighbouring spots, from encoder features to expression.
+
+    Two per-spot predictors (``predictor=``), both followed by message passing over the spot graph:
+
+    - ``"ridge"`` (the default with ``likelihood="mse"``): predict, then propagate (APPNP, Gasteiger et al.,
+      ICLR 2019). A `Ridge` on the features (its penalty and rank chosen by leave-one-section-out CV) predicts
+      every spot; `n_layers` rounds of personalised-PageRank propagation then give each spot
+      ``p <- (1 - a) * p_0 + a * mean of its neighbours' p``, where the neighbour share ``a`` is chosen by
+      leave-one-section-out CV on the training sections from `PROPAGATION_GRID` (0 keeps the ridge alone). On
+      her2st it raised the held-out mean per-gene Pearson r of the same ridge from 0.165 to 0.167 (C sections).
+    - ``"mlp"`` (the default with count likelihoods): the network described below, trained end to end.
 
     Each section (group) gets its own graph, built from the spot centres in microns with squidpy
     (`squidpy.gr.spatial_neighbors_knn`, ``_radius`` or ``_delaunay`` on a small AnnData per section), so no
@@ -84,6 +98,10 @@ class SpatialGraph(TorchModel):
         Dropout after each hidden layer.
     likelihood
         ``"mse"``, ``"nb"`` (negative binomial) or ``"zinb"`` (zero-inflated negative binomial).
+    predictor
+        ``"ridge"`` (predict then propagate; ``likelihood="mse"`` only), ``"mlp"`` (the trained network) or
+        ``"auto"``: ridge for ``"mse"``, the network for the count likelihoods. With ``"ridge"``, `n_layers` is
+        the number of propagation rounds and the network's parameters (`conv`, `hidden`, `epochs`, ...) are unused.
     epochs
         Maximum number of epochs.
     tile_size
@@ -148,6 +166,7 @@ class SpatialGraph(TorchModel):
         hidden: int = 256,
         dropout: float = 0.2,
         likelihood: Literal["mse", "nb", "zinb"] = "mse",
+        predictor: Literal["auto", "ridge", "mlp"] = "auto",
         epochs: int = 100,
         tile_size: int = 16,
         batch_size: int = 16,
@@ -171,6 +190,10 @@ class SpatialGraph(TorchModel):
             raise ValueError(f"conv must be one of {CONVS}, got {conv!r}.")
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
+        if predictor not in PREDICTORS:
+            raise ValueError(f"predictor must be one of {PREDICTORS}, got {predictor!r}.")
+        if predictor == "ridge" and likelihood != "mse":
+            raise ValueError("predictor='ridge' fits log-normalised targets: use likelihood='mse', or predictor='mlp'.")
         if n_neighbors < 1 or n_layers < 0 or hidden < 1 or tile_size < 1 or batch_size < 2 or epochs < 1:
             raise ValueError(
                 "n_neighbors, hidden, tile_size and epochs must be >= 1, n_layers >= 0 and batch_size >= 2."
@@ -186,6 +209,7 @@ class SpatialGraph(TorchModel):
         self.hidden = int(hidden)
         self.dropout = float(dropout)
         self.likelihood = likelihood
+        self.predictor = predictor
         self.epochs = int(epochs)
         self.tile_size = int(tile_size)
         self.batch_size = int(batch_size)
@@ -208,6 +232,7 @@ class SpatialGraph(TorchModel):
             hidden=self.hidden,
             dropout=self.dropout,
             likelihood=likelihood,
+            predictor=predictor,
             epochs=self.epochs,
             tile_size=self.tile_size,
             batch_size=self.batch_size,
@@ -221,6 +246,11 @@ class SpatialGraph(TorchModel):
 
     def _live_params(self) -> dict[str, Any]:
         return {"encoder": self.encoder}
+
+    @property
+    def uses_ridge(self) -> bool:
+        """Whether the per-spot predictor is a ridge regression (predict then propagate)."""
+        return self.predictor == "ridge" or (self.predictor == "auto" and self.likelihood == "mse")
 
     @property
     def counts_target(self) -> bool:
@@ -425,6 +455,9 @@ class SpatialGraph(TorchModel):
         )  # fmt: skip
 
     def _fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None, coords: np.ndarray) -> None:
+        if self.uses_ridge:
+            self._fit_ridge(X, Y, groups, coords)
+            return
         import torch
 
         device = self._torch_device()
@@ -534,7 +567,56 @@ class SpatialGraph(TorchModel):
             return np.log1p(TARGET_SUM * np.exp(np.minimum(raw[:, :g], 20.0))).astype(np.float32)
         return raw[:, :g] * self.target_std_ + self.target_mean_
 
+    # ------------------------------------------------------------------ ridge predictor
+    def _ridge(self, **overrides: Any):
+        from ._ridge import Ridge
+
+        return Ridge(encoder=self.encoder, seed=self.seed, show_progress_bar=False, **overrides)
+
+    def _propagate(self, P0: np.ndarray, adj: sparse.csr_matrix, share: float) -> np.ndarray:
+        """`n_layers` rounds of ``p <- (1 - share) * p0 + share * (mean of the neighbours' p)``."""
+        if share == 0 or self.n_layers == 0:
+            return P0
+        A = adj - sparse.identity(adj.shape[0], format="csr", dtype=adj.dtype)
+        A = sparse.diags(1.0 / np.maximum(np.asarray(A.sum(1)).ravel(), 1.0)) @ A
+        P = P0
+        for _ in range(self.n_layers):
+            P = (1.0 - share) * P0 + share * (A @ P)
+        return P
+
+    def _fit_ridge(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None, coords: np.ndarray) -> None:
+        """Fit the ridge on all rows, then choose the neighbour share by leave-one-section-out CV."""
+        import torch
+
+        self._build_graph(coords, groups)  # the same checks as the network's (isolated spots, one-spot sections)
+        self.ridge_ = self._ridge().fit(X, Y, groups=groups)
+        self.target_mean_, self.target_std_ = Y.mean(0), np.ones(Y.shape[1], np.float32)
+        self.x_mean_, self.x_scale_ = X.mean(0), _safe_scale(X.std(0))
+        self.module_ = torch.nn.Module()  # no trained network: the ridge and the share are the fitted state
+        self.best_epoch_ = 0
+        labels = np.unique(groups) if groups is not None else []
+        scores = np.zeros((len(labels), len(PROPAGATION_GRID)))
+        if len(labels) >= 2 and self.n_layers > 0:
+            fixed = {"alpha": self.ridge_.alpha_, "n_components": self.ridge_.n_components_}
+            for i, label in enumerate(progress(labels, show=self.show_progress_bar, desc="SpatialGraph CV")):
+                held = groups == label
+                fold = self._ridge(**fixed).fit(X[~held], Y[~held], groups=groups[~held])
+                P0 = fold.predict(X[held], groups=groups[held])
+                adj = self._build_graph(coords[held], groups[held])
+                for j, share in enumerate(PROPAGATION_GRID):
+                    scores[i, j] = np.nanmean(pearson(Y[held], self._propagate(P0, adj, share)))
+            self.propagation_ = float(PROPAGATION_GRID[int(np.argmax(scores.mean(0)))])
+        else:
+            self.propagation_ = 0.0
+            logger.info("SpatialGraph: fewer than 2 sections, so no propagation is fitted (the ridge alone).")
+        self.history_ = {"propagation": list(PROPAGATION_GRID), "cv_pearson": scores.mean(0).tolist()}
+        logger.info("SpatialGraph: neighbour share %.2f chosen by leave-one-section-out CV.", self.propagation_)
+
     def _predict(self, X: np.ndarray, groups: np.ndarray | None, coords: np.ndarray) -> np.ndarray:
+        if self.uses_ridge:
+            return self._propagate(
+                self.ridge_.predict(X, groups=groups), self._build_graph(coords, groups), self.propagation_
+            )
         device = self._torch_device()
         adj = self._build_graph(coords, groups)
         deg = np.asarray(adj.sum(1)).ravel()
@@ -590,13 +672,28 @@ class SpatialGraph(TorchModel):
             "target_mean": self.target_mean_,
             "target_std": self.target_std_,
         }
-        return {"best_epoch_": int(self.best_epoch_), "library_size_": getattr(self, "library_size_", None)}, arrays
+        state = {"best_epoch_": int(self.best_epoch_), "library_size_": getattr(self, "library_size_", None)}
+        if self.uses_ridge:
+            ridge_state, ridge_arrays = self.ridge_._get_state()
+            state.update(propagation_=self.propagation_, ridge=ridge_state)
+            arrays.update({f"ridge.{k}": v for k, v in ridge_arrays.items()})
+        return state, arrays
 
     def _set_module_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self.best_epoch_ = state["best_epoch_"]
         self.library_size_ = state.get("library_size_")
         self.x_mean_, self.x_scale_ = arrays["x_mean"], arrays["x_scale"]
         self.target_mean_, self.target_std_ = arrays["target_mean"], arrays["target_std"]
+        if self.uses_ridge:
+            import torch
+
+            self.propagation_ = state["propagation_"]
+            self.ridge_ = self._ridge()
+            self.ridge_._set_state(state["ridge"], {k[6:]: v for k, v in arrays.items() if k.startswith("ridge.")})
+            self.ridge_.n_targets_, self.ridge_.n_features_in_ = len(self.target_mean_), self.n_features_in_
+            self.ridge_.is_fitted_ = True
+            self.module_ = torch.nn.Module()
+            return
         self.module_ = self._build(self.n_features_in_, len(self.target_mean_))
 
 
@@ -644,18 +741,25 @@ def _make_net():
         def forward(self, h, src, dst, weight):
             with torch.autocast(device_type=h.device.type, enabled=False):
                 z = self.lin(h.float())
-                if self.conv == "gcn":
-                    msg = z[src] * weight[:, None]
-                else:
+                if self.conv == "attention":
                     score = F.leaky_relu((z * self.att_src).sum(-1)[src] + (z * self.att_dst).sum(-1)[dst], 0.2)
                     top = torch.full((len(z),), -torch.inf, device=z.device).scatter_reduce(
                         0, dst, score, reduce="amax", include_self=True
                     )
                     e = torch.exp(score - top[dst])
-                    denom = torch.zeros(len(z), device=z.device).index_add_(0, dst, e)
-                    msg = z[src] * (e / denom[dst])[:, None]
-                agg = torch.zeros_like(z).index_add_(0, dst, msg)
+                    denom = _aggregate(dst, src, e, torch.ones(len(z), 1, device=z.device))[:, 0]
+                    weight = e / denom[dst]
+                agg = _aggregate(dst, src, weight, z)
             return self.drop(F.gelu(self.norm(agg)))
+
+    def _aggregate(dst, src, weight, z):
+        """``out[i] = sum over edges (j -> i) of weight * z[j]``, as a sparse product.
+
+        The sums come out the same whatever the number of threads (an ``index_add_`` of the messages does not,
+        on the CPU).
+        """
+        adj = torch.sparse_coo_tensor(torch.stack([dst, src]), weight.float(), (len(z), len(z)))
+        return torch.sparse.mm(adj, z)
 
     class GraphNet(nn.Module):
         """MLP on node features, residual graph layers, and a head for the likelihood."""
