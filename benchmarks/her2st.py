@@ -28,7 +28,7 @@ MODELS = {
     "ridge_spot": {"model": "ridge", "context": (1.0,)},  # the spot's patch alone
     "cnn": {"model": "cnn"},
     "contrastive": {"model": "contrastive"},  # MLP on the same context features; retrieval + regression head
-    "graph": {"model": "graph"},  # SpatialGraph: MLP + 2 GCN layers over the 6-nearest-spot graph, same features
+    "graph": {"model": "graph"},  # SpatialGraph: ridge on the same features, then 2 rounds of propagation (6-NN graph)
 }
 
 

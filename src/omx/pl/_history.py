@@ -8,12 +8,13 @@ from matplotlib.axes import Axes
 
 
 def history(model, *, ax: Axes | None = None, save=None) -> Axes:
-    """Plot how a model was fitted: losses per epoch, or the cross-validation curve of a ridge penalty.
+    """Plot how a model was fitted: losses per epoch, or a cross-validation curve.
 
     Torch models: training and validation loss per epoch (left axis), the validation score that early stopping
     followed (mean per-gene Pearson r, right axis) and the epoch whose weights were kept. Ridge: the
     cross-validated mean Pearson r against alpha, one line per number of target components, with the choice
-    marked.
+    marked. `SpatialGraph` with a ridge predictor: the cross-validated mean Pearson r against the neighbour
+    share of the propagation, with the choice marked.
 
     Parameters
     ----------
@@ -45,6 +46,14 @@ def history(model, *, ax: Axes | None = None, save=None) -> Axes:
         ax.set_ylabel("CV mean Pearson r")
         ax.legend(fontsize=8, frameon=False)
         ax.set_title("Ridge: cross-validated penalty (circle: chosen)", fontsize=10)
+    elif "propagation" in hist:
+        share, scores = np.asarray(hist["propagation"]), np.asarray(hist["cv_pearson"], dtype=float)
+        ax.plot(share, scores, marker="o", ms=3)
+        chosen = getattr(model, "propagation_", share[np.nanargmax(scores)])
+        ax.scatter([chosen], [scores[np.argmin(np.abs(share - chosen))]], s=80, facecolors="none", edgecolors="k")
+        ax.set_xlabel("neighbour share of the propagated prediction")
+        ax.set_ylabel("CV mean Pearson r")
+        ax.set_title("SpatialGraph: cross-validated propagation (circle: chosen)", fontsize=10)
     else:
         epochs = np.arange(1, len(hist["train_loss"]) + 1)
         ax.plot(epochs, hist["train_loss"], label="train loss")
