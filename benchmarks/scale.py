@@ -3,6 +3,9 @@
     python benchmarks/scale.py                                # 10k, 100k, 1M spots; ridge and cnn
     python benchmarks/scale.py --sizes 10000 100000 --models ridge
     python benchmarks/scale.py --workdir /data/omx_scale      # where the sections are written (~3 GB at 1M)
+    python benchmarks/scale.py --plot-only                    # redraw <workdir>/scale.png from results.jsonl
+
+Sections and fitted models in the workdir are reused by later runs (delete them to start afresh).
 
 Sections are 8-um bins (spots of 8 um diameter, 30 px apart at 0.267 um/px) on a square grid over an H&E-like
 image that is generated tile by tile with dask and written to a SpatialData zarr store, so no step holds a whole
@@ -149,6 +152,10 @@ def fit_models(workdir: Path, models: list[str]) -> dict:
     sdata.attrs["omx"] = {"units": {"T1": "um", "T2": "um"}}
     out = {}
     for name in models:
+        done = workdir / f"model_{name}" / "fit.json"
+        if done.exists():  # fitted by an earlier run: reuse it
+            out[name] = json.loads(done.read_text())
+            continue
         if name == "ridge":
             model = omx.models.Ridge(encoder=omx.encoders.HandcraftedEncoder(patch_px=32), show_progress_bar=False)
         else:
@@ -159,6 +166,7 @@ def fit_models(workdir: Path, models: list[str]) -> dict:
         score = sdata.tables["table"].uns["omx"][name]["scores"]["T2"]["summary"]["all"]["pearson"]
         model.save(workdir / f"model_{name}", overwrite=True)
         out[name] = {"fit_and_predict_5k_s": round(fit_s, 1), "held_out_mean_r": round(float(score), 3)}
+        done.write_text(json.dumps(out[name]))
     return out
 
 
@@ -172,6 +180,7 @@ def run_one(workdir: Path, n: int, model_name: str) -> dict:
     t = time.perf_counter()
     omx.tl.predict_expression(sdata, workdir / f"model_{model_name}", key_added="omx_pred", show_progress_bar=False)
     seconds = time.perf_counter() - t
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # before the check below allocates
     pred = sdata.tables["omx_pred"]
     xy = pred.obsm["spatial"]
     base, weights = gene_weights()
@@ -184,9 +193,33 @@ def run_one(workdir: Path, n: int, model_name: str) -> dict:
         "image_px": int(sd.get_pyramid_levels(sdata.images["S_he"], n=0).sizes["x"]),
         "seconds": round(seconds, 1),
         "spots_per_s": round(n / seconds),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+        "peak_rss_gb": round(peak_gb, 2),
         "r_with_truth": round(float(np.nanmean(r)), 3),
     }
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Seconds and peak memory against the number of spots (log-log), one line per model, with a linear guide."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
+    for name in sorted({r["model"] for r in results}):
+        rows = sorted((r for r in results if r["model"] == name and "seconds" in r), key=lambda r: r["n_spots"])
+        n = np.array([r["n_spots"] for r in rows])
+        axes[0].plot(n, [r["seconds"] for r in rows], marker="o", label=name)
+        axes[1].plot(n, [r["peak_rss_gb"] for r in rows], marker="o", label=name)
+    n = np.array(sorted({r["n_spots"] for r in results}))
+    axes[0].plot(n, n / n[-1] * max(r["seconds"] for r in results), ls=":", color="0.5", label="linear")
+    axes[0].set(xscale="log", yscale="log", xlabel="spots", ylabel="seconds", title="predict_expression time")
+    axes[1].axhline(6, ls="--", color="C3", lw=1, label="6 GB")
+    axes[1].set(xscale="log", ylim=(0, 7), xlabel="spots", ylabel="peak RSS (GB)", title="peak memory")
+    for ax in axes:
+        ax.legend(fontsize=8, frameon=False)
+    fig.savefig(path, dpi=150)
 
 
 def main() -> None:
@@ -194,12 +227,18 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--models", nargs="+", default=["ridge", "cnn"], choices=["ridge", "cnn"])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/omx_scale"))
+    parser.add_argument("--plot-only", action="store_true", help="redraw scale.png from the workdir's results")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: run one prediction
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.workdir, int(args.one[0]), args.one[1])))
         return
+    results_file = args.workdir / "results.jsonl"
+    if args.plot_only:
+        plot([json.loads(line) for line in results_file.read_text().splitlines()], args.workdir / "scale.png")
+        return
     args.workdir.mkdir(parents=True, exist_ok=True)
+    results = []
     print(json.dumps({"fit": fit_models(args.workdir, args.models)}), flush=True)
     for n in args.sizes:
         path = args.workdir / f"section_{n}.zarr"
@@ -213,7 +252,12 @@ def main() -> None:
             if result.returncode != 0:
                 print(json.dumps({"model": name, "n_spots": n, "error": result.stderr[-2000:]}), flush=True)
                 continue
-            print(result.stdout.strip().splitlines()[-1], flush=True)
+            line = result.stdout.strip().splitlines()[-1]
+            print(line, flush=True)
+            results.append(json.loads(line))
+    results_file.write_text("".join(json.dumps(r) + "\n" for r in results))
+    plot(results, args.workdir / "scale.png")
+    print(f"Curves: {args.workdir / 'scale.png'}")
 
 
 if __name__ == "__main__":
