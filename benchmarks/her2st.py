@@ -28,6 +28,7 @@ MODELS = {
     "ridge_spot": {"model": "ridge", "context": (1.0,)},  # the spot's patch alone
     "cnn": {"model": "cnn"},
     "contrastive": {"model": "contrastive"},  # MLP on the same context features; retrieval + regression head
+    "contrastive_context": {"model": "contrastive", "params": {"neighbors": 6}},  # + attention over 6 nearest spots
     "graph": {"model": "graph"},  # SpatialGraph: ridge on the same features, then 2 rounds of propagation (6-NN graph)
 }
 
@@ -37,7 +38,9 @@ def run_one(name: str, seed: int) -> list[dict]:
 
     import omx
 
-    spec = MODELS[name]
+    spec = dict(MODELS[name])
+    if params := spec.pop("params", None):  # a model with other than its default parameters
+        spec["model"] = omx.models.get_model(spec["model"], seed=seed, **params)
     t = time.perf_counter()
     sdata = omx.datasets.her2st(sections=SECTIONS)
     genes = omx.datasets.her2st_genes()
