@@ -66,6 +66,8 @@ def draw_tile(y0: int, x0: int, h: int, w: int):
     """RGB ``(3, h, w)`` uint8 of the synthetic H&E at pixel rows [y0, y0 + h) and columns [x0, x0 + w)."""
     import numpy as np
 
+    from omx.datasets._toy import _OD_EOSIN, _OD_HEMATOXYLIN  # the toy data's stain colours
+
     yy, xx = np.meshgrid(np.arange(y0, y0 + h), np.arange(x0, x0 + w), indexing="ij")
     y_um, x_um = yy * MPP, xx * MPP
     density, size = fields(x_um, y_um)
@@ -77,10 +79,7 @@ def draw_tile(y0: int, x0: int, h: int, w: int):
     nucleus = present & ((y_um - cy * cell_um - jy) ** 2 + (x_um - cx * cell_um - jx) ** 2 < radius**2)
     hema = 0.9 * nucleus + 0.05
     eosin = 0.25 + 0.1 * _hash(yy, xx, 4)
-    od = (
-        hema[None] * np.array([0.55, 0.78, 0.32])[:, None, None]
-        + eosin[None] * np.array([0.14, 0.89, 0.41])[:, None, None]
-    )
+    od = hema[None] * _OD_HEMATOXYLIN[:, None, None] + eosin[None] * _OD_EOSIN[:, None, None]
     return np.clip(255.0 * 10.0 ** (-od), 0, 255).astype(np.uint8)
 
 

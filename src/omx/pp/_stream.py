@@ -189,6 +189,15 @@ def iter_chunks(
         bar.close()
 
 
+def collect(chunks: Iterator[tuple[np.ndarray, np.ndarray]], n: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Write ``(positions, values)`` chunks into one array of ``n`` rows (``out`` when given) and return it."""
+    for positions, values in chunks:
+        if out is None:
+            out = np.empty((n, *values.shape[1:]), dtype=values.dtype)
+        out[positions] = values
+    return out
+
+
 def _iter_distributed(client, chunks: list[Chunk], args, encoder, update) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     import dask
     from distributed import as_completed
@@ -259,7 +268,7 @@ def encode(
         out = np.empty((spots.n_spots, dim), dtype=np.float32)
     elif tuple(out.shape) != (spots.n_spots, dim):
         raise ValueError(f"`out` must have shape {(spots.n_spots, dim)}, got {tuple(out.shape)}.")
-    for positions, feats in iter_chunks(
+    chunks = iter_chunks(
         spots,
         sizes_um=[size_um * c for c in context],
         size_px=encoder.patch_px,
@@ -267,6 +276,5 @@ def encode(
         chunk_spots=chunk_spots,
         show_progress_bar=show_progress_bar,
         desc=f"{encoder.name} features",
-    ):
-        out[positions] = feats
-    return out
+    )
+    return collect(chunks, spots.n_spots, out)

@@ -14,7 +14,7 @@ from spatialdata import SpatialData
 from omx._utils import OMX_TABLE, as_list, check_counts, log_normalize, logger, resolve_key
 from omx.pp import Spots, resolve_spots
 from omx.pp._spots import table_regions
-from omx.pp._stream import iter_chunks
+from omx.pp._stream import collect, iter_chunks
 
 #: Patch sizes, as multiples of the spot size, whose features feature models concatenate.
 DEFAULT_CONTEXT = (1.0, 2.0, 3.0)
@@ -116,12 +116,7 @@ def model_inputs(
     cluster, if any) by `omx.pp.encode` and the chunks behind it.
     """
     size_um = section.spots.diameter_um if size_um is None else size_um
-    out = None
-    for positions, values in input_chunks(section, model, size_um, context, show_progress_bar):
-        if out is None:
-            out = np.empty((section.spots.n_spots, *values.shape[1:]), dtype=values.dtype)
-        out[positions] = values
-    return out
+    return collect(input_chunks(section, model, size_um, context, show_progress_bar), section.spots.n_spots)
 
 
 def input_chunks(section: Section, model, size_um: float, context: Sequence[float], show_progress_bar: bool):
