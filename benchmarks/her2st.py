@@ -27,8 +27,10 @@ MODELS = {
     "ridge": {"model": "ridge"},  # handcrafted features of the spot and its surroundings (x2, x3)
     "ridge_spot": {"model": "ridge", "context": (1.0,)},  # the spot's patch alone
     "cnn": {"model": "cnn"},
-    "contrastive": {"model": "contrastive"},  # MLP on the same context features; retrieval + regression head
-    "contrastive_context": {"model": "contrastive", "params": {"neighbors": 6}},  # + attention over 6 nearest spots
+    # MLP towers on the same features; retrieval, regression head and linear part stacked by cross-fitting;
+    # spot context (attention over, and propagation across, the 6 nearest spots)
+    "contrastive": {"model": "contrastive"},
+    "contrastive_no_context": {"model": "contrastive", "params": {"neighbors": 0}},
     "graph": {"model": "graph"},  # SpatialGraph: ridge on the same features, then 2 rounds of propagation (6-NN graph)
 }
 

@@ -7,7 +7,10 @@ For each device: patches per second of (a) the handcrafted encoder (CPU only: nu
 (`TorchEncoder`, inference) and (c) one training epoch of `CNNRegressor` (augmentation, forward, backward).
 For training it also reports the share of the epoch spent moving batches from host memory to the device
 (`to_tensor`, timed with the device synchronised before and after, so the figure is an upper bound), and on
-CUDA the GPU utilisation sampled by nvidia-smi during the epoch. Patches are random uint8 RGB (speed does not
+CUDA the GPU utilisation sampled by nvidia-smi during the epoch. (d) Seconds per training epoch of
+`Contrastive` (with spot context, 6 neighbours) at the size of a her2st fold (600 spots, 785 genes): on
+handcrafted-size features (752) and on patches (its CNN tower), from the difference of a 4-epoch and a
+1-epoch fit. Patches are random uint8 RGB (speed does not
 depend on content). Prints one JSON line per device with the device's name.
 """
 
@@ -145,6 +148,36 @@ def measure(device_str: str, n: int, patch_px: int, batch_size: int) -> dict:
     out["train_share_loading"] = round(loading[0] / seconds, 3)
     if sampler is not None:
         out["gpu_utilisation_pct"] = sampler.mean
+    out.update(contrastive_epoch_s(device, patch_px))
+    return out
+
+
+def contrastive_epoch_s(device, patch_px: int, n: int = 600, n_genes: int = 785) -> dict:
+    """Seconds per epoch of `Contrastive` on features and on patches, at the size of a her2st fold."""
+    import omx
+
+    rng = np.random.default_rng(0)
+    side = int(np.ceil(np.sqrt(n)))
+    coords = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[:n] * 100.0
+    Y = rng.normal(size=(n, n_genes)).astype(np.float32)
+    inputs = {
+        "features": rng.normal(size=(n, 752)).astype(np.float32),
+        "patches": rng.integers(0, 256, (n, patch_px, patch_px, 3), dtype=np.uint8),
+    }
+    out = {}
+    for image, X in inputs.items():
+        extra = {"patch_px": patch_px, "head": "ridge"} if image == "patches" else {}
+        times = {}
+        for epochs in (1, 4):
+            model = omx.models.Contrastive(
+                image=image, epochs=epochs, val_fraction=0, device=device.type, show_progress_bar=False, **extra
+            )
+            sync(device)
+            t = time.perf_counter()
+            model.fit(X, Y, coords=coords)
+            sync(device)
+            times[epochs] = time.perf_counter() - t
+        out[f"contrastive_{image}_epoch_s"] = round((times[4] - times[1]) / 3, 3)
     return out
 
 

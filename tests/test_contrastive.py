@@ -5,11 +5,13 @@ pytest.importorskip("torch")
 
 import omx  # noqa: E402
 from omx.models import Contrastive, get_model  # noqa: E402
+from omx.models._contrastive import _adjacency, _neighbours  # noqa: E402
+from omx.models._graph import PROPAGATION_GRID, propagate  # noqa: E402
 
 FAST = {
     "epochs": 10,
-    "refit": False,
     "head": "trained",
+    "neighbors": 0,
     "batch_size": 64,
     "k": 10,
     "hidden": 64,
@@ -37,21 +39,32 @@ def data():
 def test_learns_and_predicts_both_ways(data):
     X, Y, groups, _ = data
     train = groups != "d"
-    untrained = Contrastive(**{**FAST, "epochs": 1, "lr": 1e-5}).fit(X[train], Y[train], groups=groups[train])
-    model = Contrastive(**{**FAST, "refit": True}).fit(X[train], Y[train], groups=groups[train])
+    head_only = {**FAST, "blend": 0.0}  # the trained head alone: no linear part, no retrieval
+    untrained = Contrastive(**{**head_only, "epochs": 1, "lr": 1e-5}).fit(X[train], Y[train], groups=groups[train])
+    trained = Contrastive(**head_only).fit(X[train], Y[train], groups=groups[train])
+    model = Contrastive(**FAST).fit(X[train], Y[train], groups=groups[train])
     hist = model.history_
     assert hist["train_loss"][-1] < hist["train_loss"][0]  # the loss falls
-    assert len(hist["val_score"]) == len(hist["train_loss"]) and len(hist["blend_score"]) == 5
-    assert len(hist["refit_train_loss"]) == model.best_epoch_ + 1  # then refitted on all rows
+    assert len(hist["val_score"]) == len(hist["train_loss"])
+    # cross-fitted: one fold per training group, then trained on all rows for the folds' mean best epoch count
+    assert len(model.fold_best_epochs_) == 3
+    assert len(hist["refit_train_loss"]) == model.best_epoch_ + 1 == round(np.mean(model.fold_best_epochs_)) + 1
+    # the part weights: on a grid of step 0.1 summing to 1, the best of the cross-fitted scores
+    assert len(hist["weights_grid"]) == len(hist["weights_score"]) == 66  # three parts
+    best = hist["weights_grid"][int(np.argmax(hist["weights_score"]))]
+    assert model.weights_ == pytest.approx({"retrieval": 0.0, "head": 0.0, "linear": 0.0, **best})
+    assert sum(model.weights_.values()) == pytest.approx(1.0) and model.propagation_ == 0.0
     before = _mean_r(untrained.predict(X[~train], groups=groups[~train]), Y[~train])
     r = {}
     for mode in ("default", "retrieval", "regression"):
         pred = model.predict(X[~train], groups=groups[~train], mode=mode)
         assert pred.shape == (80, 12) and pred.dtype == np.float32
         r[mode] = _mean_r(pred, Y[~train])
-    assert r["default"] > before + 0.2 and r["default"] > 0.5  # held-out correlation rises
+    assert _mean_r(trained.predict(X[~train], groups=groups[~train]), Y[~train]) > before + 0.2  # training helps
+    assert r["default"] > 0.5
     assert r["retrieval"] > 0.4 and r["regression"] > 0.3
-    assert 0.0 <= model.blend_ <= 1.0
+    fixed = Contrastive(**{**FAST, "blend": 0.25}).fit(X[train], Y[train], groups=groups[train])
+    assert fixed.weights_ == {"retrieval": 0.25, "head": 0.75, "linear": 0.0}
     assert abs(model.predict(X[~train], groups=groups[~train]).mean() - Y[~train].mean()) < 0.5  # targets' scale
 
 
@@ -92,7 +105,7 @@ def test_patient_exclusion(data):
 
 def test_deterministic_and_save_load(tmp_path, data):
     X, Y, groups, _ = data
-    kw = {**FAST, "epochs": 4, "seed": 3, "device": "cpu", "head": "ridge+features", "refit": True}
+    kw = {**FAST, "epochs": 4, "seed": 3, "device": "cpu", "head": "ridge+features"}
     a = Contrastive(**kw).fit(X, Y, groups=groups)
     b = Contrastive(**kw).fit(X, Y, groups=groups)
     assert a.head_ridge_["coef"].shape == (FAST["embed_dim"] + 20, 12)
@@ -103,6 +116,8 @@ def test_deterministic_and_save_load(tmp_path, data):
     assert isinstance(loaded, Contrastive) and loaded.meta_ == a.meta_ and loaded.history_ == a.history_
     for name in ("bank_embedding_", "bank_targets_", "bank_groups_"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(a, name))
+    assert loaded.weights_ == a.weights_ and loaded.head_alpha_ == a.head_alpha_
+    np.testing.assert_array_equal(loaded.linear_.coef_, a.linear_.coef_)
     for mode in ("default", "retrieval", "regression"):
         np.testing.assert_array_equal(
             loaded.predict(X, groups=groups, mode=mode), a.predict(X, groups=groups, mode=mode)
@@ -112,9 +127,20 @@ def test_deterministic_and_save_load(tmp_path, data):
 
 def test_spot_context_and_patches(data):
     X, Y, groups, coords = data
-    model = Contrastive(**{**FAST, "epochs": 3}, neighbors=4).fit(X, Y, groups=groups, coords=coords)
+    model = Contrastive(**{**FAST, "epochs": 3, "neighbors": 4}).fit(X, Y, groups=groups, coords=coords)
     assert model.spatial and "context" in model.module_
-    assert model.predict(X[:80], groups=groups[:80], coords=coords[:80]).shape == (80, 12)
+    assert model.propagation_ in PROPAGATION_GRID and len(model.history_["propagation_score"]) == 7
+    pred = model.predict(X[:80], groups=groups[:80], coords=coords[:80])
+    assert pred.shape == (80, 12)
+    # the prediction is the unpropagated one, propagated over the same 4 nearest spots
+    share, model.propagation_ = model.propagation_, 0.0
+    raw = (model.predict(X[:80], groups=groups[:80], coords=coords[:80]) - model.target_mean_) / model.target_std_
+    expected = propagate(raw, _adjacency(_neighbours(coords[:80], groups[:80], 4)), 0.3) * model.target_std_
+    model.propagation_ = 0.3
+    np.testing.assert_allclose(
+        model.predict(X[:80], groups=groups[:80], coords=coords[:80]), expected + model.target_mean_, atol=1e-4
+    )
+    assert share == model.history_["propagation"][int(np.argmax(model.history_["propagation_score"]))]
     with pytest.raises(ValueError, match="coords"):
         model.predict(X[:80], groups=groups[:80])
 
@@ -172,10 +198,10 @@ def test_errors(data):
 
 def test_factory_and_tl():
     model = get_model("contrastive", k=5)
-    assert isinstance(model, Contrastive) and model.k == 5 and not model.spatial
+    assert isinstance(model, Contrastive) and model.k == 5 and model.spatial  # spot context by default
     sdata = omx.datasets.toy_sdata(n_spots=150, n_genes=20, n_sections=3, seed=0)
     fitted = omx.tl.fit_predict(
-        sdata, train=["S1", "S2"], predict="S3", model=Contrastive(**FAST), show_progress_bar=False
+        sdata, train=["S1", "S2"], predict="S3", model=Contrastive(**{**FAST, "neighbors": 4}), show_progress_bar=False
     )
     entry = sdata.tables["table"].uns["omx"]["omx_pred"]
     assert entry["model"] == "Contrastive" and fitted.bank_groups_.tolist().count("S1") > 0

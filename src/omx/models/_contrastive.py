@@ -12,13 +12,18 @@ from ..encoders import Encoder, get_encoder
 from ..metrics import pearson
 from ._base import TorchModel
 from ._cnn import _channel_stats, augment_patches
+from ._graph import PROPAGATION_GRID, propagate
 from ._ridge import DEFAULT_ALPHAS, Ridge, _fit_ridge, _safe_scale
 
 if TYPE_CHECKING:
     import torch
 
-#: Blend weights of retrieval (vs. the regression head) searched on the validation groups with ``blend="auto"``.
-BLEND_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: Step of the grid of part weights (retrieval, head, linear; summing to 1) searched with ``blend="auto"``.
+WEIGHT_STEP = 0.1
+#: Weights of the parts without validation rows to choose them on.
+DEFAULT_WEIGHTS = {"retrieval": 0.5, "head": 0.5, "linear": 0.0}
+#: Most cross-fitting folds (groups are pooled into this many when there are more).
+MAX_FOLDS = 5
 #: Rows of queries scored against the bank at a time.
 QUERY_CHUNK = 1024
 
@@ -29,42 +34,48 @@ class Contrastive(TorchModel):
     An image tower (an MLP on precomputed features, or `~omx.encoders.SmallCNN` on patches, trained from
     scratch) and an expression tower (an MLP on the standardised targets) each end in a projection head onto a
     shared, L2-normalised embedding; a symmetric InfoNCE loss (BLEEP, CLIP) with a learned or fixed temperature
-    pulls each spot's image and expression embeddings together. Optionally (``neighbors > 0``), the image
-    embedding of a spot attends to those of its nearest spots in the same section (mclSTExp's idea); the model
-    then takes the spot centres (``coords``) and is spatial.
+    pulls each spot's image and expression embeddings together. With spot context (``neighbors > 0``, the
+    default), the image embedding of a spot attends to those of its nearest spots in the same section
+    (mclSTExp's idea), and the predictions are propagated over the same neighbours; the model then takes the
+    spot centres (``coords``) and is spatial. ``neighbors=0`` switches context off.
 
-    Prediction, both exposed:
+    The prediction stacks three parts, each exposed:
 
-    - **retrieval** (:meth:`retrieve`): the similarity-weighted (softmax at the learned temperature) average of
-      the expression of the `k` reference spots whose expression embeddings are nearest the query's image
-      embedding. The reference bank is the training spots only, with their group labels. A query never
-      retrieves a bank row of its own group (section) nor, when `patients` maps groups to patients and
-      ``exclude="patient"``, of any section of its own patient.
-    - **regression**: a linear head on the image embedding (before normalisation), trained jointly with the
-      InfoNCE loss (mean squared error, on `n_components` principal components of the targets); with
-      ``head="ridge"`` or ``"ridge+features"`` it is then replaced by closed-form ridge (see `head`).
+    - **retrieval** (:meth:`retrieve`, ``mode="retrieval"``): the similarity-weighted (softmax at the learned
+      temperature) average of the expression of the `k` reference spots whose expression embeddings are nearest
+      the query's image embedding. The reference bank is the training spots only, with their group labels. A
+      query never retrieves a bank row of its own group (section) nor, when `patients` maps groups to patients
+      and ``exclude="patient"``, of any section of its own patient.
+    - **regression head** (``mode="regression"``, with the linear part): a linear head on the image embedding
+      (before normalisation), trained jointly with the InfoNCE loss (mean squared error, on `n_components`
+      principal components of the targets); with ``head="ridge"`` or ``"ridge+features"`` (the default) it is
+      then replaced by ridge in closed form from the image embedding (and the standardised features).
+    - **linear** (features only): `Ridge` on the features, its penalty and components chosen by its own CV.
 
-    ``blend`` mixes the two: ``w * retrieval + (1 - w) * regression``; ``"auto"`` (the default) picks ``w`` from
-    0, 0.25, ..., 1 on the validation groups. The default regression head is ``"ridge+features"``: after the
-    towers are trained (InfoNCE plus the head's squared error), ridge regression in closed form from the image
-    embedding and the standardised features, its penalty chosen on the validation groups. On her2st it did
-    better than retrieval, so ``"auto"`` chose ``w = 0`` in most folds. Mean per-gene Pearson r, handcrafted
-    features of the spot and its surroundings (x1, x2, x3), leave-one-section-out over the held-out C sections
-    (panel of 785 genes; ex50: 50 most expressed; var50: 50 most variable) and cross-patient (train C, test
-    B4, panel), seed 0, CPU:
+    Everything is chosen by cross-fitting: each training group (section; pooled into at most 5 folds) is held
+    out in turn, the towers are trained on the others with early stopping on it, and the held-out rows are
+    predicted by every part. On these out-of-fold predictions ``blend="auto"`` (the default) chooses the
+    weights of the parts (a grid of step 0.1 summing to 1), the head's ridge penalty and, with context, the
+    neighbours' share of the propagation (`~omx.models.SpatialGraph`'s grid). The towers are then trained on all
+    rows for the mean of the folds' best epoch counts. A float `blend` fixes ``w * retrieval + (1 - w) * head``.
+
+    Mean per-gene Pearson r on her2st, handcrafted features of the spot and its surroundings (x1, x2, x3),
+    leave-one-section-out over the held-out C sections (panel of 785 genes; ex50: 50 most expressed; var50: 50
+    most variable) and cross-patient (train C, test B4, panel), seed 0, CPU (``benchmarks/her2st.py``):
 
     ==============================================  ======  ======  ======  =============
     model                                           panel   ex50    var50   cross-patient
     ==============================================  ======  ======  ======  =============
     ridge (foundation's best)                       0.165   0.393   0.397   0.131
-    this model, defaults (blend "auto": mostly 0)   0.163   0.390   0.398   0.125
-    its retrieval alone (``mode="retrieval"``)      0.117   0.366   0.370   0.094
-    fixed blend 0.5                                 0.144   0.389   0.396   0.110
-    head "trained", linear tower, refit             0.152   0.384   0.390   0.114
-    head "trained", MLP tower, no refit             0.112   0.311   0.314   0.089
+    this model, defaults (context, 6 neighbours)    0.167   0.402   0.411   0.136
+    its retrieval alone (``mode="retrieval"``)      0.134   0.390   0.397   0.103
+    its regression alone (``mode="regression"``)    0.166   0.398   0.406   0.136
+    without context (``neighbors=0``)               0.165   0.393   0.400   0.128
     ==============================================  ======  ======  ======  =============
 
-    It does not beat ridge on her2st (about 370 to 550 training spots per fold): see the benchmark.
+    With seeds 1 and 2 the defaults score 0.166 / 0.399 / 0.408 / 0.129 and 0.168 / 0.406 / 0.415 / 0.132.
+    The chosen weights put 0.1 to 0.2 on retrieval, the rest on the head and the linear part; the neighbours'
+    share is 0.3 to 0.5.
 
     Features (``image="features"``) are standardised per group like `Ridge` (pass whole sections with
     `groups`); patches (``image="patches"``) are normalised per channel and augmented in training (flips,
@@ -100,13 +111,15 @@ class Contrastive(TorchModel):
     n_components
         Principal components of the training targets the regression head predicts (None: the genes).
     head
-        The regression head: ``"trained"`` (the linear head trained with the towers) or ``"ridge"`` (after
-        training, ridge regression from the image embedding in closed form, its penalty chosen on the validation
-        rows).
+        The regression head: ``"trained"`` (the linear head trained with the towers), ``"ridge"`` (after
+        training, ridge regression from the image embedding in closed form, its penalty chosen on the
+        cross-fitted rows) or ``"ridge+features"`` (the same from the embedding and the standardised features;
+        ``image="features"`` only).
     k
         Reference spots averaged by retrieval.
     blend
-        Weight of retrieval in the prediction (0: regression head only, 1: retrieval only), or ``"auto"``.
+        ``"auto"``: weights of retrieval, head and linear part chosen on the cross-fitted rows; a number ``w``
+        in [0, 1]: ``w * retrieval + (1 - w) * head``, no linear part.
     exclude
         Bank rows a query never retrieves: ``"patient"`` (its patient's sections, where `patients` knows the
         patient, else its section) or ``"group"`` (its own section only).
@@ -115,7 +128,8 @@ class Contrastive(TorchModel):
         patient.
     neighbors
         Neighbouring spots (nearest, within the same group and 2.5 spot spacings) whose image embeddings each spot
-        attends to; 0 switches spot context off. With neighbours the model needs `coords`.
+        attends to and over which predictions are propagated; 0 switches spot context off. With neighbours the
+        model needs `coords`.
     epochs
         Maximum number of epochs.
     batch_size
@@ -127,10 +141,8 @@ class Contrastive(TorchModel):
     patience
         Epochs without validation improvement before stopping; 0 or None trains all `epochs`.
     val_fraction
-        Share of rows for validation (whole groups when there are groups); 0 disables validation.
-    refit
-        After early stopping, train again from scratch on all rows (validation rows included) for the best
-        number of epochs; the retrieval weight stays the one chosen on validation.
+        Without two or more groups: the share of rows held out once for validation (with groups, each group is
+        held out in turn). 0 disables validation: no early stopping, and the parts weigh `DEFAULT_WEIGHTS`.
     augment
         Augment training inputs: flips, rotations and stain jitter of patches; Gaussian noise (0.1) on
         standardised features.
@@ -151,13 +163,23 @@ class Contrastive(TorchModel):
         Their targets ``(n_bank, g)``, on the scale given to :meth:`fit`.
     bank_groups_
         Their group labels ``(n_bank,)`` (all ``""`` when fitted without groups).
-    blend_
-        The retrieval weight used.
+    weights_
+        Weight of each part: ``{"retrieval": ..., "head": ..., "linear": ...}`` (summing to 1).
+    propagation_
+        The neighbours' share of the propagation (0: none).
+    head_alpha_
+        Penalty of the ridge head.
+    linear_
+        The linear part (a fitted `Ridge`), or None.
+    fold_best_epochs_
+        Best epoch (from 0) of each cross-fitting fold.
     history_
-        ``"train_loss"``, ``"val_loss"``, ``"val_score"`` (validation Pearson r) per epoch, ``"blend_score"``
-        (validation Pearson r per weight of `BLEND_GRID`) with ``blend="auto"``.
+        ``"train_loss"``, ``"val_loss"``, ``"val_score"`` (validation Pearson r) per epoch of the first
+        cross-fitting fold; ``"refit_train_loss"`` of the final training on all rows; ``"head_alpha_score"``,
+        ``"weights_grid"`` / ``"weights_score"`` and ``"propagation"`` / ``"propagation_score"``: the mean
+        out-of-fold Pearson r of each choice.
     best_epoch_
-        Epoch (from 0) whose weights were kept.
+        Last epoch (from 0) of the final training.
     """
 
     def __init__(
@@ -179,14 +201,13 @@ class Contrastive(TorchModel):
         blend: float | Literal["auto"] = "auto",
         exclude: Literal["patient", "group"] = "patient",
         patients: Mapping[str, str] | None = None,
-        neighbors: int = 0,
+        neighbors: int = 6,
         epochs: int = 100,
         batch_size: int = 256,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         patience: int | None = 10,
         val_fraction: float = 0.2,
-        refit: bool = True,
         augment: bool = True,
         seed: int = 0,
         device: str = "auto",
@@ -231,7 +252,7 @@ class Contrastive(TorchModel):
         self.epochs, self.batch_size, self.lr = int(epochs), int(batch_size), float(lr)
         self.weight_decay = float(weight_decay)
         self.patience = None if patience is None else int(patience)
-        self.val_fraction, self.refit, self.augment = float(val_fraction), bool(refit), bool(augment)
+        self.val_fraction, self.augment = float(val_fraction), bool(augment)
         self.standardize = "group"  # read by the shared per-group feature standardisation of Ridge
         super().__init__(
             seed=seed,
@@ -260,7 +281,6 @@ class Contrastive(TorchModel):
             weight_decay=self.weight_decay,
             patience=self.patience,
             val_fraction=self.val_fraction,
-            refit=self.refit,
             augment=self.augment,
         )
 
@@ -365,15 +385,128 @@ class Contrastive(TorchModel):
         if self.k > len(X):
             raise ValueError(f"k={self.k} is larger than the reference bank ({len(X)} training rows); lower `k`.")
         rng = np.random.default_rng(self.seed)
-        train_idx, val_idx = self._validation_split(len(X), groups, self.val_fraction, rng)
-        self.head_alpha_ = None
-        self._fit_rows(X, Y, groups, coords, train_idx, val_idx, epochs=self.epochs, patience=self.patience)
-        if self.refit and len(val_idx):
-            history, best, blend = self.history_, self.best_epoch_, self.blend_
-            logger.info("Contrastive: refitting on all %d rows for %d epochs.", len(X), best + 1)
-            self._fit_rows(X, Y, groups, coords, np.arange(len(X)), val_idx[:0], epochs=best + 1, patience=None)
-            self.history_ = {**history, "refit_train_loss": self.history_["train_loss"]}
-            self.best_epoch_, self.blend_ = best, blend
+        nbrs = _neighbours(coords, groups, self.neighbors) if self.neighbors else None
+        folds = self._folds(len(X), groups, rng)
+        oof = [self._fit_fold(X, Y, groups, coords, nbrs, train, val) for train, val in folds]
+        first = self.history_ if folds else {}
+        self._choose(oof, nbrs)
+        epochs = int(round(np.mean(self.fold_best_epochs_))) + 1 if folds else self.epochs
+        if folds:
+            logger.info("Contrastive: training on all %d rows for %d epochs.", len(X), epochs)
+        everything = np.arange(len(X))
+        Xp, Yz = self._fit_rows(X, Y, groups, coords, nbrs, everything, everything[:0], epochs=epochs, patience=None)
+        self.head_ridge_ = None
+        if self.head != "trained":
+            self._fit_ridge_head(Xp, Yz, everything, nbrs, [self.head_alpha_])
+        self.linear_ = self._fit_linear(X, Yz, groups) if self.image == "features" else None
+        self._set_bank(Yz, groups if groups is not None else np.full(len(X), ""), self._torch_device())
+        self.bank_targets_ = Y.astype(np.float32)
+        if folds:
+            self.history_ = {**first, "refit_train_loss": self.history_["train_loss"], **self.cv_}
+        self.best_epoch_ = epochs - 1
+
+    def _folds(self, n: int, groups: np.ndarray | None, rng: np.random.Generator) -> list[tuple[np.ndarray, ...]]:
+        """Cross-fitting folds: each group held out in turn (at most `MAX_FOLDS`), else one random split."""
+        if groups is not None and len(np.unique(groups)) >= 2 and self.val_fraction > 0:
+            labels = rng.permutation(np.unique(groups))
+            fold_of = {label: i % MAX_FOLDS for i, label in enumerate(labels)}
+            assignment = np.array([fold_of[g] for g in groups])
+            return [(np.flatnonzero(assignment != f), np.flatnonzero(assignment == f)) for f in np.unique(assignment)]
+        train, val = self._validation_split(n, None, self.val_fraction, rng)
+        return [(train, val)] if len(val) else []
+
+    def _fit_fold(self, X, Y, groups, coords, nbrs, train_idx, val_idx) -> dict[str, Any]:
+        """Train on one fold; return its validation rows' predictions by every part (standardised targets)."""
+        Xp, Yz = self._fit_rows(
+            X, Y, groups, coords, nbrs, train_idx, val_idx, epochs=self.epochs, patience=self.patience
+        )
+        device = self._torch_device()
+        val_groups = groups[val_idx] if groups is not None else None
+        self.head_ridge_ = None
+        h = self._embed(Xp, val_idx, nbrs, device)
+        heads = [self._regress(h, Xp[val_idx])]
+        if self.head != "trained":
+            heads = []
+            for fitted in self._fit_ridge_head(Xp, Yz, train_idx, nbrs, DEFAULT_ALPHAS):
+                self.head_ridge_ = fitted
+                heads.append(self._regress(h, Xp[val_idx]))
+        bank = groups[train_idx] if groups is not None else np.full(len(train_idx), "")
+        self._set_bank(Yz[train_idx], bank, device)
+        try:
+            retrieval = self._retrieve(h, val_groups)[0]
+        except ValueError:  # too few rows of other sections (patients) in this fold's bank
+            retrieval = None
+        linear = None
+        if self.image == "features":
+            linear = self._fit_linear(X[train_idx], Yz[train_idx], groups[train_idx] if groups is not None else None)
+            linear = linear.predict(X[val_idx], groups=val_groups)
+        return {
+            "rows": val_idx,
+            "truth": Yz[val_idx],
+            "groups": val_groups if val_groups is not None else np.full(len(val_idx), ""),
+            "heads": heads,
+            "retrieval": retrieval,
+            "linear": linear,
+            "best_epoch": self.best_epoch_,
+        }
+
+    def _fit_linear(self, X: np.ndarray, Yz: np.ndarray, groups: np.ndarray | None) -> Ridge:
+        """The linear part: `Ridge` on the features (its penalty and components chosen by its own CV)."""
+        return Ridge(encoder=self.encoder, seed=self.seed, show_progress_bar=False).fit(X, Yz, groups=groups)
+
+    def _choose(self, oof: list[dict[str, Any]], nbrs) -> None:
+        """Choose the head's penalty, the weights of the parts and the neighbour share on the cross-fitted rows."""
+
+        def score(fold: dict[str, Any], pred: np.ndarray) -> float:
+            masks = [fold["groups"] == g for g in np.unique(fold["groups"])]
+            return float(np.mean([np.nanmean(pearson(fold["truth"][m], pred[m])) for m in masks]))
+
+        self.fold_best_epochs_ = [int(f["best_epoch"]) for f in oof]
+        self.head_alpha_, self.weights_, self.propagation_ = 1.0, dict(DEFAULT_WEIGHTS), 0.0
+        if self.blend != "auto":
+            self.weights_ = {"retrieval": self.blend, "head": 1.0 - self.blend, "linear": 0.0}
+        self.cv_ = {}
+        if not oof:
+            return
+        if self.head != "trained":
+            head_scores = np.mean([[score(f, p) for p in f["heads"]] for f in oof], axis=0)
+            best = int(np.argmax(head_scores))
+            self.head_alpha_ = float(DEFAULT_ALPHAS[best])
+            self.cv_["head_alpha_score"] = head_scores.tolist()
+        else:
+            best = 0
+        parts = {"head": [f["heads"][best] for f in oof]}
+        if all(f["retrieval"] is not None for f in oof):
+            parts["retrieval"] = [f["retrieval"] for f in oof]
+        if self.image == "features":
+            parts["linear"] = [f["linear"] for f in oof]
+        shares = PROPAGATION_GRID if self.neighbors else (0.0,)
+        if self.blend == "auto":
+            grid = _simplex(len(parts), WEIGHT_STEP)
+        else:
+            grid = [[self.weights_[name] for name in parts]]
+        scores = np.zeros((len(shares), len(grid)))
+        for i, fold in enumerate(oof):
+            adj = _adjacency(nbrs, fold["rows"]) if self.neighbors else None
+            for s, share in enumerate(shares):
+                smoothed = {n: p[i] if share == 0 else propagate(p[i], adj, share) for n, p in parts.items()}
+                for j, w in enumerate(grid):
+                    pred = sum(wk * smoothed[n] for wk, n in zip(w, parts, strict=True))
+                    scores[s, j] += score(fold, pred) / len(oof)
+        s, j = np.unravel_index(int(np.argmax(scores)), scores.shape)
+        chosen = dict(zip(parts, map(float, grid[j]), strict=True))
+        self.weights_ = {"retrieval": 0.0, "head": 0.0, "linear": 0.0, **chosen}
+        self.propagation_ = float(shares[s])
+        self.cv_.update(
+            weights_grid=[dict(zip(parts, map(float, w), strict=True)) for w in grid],
+            weights_score=scores[s].tolist(),
+            propagation=list(shares),
+            propagation_score=scores.max(1).tolist(),
+        )
+        logger.info(
+            "Contrastive: weights %s and neighbour share %.1f chosen on %d cross-fitted folds (mean Pearson r %.3f).",
+            {k: round(v, 2) for k, v in self.weights_.items()}, self.propagation_, len(oof), scores[s, j],
+        )  # fmt: skip
 
     def _fit_rows(
         self,
@@ -381,13 +514,14 @@ class Contrastive(TorchModel):
         Y: np.ndarray,
         groups: np.ndarray | None,
         coords: np.ndarray | None,
+        nbrs,
         train_idx: np.ndarray,
         val_idx: np.ndarray,
         *,
         epochs: int,
         patience: int | None,
-    ) -> None:
-        """Train on ``train_idx`` with early stopping on ``val_idx``; the bank holds every row."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Train the towers on ``train_idx``, early-stopping on ``val_idx``; return model-ready inputs and targets."""
         import torch
         from torch.nn import functional as F
 
@@ -410,9 +544,9 @@ class Contrastive(TorchModel):
         R = Yz if self.components_ is None else Yz @ self.components_.T
         Yz_t = torch.from_numpy(Yz).to(device)
         R_t = torch.from_numpy(R.astype(np.float32)).to(device)
-        nbrs = _neighbours(coords, groups, self.neighbors) if self.neighbors else None
 
         self.module_ = self._build(Xp.shape[1] if Xp.ndim == 2 else 0, Y.shape[1], R.shape[1]).to(device)
+        self.head_ridge_ = None
         labels_cache: dict[int, torch.Tensor] = {}
 
         def batch_loss(rows: np.ndarray, train: bool) -> torch.Tensor:
@@ -430,22 +564,18 @@ class Contrastive(TorchModel):
         bank = groups if groups is not None else np.full(len(X), "", dtype=object)
         val_groups = bank[val_idx]
 
-        def score(pred: np.ndarray) -> float:
-            scores = [np.nanmean(pearson(Yz[val_idx][m], pred[m])) for m in (val_groups == g for g in set(val_groups))]
-            return float(np.nanmean(scores)) if np.isfinite(scores).any() else -np.inf
-
-        def val_preds() -> tuple[np.ndarray, np.ndarray]:
+        def val_score() -> float:
+            # early stopping follows the trained head and retrieval, half and half
             self._set_bank(Yz[train_idx], bank[train_idx], device)
             q = self._embed(Xp, val_idx, nbrs, device)
-            reg = self._regress(q, Xp[val_idx])
-            # without groups the validation rows are random rows, which no bank row shares a label with
-            ret = self._retrieve(q, val_groups if groups is not None else None)[0] if self.k <= len(train_idx) else reg
-            return reg, ret
-
-        def val_score() -> float:
-            reg, ret = val_preds()
-            w = 0.5 if self.blend == "auto" else self.blend
-            return score(w * ret + (1 - w) * reg)
+            pred = self._regress(q, Xp[val_idx])
+            try:
+                pred = 0.5 * pred + 0.5 * self._retrieve(q, val_groups if groups is not None else None)[0]
+            except ValueError:  # too few rows of other sections (patients) to retrieve from
+                pass
+            masks = [val_groups == g for g in np.unique(val_groups)]
+            scores = [np.nanmean(pearson(Yz[val_idx][m], pred[m])) for m in masks]
+            return float(np.nanmean(scores)) if np.isfinite(scores).any() else -np.inf
 
         self._train(
             batch_loss,
@@ -460,38 +590,21 @@ class Contrastive(TorchModel):
             generator=generator,
             device=device,
         )
-        self.head_ridge_ = None
-        if self.head in ("ridge", "ridge+features"):
-            self._fit_ridge_head(Xp, Yz, train_idx, val_idx, nbrs, device, score)
-        self.blend_ = 0.5 if self.blend == "auto" else self.blend
-        if len(val_idx) and self.blend == "auto":
-            reg, ret = val_preds()
-            self.history_["blend_score"] = [score(w * ret + (1 - w) * reg) for w in BLEND_GRID]
-            self.blend_ = float(BLEND_GRID[int(np.argmax(self.history_["blend_score"]))])
-            logger.info("Contrastive: retrieval weight %.2f chosen on the validation groups.", self.blend_)
-        # the reference bank: every training row (validation rows included), with its group label
-        self._set_bank(Yz, bank, device)
-        self.bank_targets_ = Y.astype(np.float32)
+        return Xp, Yz
 
     def _head_inputs(self, Xp: np.ndarray, rows: np.ndarray, nbrs, device) -> np.ndarray:
         """What the ridge head reads: the image embedding, with the standardised features for ``"ridge+features"``."""
         H = self._embed(Xp, rows, nbrs, device).astype(np.float64)
         return np.concatenate([H, Xp[rows]], axis=1) if self.head == "ridge+features" else H
 
-    def _fit_ridge_head(self, Xp, Yz, train_idx, val_idx, nbrs, device, score) -> None:
-        """Replace the trained head by ridge on the image embeddings, its penalty chosen on the validation rows."""
-        H = self._head_inputs(Xp, train_idx, nbrs, device)
-        alphas = DEFAULT_ALPHAS if len(val_idx) else (self.head_alpha_ or 1.0,)
-        z_mean, coefs, intercept, _ = _fit_ridge(H, Yz[train_idx].astype(np.float64), alphas, self.n_components)
-        if len(val_idx):
-            Hv = self._head_inputs(Xp, val_idx, nbrs, device) - z_mean
-            scores = [score(Hv @ c + intercept) for c in coefs]
-            self.history_["head_alpha_score"] = scores
-            best = int(np.argmax(scores))
-        else:
-            best = 0
-        self.head_alpha_ = float(alphas[best])
-        self.head_ridge_ = {"mean": z_mean, "coef": coefs[best], "intercept": intercept}
+    def _fit_ridge_head(self, Xp, Yz, rows, nbrs, alphas) -> list[dict[str, np.ndarray]]:
+        """Ridge heads (one per penalty in ``alphas``) on the image embeddings of ``rows``; the first is the head."""
+        self.head_ridge_ = None
+        H = self._head_inputs(Xp, rows, nbrs, self._torch_device())
+        z_mean, coefs, intercept, _ = _fit_ridge(H, Yz[rows].astype(np.float64), alphas, self.n_components)
+        fitted = [{"mean": z_mean, "coef": c, "intercept": intercept} for c in coefs]
+        self.head_ridge_ = fitted[0]
+        return fitted
 
     def _set_bank(self, Yz: np.ndarray, groups: np.ndarray, device: torch.device) -> None:
         import torch
@@ -587,10 +700,17 @@ class Contrastive(TorchModel):
 
     def _predict(self, X: np.ndarray, groups: np.ndarray | None, coords: np.ndarray | None = None) -> np.ndarray:
         h, Xp = self._queries(X, groups, coords)
-        w = self.blend_
-        pred = self._regress(h, Xp) if w < 1 else 0.0
-        if w > 0:
-            pred = w * self._retrieve(h, groups)[0] + (1 - w) * pred
+        weights = self.weights_
+        pred = np.zeros((len(X), len(self.target_mean_)), np.float32)
+        if weights["head"]:
+            pred += weights["head"] * self._regress(h, Xp)
+        if weights["linear"]:
+            r = self.linear_
+            pred += weights["linear"] * ((Xp - r.z_mean_) @ r.coef_ + r.intercept_).astype(np.float32)
+        if weights["retrieval"]:
+            pred += weights["retrieval"] * self._retrieve(h, groups)[0]
+        if self.propagation_ and coords is not None:
+            pred = propagate(pred, _adjacency(_neighbours(coords, groups, self.neighbors)), self.propagation_)
         return pred * self.target_std_ + self.target_mean_
 
     def predict(
@@ -616,7 +736,8 @@ class Contrastive(TorchModel):
         group_stats
             Feature statistics of whole groups predicted in chunks, as in `Model.predict`.
         mode
-            ``"default"`` (the fitted `blend_`), ``"retrieval"`` or ``"regression"``.
+            ``"default"`` (the fitted `weights_`), ``"retrieval"`` (retrieval alone) or ``"regression"`` (the
+            head and the linear part in their fitted proportion).
 
         Returns
         -------
@@ -626,12 +747,17 @@ class Contrastive(TorchModel):
             raise ValueError(f"mode must be 'default', 'retrieval' or 'regression', got {mode!r}.")
         if mode == "default":
             return super().predict(X, groups=groups, coords=coords, group_stats=group_stats)
-        blend = getattr(self, "blend_", None)
+        weights = self.weights_
+        if mode == "retrieval":
+            self.weights_ = {"retrieval": 1.0, "head": 0.0, "linear": 0.0}
+        else:  # the regression parts, in their fitted proportion
+            total = weights["head"] + weights["linear"]
+            share = weights["linear"] / total if total > 0 else 0.0
+            self.weights_ = {"retrieval": 0.0, "head": 1.0 - share, "linear": share}
         try:
-            self.blend_ = 1.0 if mode == "retrieval" else 0.0
             return super().predict(X, groups=groups, coords=coords, group_stats=group_stats)
         finally:
-            self.blend_ = blend
+            self.weights_ = weights
 
     def retrieve(
         self, X: np.ndarray, *, groups: np.ndarray | None = None, coords: np.ndarray | None = None
@@ -674,13 +800,18 @@ class Contrastive(TorchModel):
             arrays["components"] = self.components_
         if self.head_ridge_ is not None:
             arrays.update({f"head_ridge_{k}": np.asarray(v) for k, v in self.head_ridge_.items()})
+        if self.linear_ is not None:
+            arrays.update(linear_mean=self.linear_.z_mean_, linear_coef=self.linear_.coef_)
+            arrays.update(linear_intercept=self.linear_.intercept_)
         if self.image == "features":
             arrays.update(x_mean=self.x_mean_, x_scale=self.x_scale_)
         else:
             arrays.update(input_mean=self.input_mean_, input_std=self.input_std_)
         state = {
             "best_epoch_": int(getattr(self, "best_epoch_", 0)),
-            "blend_": float(self.blend_),
+            "weights_": self.weights_,
+            "propagation_": self.propagation_,
+            "head_alpha_": self.head_alpha_,
             "bank_group_labels": labels.tolist(),
             "n_out": int(self.module_["head"].out_features),
             "d_in": int(self.n_features_in_) if self.image == "features" else 0,
@@ -688,7 +819,8 @@ class Contrastive(TorchModel):
         return state, arrays
 
     def _set_module_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        self.best_epoch_, self.blend_ = state["best_epoch_"], state["blend_"]
+        self.best_epoch_, self.weights_ = state["best_epoch_"], state["weights_"]
+        self.propagation_, self.head_alpha_ = state["propagation_"], state["head_alpha_"]
         self.target_mean_, self.target_std_ = arrays["target_mean"], arrays["target_std"]
         self.bank_embedding_, self.bank_targets_ = arrays["bank_embedding"], arrays["bank_targets"]
         self._bank_z = arrays["bank_z"]
@@ -696,6 +828,11 @@ class Contrastive(TorchModel):
         self.components_ = arrays.get("components")
         ridge = {k: arrays[f"head_ridge_{k}"] for k in ("mean", "coef", "intercept") if f"head_ridge_{k}" in arrays}
         self.head_ridge_ = ridge or None
+        self.linear_ = None
+        if "linear_coef" in arrays:
+            self.linear_ = Ridge(encoder=self.encoder, show_progress_bar=False)
+            self.linear_.z_mean_, self.linear_.coef_ = arrays["linear_mean"], arrays["linear_coef"]
+            self.linear_.intercept_ = arrays["linear_intercept"]
         if self.image == "features":
             self.x_mean_, self.x_scale_ = arrays["x_mean"], arrays["x_scale"]
         else:
@@ -744,3 +881,24 @@ def _context_layer(dim: int, heads: int = 4) -> torch.nn.Module:
             return self.norm(h + out[:, 0])
 
     return Context()
+
+
+def _simplex(n: int, step: float) -> list[tuple[float, ...]]:
+    """Every weight vector of length ``n`` on the grid ``step`` that sums to 1."""
+    m = round(1 / step)
+    points = [c for c in np.ndindex(*(m + 1,) * (n - 1)) if sum(c) <= m]
+    return [tuple(x * step for x in c) + ((m - sum(c)) * step,) for c in points]
+
+
+def _adjacency(nbrs: tuple[np.ndarray, np.ndarray], rows: np.ndarray | None = None):
+    """Sparse ``(n, n)`` neighbour matrix of ``rows`` (all rows when None) from `_neighbours`' output."""
+    from scipy import sparse
+
+    index, mask = nbrs
+    rows = np.arange(len(index)) if rows is None else np.asarray(rows)
+    local = np.full(len(index), -1)
+    local[rows] = np.arange(len(rows))
+    cols = local[index[rows]]
+    keep = mask[rows] & (cols >= 0)
+    i = np.repeat(np.arange(len(rows)), keep.sum(1))
+    return sparse.csr_matrix((np.ones(len(i)), (i, cols[keep])), shape=(len(rows), len(rows)))

@@ -574,15 +574,8 @@ class SpatialGraph(TorchModel):
         return Ridge(encoder=self.encoder, seed=self.seed, show_progress_bar=False, **overrides)
 
     def _propagate(self, P0: np.ndarray, adj: sparse.csr_matrix, share: float) -> np.ndarray:
-        """`n_layers` rounds of ``p <- (1 - share) * p0 + share * (mean of the neighbours' p)``."""
-        if share == 0 or self.n_layers == 0:
-            return P0
-        A = adj - sparse.identity(adj.shape[0], format="csr", dtype=adj.dtype)
-        A = sparse.diags(1.0 / np.maximum(np.asarray(A.sum(1)).ravel(), 1.0)) @ A
-        P = P0
-        for _ in range(self.n_layers):
-            P = (1.0 - share) * P0 + share * (A @ P)
-        return P
+        """`n_layers` rounds of propagation over the graph's neighbours (self loops left out)."""
+        return propagate(P0, adj - sparse.identity(adj.shape[0], format="csr", dtype=adj.dtype), share, self.n_layers)
 
     def _fit_ridge(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None, coords: np.ndarray) -> None:
         """Fit the ridge on all rows, then choose the neighbour share by leave-one-section-out CV."""
@@ -695,6 +688,22 @@ class SpatialGraph(TorchModel):
             self.module_ = torch.nn.Module()
             return
         self.module_ = self._build(self.n_features_in_, len(self.target_mean_))
+
+
+def propagate(P0: np.ndarray, neighbours: sparse.spmatrix, share: float, n_layers: int = 2) -> np.ndarray:
+    """`n_layers` rounds of ``p <- (1 - share) * p0 + share * (mean of the neighbours' p)`` (personalised PageRank).
+
+    ``neighbours`` is an ``(n, n)`` matrix whose nonzero entries mark each row's neighbours (weights are averaged;
+    rows without neighbours keep ``(1 - share) * p0``).
+    """
+    if share == 0 or n_layers == 0:
+        return P0
+    A = sparse.csr_matrix(neighbours, dtype=np.float64)
+    A = sparse.diags(1.0 / np.maximum(np.asarray(A.sum(1)).ravel(), 1.0)) @ A
+    P = P0
+    for _ in range(n_layers):
+        P = (1.0 - share) * P0 + share * (A @ P)
+    return P
 
 
 @contextmanager
