@@ -18,6 +18,9 @@ from omx.pp._stream import collect, iter_chunks
 
 #: Patch sizes, as multiples of the spot size, whose features feature models concatenate.
 DEFAULT_CONTEXT = (1.0, 2.0, 3.0)
+#: Obs columns naming each spot's section and patient (as `omx.io` and `omx.datasets` write them).
+SECTION_KEY = "section"
+PATIENT_KEY = "patient"
 #: Scale of every prediction omx writes: log1p(counts / total * 1e4).
 TARGET_SCALE = "log1p(counts / total * 1e4)"
 

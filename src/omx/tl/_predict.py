@@ -17,6 +17,8 @@ import omx
 from omx._utils import OMX_TABLE, logger
 from omx.tl._core import (
     DEFAULT_CONTEXT,
+    PATIENT_KEY,
+    SECTION_KEY,
     TARGET_SCALE,
     Section,
     SectionScaler,
@@ -96,6 +98,7 @@ def fit_sections(
         keep
     ]
     coords = np.concatenate([sections[n].spots.centers * sections[n].spots.mpp for n in train])[keep]
+    tell_patients(model, table, sections.values())
     model.fit(inputs, Z, groups=groups, coords=coords, **fit_kwargs)
     model.meta_ = {
         "genes": list(genes),
@@ -109,6 +112,25 @@ def fit_sections(
         "min_counts": min_counts,
     }
     return model, train_var
+
+
+def tell_patients(model: Model, table: AnnData, sections) -> None:
+    """Give a model that never retrieves from a query's patient (`Contrastive`) the patient of each section.
+
+    The patients come from ``table.obs["patient"]`` (sections whose spots all share one value); patients the
+    model already knows are kept.
+    """
+    if not hasattr(model, "patients") or PATIENT_KEY not in table.obs:
+        return
+    known = dict(model.patients or {})
+    for section in sections:
+        rows = section.rows[section.rows >= 0]
+        values = pd.unique(table.obs[PATIENT_KEY].iloc[rows].astype(str))
+        if section.name not in known and len(values) == 1:
+            known[section.name] = str(values[0])
+    if known != (model.patients or {}):
+        model.patients = model.init_params_["patients"] = known
+        logger.info("Patients of the sections, from obs[%r]: %s.", PATIENT_KEY, known)
 
 
 def _inputs(section, model, size_um, context, show_progress_bar, cache) -> np.ndarray:
@@ -476,7 +498,15 @@ def predict_expression(
             check_key_free(sdata.tables[spots.table_key], key_added, overwrite=overwrite)
         elif key_added in sdata.tables and not overwrite:
             raise KeyError(f"sdata.tables[{key_added!r}] exists; pass another `key_added=` or `overwrite=True`.")
-    section = Section(name=spots.shapes_key, spots=spots)
+    name = spots.shapes_key
+    if has_table and SECTION_KEY in sdata.tables[spots.table_key].obs:
+        # the section's label in the table, as at fit time: retrieval leaves out the query's own section
+        table = sdata.tables[spots.table_key]
+        values = pd.unique(table.obs[SECTION_KEY].iloc[spots.table_rows[spots.table_rows >= 0]].astype(str))
+        name = str(values[0]) if len(values) == 1 else name
+    section = Section(name=name, spots=spots)
+    if has_table:
+        tell_patients(model, sdata.tables[spots.table_key], [section])
     pred, var = predict_section(model, section, show_progress_bar=show_progress_bar, return_var=True)
     genes = model.meta_["genes"]
     uns = _uns_entry(model, predict_shapes=spots.shapes_key)
