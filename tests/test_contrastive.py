@@ -206,3 +206,42 @@ def test_factory_and_tl():
     entry = sdata.tables["table"].uns["omx"]["omx_pred"]
     assert entry["model"] == "Contrastive" and fitted.bank_groups_.tolist().count("S1") > 0
     assert entry["scores"]["S3"]["summary"]["all"]["pearson"] > 0.3
+
+
+def test_tl_patients_and_section_labels(monkeypatch, caplog):
+    sdata = omx.datasets.toy_sdata(n_spots=150, n_genes=20, n_sections=3, seed=0)
+    table = sdata.tables["table"]
+    table.obs["patient"] = table.obs["patient"].astype(str).replace({"P2": "P1"})  # S1 and S2: one patient
+    model = Contrastive(**{**FAST, "k": 5, "blend": 0.5})
+    omx.tl.fit_predict(sdata, train=["S1", "S2"], predict="S3", model=model, show_progress_bar=False)
+    # omx.tl tells the model every section's patient, from obs["patient"]
+    assert model.patients == model.init_params_["patients"] == {"S1": "P1", "S2": "P1", "S3": "P3"}
+    seen = []
+    retrieve = Contrastive._retrieve
+
+    def spy(self, h, groups, strict=True):
+        seen.append(set(groups))
+        return retrieve(self, h, groups, strict)
+
+    monkeypatch.setattr(Contrastive, "_retrieve", spy)
+    omx.tl.predict_expression(sdata, model, shapes_key="S1_spots", key_added="again", show_progress_bar=False)
+    # the query is labelled with its section as in the table (not its shapes element), so nothing of S1, nor of
+    # its patient's S2, may be retrieved: its spots fall back on the regression parts, with a warning
+    assert seen == [{"S1"}] and "regression parts alone" in caplog.text
+    assert np.isfinite(table.layers["again"][(table.obs["section"] == "S1").to_numpy()]).all()
+
+
+def test_nothing_to_retrieve_falls_back_on_regression(data):
+    X, Y, groups, _ = data
+    patients = {"a": "P1", "b": "P1", "c": "P2", "d": "P2"}
+    model = Contrastive(**{**FAST, "epochs": 3, "blend": 0.5}, patients=patients)
+    model.fit(X[groups != "d"], Y[groups != "d"], groups=groups[groups != "d"])  # bank: a, b (P1) and c (P2)
+    query, label = X[groups == "d"], np.full(80, "d")  # d is P2's: only the 160 rows of a and b are allowed
+    blended = model.predict(query, groups=label)
+    assert not np.allclose(blended, model.predict(query, groups=label, mode="regression"))
+    model.k = 161  # now too few rows of other patients for a query of d
+    np.testing.assert_allclose(
+        model.predict(query, groups=label), model.predict(query, groups=label, mode="regression"), rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="fewer than k=161"):
+        model.predict(query, groups=label, mode="retrieval")

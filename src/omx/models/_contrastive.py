@@ -483,8 +483,9 @@ class Contrastive(TorchModel):
         shares = PROPAGATION_GRID if self.neighbors else (0.0,)
         if self.blend == "auto":
             grid = _simplex(len(parts), WEIGHT_STEP)
-        else:
-            grid = [[self.weights_[name] for name in parts]]
+        else:  # the fixed weights, over the parts the folds could score
+            total = sum(self.weights_[name] for name in parts) or 1.0
+            grid = [[self.weights_[name] / total for name in parts]]
         scores = np.zeros((len(shares), len(grid)))
         for i, fold in enumerate(oof):
             adj = _adjacency(nbrs, fold["rows"]) if self.neighbors else None
@@ -494,8 +495,9 @@ class Contrastive(TorchModel):
                     pred = sum(wk * smoothed[n] for wk, n in zip(w, parts, strict=True))
                     scores[s, j] += score(fold, pred) / len(oof)
         s, j = np.unravel_index(int(np.argmax(scores)), scores.shape)
-        chosen = dict(zip(parts, map(float, grid[j]), strict=True))
-        self.weights_ = {"retrieval": 0.0, "head": 0.0, "linear": 0.0, **chosen}
+        if self.blend == "auto":
+            chosen = dict(zip(parts, map(float, grid[j]), strict=True))
+            self.weights_ = {"retrieval": 0.0, "head": 0.0, "linear": 0.0, **chosen}
         self.propagation_ = float(shares[s])
         self.cv_.update(
             weights_grid=[dict(zip(parts, map(float, w), strict=True)) for w in grid],
@@ -658,24 +660,34 @@ class Contrastive(TorchModel):
             keep &= np.array([self.patients.get(g, g) != patient for g in bank])
         return keep
 
-    def _retrieve(self, h: np.ndarray, groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Retrieval from embeddings: (standardised prediction, bank indices (n, k), weights (n, k))."""
+    def _retrieve(self, h: np.ndarray, groups: np.ndarray | None, strict: bool = True) -> tuple[np.ndarray, ...]:
+        """Retrieval from embeddings: (standardised prediction, bank indices (n, k), weights (n, k), rows retrieved).
+
+        A group with fewer than `k` bank rows it may retrieve raises, or with ``strict=False`` is left out (its
+        rows are False in the last array).
+        """
         q = h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
         tau = float(np.exp(np.clip(float(self.module_.log_temperature.detach()), np.log(0.01), 0.0)))
         n, k = len(q), self.k
         pred = np.zeros((n, self._bank_z.shape[1]), np.float32)
         index = np.zeros((n, k), np.int64)
         weight = np.zeros((n, k), np.float32)
+        retrieved = np.ones(n, bool)
         labels = [None] if groups is None else np.unique(groups)
         for g in labels:
             rows = np.arange(n) if g is None else np.flatnonzero(groups == g)
             allowed = np.flatnonzero(self._allowed(g))
             if len(allowed) < k:
-                raise ValueError(
+                message = (
                     f"Only {len(allowed)} reference spots may be retrieved for group {g!r} (its own section"
                     f"{' and patient' if self.exclude == 'patient' and self.patients else ''} excluded), fewer "
-                    f"than k={k}. Lower `k`, or fit on more sections."
+                    f"than k={k}."
                 )
+                if strict:
+                    raise ValueError(f"{message} Lower `k`, or fit on more sections.")
+                logger.warning("%s Its spots are predicted by the regression parts alone.", message)
+                retrieved[rows] = False
+                continue
             keys = self.bank_embedding_[allowed]
             for start in range(0, len(rows), QUERY_CHUNK):
                 r = rows[start : start + QUERY_CHUNK]
@@ -688,7 +700,7 @@ class Contrastive(TorchModel):
                 w /= w.sum(1, keepdims=True)
                 index[r], weight[r] = allowed[top], w
                 pred[r] = np.einsum("nk,nkg->ng", w, self._bank_z[allowed[top]])
-        return pred, index, weight
+        return pred, index, weight, retrieved
 
     def _queries(self, X: np.ndarray, groups: np.ndarray | None, coords: np.ndarray | None = None):
         """Image embeddings of the rows of ``X``, and the model-ready inputs."""
@@ -708,7 +720,10 @@ class Contrastive(TorchModel):
             r = self.linear_
             pred += weights["linear"] * ((Xp - r.z_mean_) @ r.coef_ + r.intercept_).astype(np.float32)
         if weights["retrieval"]:
-            pred += weights["retrieval"] * self._retrieve(h, groups)[0]
+            regression = weights["head"] + weights["linear"]
+            retrieval, _, _, ok = self._retrieve(h, groups, strict=regression == 0)
+            pred[ok] += weights["retrieval"] * retrieval[ok]
+            pred[~ok] /= regression  # rows with nothing to retrieve: the regression parts, reweighted to sum to 1
         if self.propagation_ and coords is not None:
             pred = propagate(pred, _adjacency(_neighbours(coords, groups, self.neighbors)), self.propagation_)
         return pred * self.target_std_ + self.target_mean_
@@ -778,7 +793,7 @@ class Contrastive(TorchModel):
         X = self._check_X(X)
         groups = self._check_groups(groups, len(X))
         h, _ = self._queries(X, groups, *self._spatial_args(coords, len(X)))
-        pred, index, weight = self._retrieve(h, groups)
+        pred, index, weight, _ = self._retrieve(h, groups)
         return (pred * self.target_std_ + self.target_mean_).astype(np.float32), index, weight
 
     def set_device(self, device: str) -> None:
