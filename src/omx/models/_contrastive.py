@@ -61,21 +61,25 @@ class Contrastive(TorchModel):
 
     Mean per-gene Pearson r on her2st, handcrafted features of the spot and its surroundings (x1, x2, x3),
     leave-one-section-out over the held-out C sections (panel of 785 genes; ex50: 50 most expressed; var50: 50
-    most variable) and cross-patient (train C, test B4, panel), seed 0, CPU (``benchmarks/her2st.py``):
+    most variable) and cross-patient (train C, test B4, panel), seed 0, CPU (``benchmarks/her2st.py``; `omx.tl`
+    gives the model each section's patient, so retrieval for a C section draws on B4 alone):
 
     ==============================================  ======  ======  ======  =============
     model                                           panel   ex50    var50   cross-patient
     ==============================================  ======  ======  ======  =============
-    ridge (foundation's best)                       0.165   0.393   0.397   0.131
-    this model, defaults (context, 6 neighbours)    0.167   0.402   0.411   0.136
-    its retrieval alone (``mode="retrieval"``)      0.134   0.390   0.397   0.103
-    its regression alone (``mode="regression"``)    0.166   0.398   0.406   0.136
-    without context (``neighbors=0``)               0.165   0.393   0.400   0.128
+    ridge (foundation's best on held-out C)         0.165   0.393   0.397   0.131
+    CNN (foundation's best across patients)         0.125   0.292   0.293   0.132
+    this model, defaults (context, 6 neighbours)    0.167   0.400   0.408   0.133
+    its retrieval alone (``mode="retrieval"``)      0.064   0.135   0.135   0.089
+    without context (``neighbors=0``)               0.165   0.392   0.399   0.131
+    without InfoNCE (``contrastive_weight=0``)      0.163   0.384   0.393   0.137
     ==============================================  ======  ======  ======  =============
 
-    With seeds 1 and 2 the defaults score 0.166 / 0.399 / 0.408 / 0.129 and 0.168 / 0.406 / 0.415 / 0.132.
-    The chosen weights put 0.1 to 0.2 on retrieval, the rest on the head and the linear part; the neighbours'
-    share is 0.3 to 0.5.
+    Retrieval from another patient's sections scores low, so ``blend="auto"`` gives it weight 0 here and the
+    default prediction is the regression parts (head 0.5 to 0.7, the linear part the rest), propagated with a
+    neighbours' share of 0.3 or 0.4. With seeds 1 and 2 the defaults score 0.167 / 0.396 / 0.405 / 0.134 and
+    0.169 / 0.404 / 0.412 / 0.135. The InfoNCE loss helps on held-out sections of the training patients (0.163
+    to 0.167 over the panel) but not across patients.
 
     Features (``image="features"``) are standardised per group like `Ridge` (pass whole sections with
     `groups`); patches (``image="patches"``) are normalised per channel and augmented in training (flips,
@@ -125,7 +129,7 @@ class Contrastive(TorchModel):
         patient, else its section) or ``"group"`` (its own section only).
     patients
         Patient of each group label, e.g. ``{"C2": "C", "C3": "C", "B4": "B"}``; labels it lacks are their own
-        patient.
+        patient. `omx.tl` adds the patient of every section from the table's ``obs["patient"]``.
     neighbors
         Neighbouring spots (nearest, within the same group and 2.5 spot spacings) whose image embeddings each spot
         attends to and over which predictions are propagated; 0 switches spot context off. With neighbours the
@@ -902,7 +906,7 @@ def _simplex(n: int, step: float) -> list[tuple[float, ...]]:
     """Every weight vector of length ``n`` on the grid ``step`` that sums to 1."""
     m = round(1 / step)
     points = [c for c in np.ndindex(*(m + 1,) * (n - 1)) if sum(c) <= m]
-    return [tuple(x * step for x in c) + ((m - sum(c)) * step,) for c in points]
+    return [tuple(round(x * step, 10) for x in (*c, m - sum(c))) for c in points]
 
 
 def _adjacency(nbrs: tuple[np.ndarray, np.ndarray], rows: np.ndarray | None = None):
