@@ -62,6 +62,9 @@ def test_learns_and_predicts_both_ways(data):
         r[mode] = _mean_r(pred, Y[~train])
     assert _mean_r(trained.predict(X[~train], groups=groups[~train]), Y[~train]) > before + 0.2  # training helps
     assert r["default"] > 0.5
+    ax = omx.pl.history(model)  # the first cross-fitting fold's curves, its best epoch marked
+    assert "first cross-fitting fold" in ax.get_title()
+    assert ax.lines[-1].get_xdata()[0] == model.fold_best_epochs_[0] + 1
     assert r["retrieval"] > 0.4 and r["regression"] > 0.3
     fixed = Contrastive(**{**FAST, "blend": 0.25}).fit(X[train], Y[train], groups=groups[train])
     assert fixed.weights_ == {"retrieval": 0.25, "head": 0.75, "linear": 0.0}
@@ -129,7 +132,7 @@ def test_spot_context_and_patches(data):
     X, Y, groups, coords = data
     model = Contrastive(**{**FAST, "epochs": 3, "neighbors": 4}).fit(X, Y, groups=groups, coords=coords)
     assert model.spatial and "context" in model.module_
-    assert model.propagation_ in PROPAGATION_GRID and len(model.history_["propagation_score"]) == 7
+    assert model.propagation_ in PROPAGATION_GRID and len(model.history_["share_score"]) == 7
     pred = model.predict(X[:80], groups=groups[:80], coords=coords[:80])
     assert pred.shape == (80, 12)
     # the prediction is the unpropagated one, propagated over the same 4 nearest spots
@@ -140,7 +143,7 @@ def test_spot_context_and_patches(data):
     np.testing.assert_allclose(
         model.predict(X[:80], groups=groups[:80], coords=coords[:80]), expected + model.target_mean_, atol=1e-4
     )
-    assert share == model.history_["propagation"][int(np.argmax(model.history_["propagation_score"]))]
+    assert share == model.history_["share_grid"][int(np.argmax(model.history_["share_score"]))]
     with pytest.raises(ValueError, match="coords"):
         model.predict(X[:80], groups=groups[:80])
 

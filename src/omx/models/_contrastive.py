@@ -180,7 +180,7 @@ class Contrastive(TorchModel):
     history_
         ``"train_loss"``, ``"val_loss"``, ``"val_score"`` (validation Pearson r) per epoch of the first
         cross-fitting fold; ``"refit_train_loss"`` of the final training on all rows; ``"head_alpha_score"``,
-        ``"weights_grid"`` / ``"weights_score"`` and ``"propagation"`` / ``"propagation_score"``: the mean
+        ``"weights_grid"`` / ``"weights_score"`` and ``"share_grid"`` / ``"share_score"``: the mean
         out-of-fold Pearson r of each choice.
     best_epoch_
         Last epoch (from 0) of the final training.
@@ -506,8 +506,8 @@ class Contrastive(TorchModel):
         self.cv_.update(
             weights_grid=[dict(zip(parts, map(float, w), strict=True)) for w in grid],
             weights_score=scores[s].tolist(),
-            propagation=list(shares),
-            propagation_score=scores.max(1).tolist(),
+            share_grid=list(shares),
+            share_score=scores.max(1).tolist(),
         )
         logger.info(
             "Contrastive: weights %s and neighbour share %.1f chosen on %d cross-fitted folds (mean Pearson r %.3f).",

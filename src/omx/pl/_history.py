@@ -11,7 +11,8 @@ def history(model, *, ax: Axes | None = None, save=None) -> Axes:
     """Plot how a model was fitted: losses per epoch, or a cross-validation curve.
 
     Torch models: training and validation loss per epoch (left axis), the validation score that early stopping
-    followed (mean per-gene Pearson r, right axis) and the epoch whose weights were kept. Ridge: the
+    followed (mean per-gene Pearson r, right axis) and the epoch whose weights were kept (for `Contrastive`, those
+    of its first cross-fitting fold). Ridge: the
     cross-validated mean Pearson r against alpha, one line per number of target components, with the choice
     marked. `SpatialGraph` with a ridge predictor: the cross-validated mean Pearson r against the neighbour
     share of the propagation, with the choice marked.
@@ -46,7 +47,7 @@ def history(model, *, ax: Axes | None = None, save=None) -> Axes:
         ax.set_ylabel("CV mean Pearson r")
         ax.legend(fontsize=8, frameon=False)
         ax.set_title("Ridge: cross-validated penalty (circle: chosen)", fontsize=10)
-    elif "propagation" in hist:
+    elif "propagation" in hist and "cv_pearson" in hist:
         share, scores = np.asarray(hist["propagation"]), np.asarray(hist["cv_pearson"], dtype=float)
         ax.plot(share, scores, marker="o", ms=3)
         chosen = getattr(model, "propagation_", share[np.nanargmax(scores)])
@@ -67,13 +68,14 @@ def history(model, *, ax: Axes | None = None, save=None) -> Axes:
             (line,) = twin.plot(epochs[: len(hist["val_score"])], hist["val_score"], color="C2", label="val Pearson r")
             twin.set_ylabel("validation mean Pearson r")
             handles, labels = [*handles, line], [*labels, line.get_label()]
-        best = getattr(model, "best_epoch_", None)
+        folds = getattr(model, "fold_best_epochs_", None)  # cross-fitted models: the curves are the first fold's
+        best = folds[0] if folds else getattr(model, "best_epoch_", None)
         if best is not None:
             ax.axvline(best + 1, color="0.4", ls="--", lw=1)
             handles.append(ax.lines[-1])
             labels.append("kept weights")
         ax.legend(handles, labels, fontsize=8, frameon=False)
-        ax.set_title(f"{type(model).__name__}: training", fontsize=10)
+        ax.set_title(f"{type(model).__name__}: training{' (first cross-fitting fold)' if folds else ''}", fontsize=10)
     if save is not None:
         ax.figure.savefig(save, dpi=150, bbox_inches="tight")
     return ax
