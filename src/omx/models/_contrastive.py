@@ -707,15 +707,15 @@ class Contrastive(TorchModel):
         return pred, index, weight, retrieved
 
     def _queries(self, X: np.ndarray, groups: np.ndarray | None, coords: np.ndarray | None = None):
-        """Image embeddings of the rows of ``X``, and the model-ready inputs."""
+        """Image embeddings of the rows of ``X``, the model-ready inputs and the neighbours (None without context)."""
         device = self._torch_device()
         self.module_.to(device)
         nbrs = _neighbours(coords, groups, self.neighbors) if self.neighbors else None
         Xp = self._prepare(X, groups)
-        return self._embed(Xp, np.arange(len(X)), nbrs, device), Xp
+        return self._embed(Xp, np.arange(len(X)), nbrs, device), Xp, nbrs
 
     def _predict(self, X: np.ndarray, groups: np.ndarray | None, coords: np.ndarray | None = None) -> np.ndarray:
-        h, Xp = self._queries(X, groups, coords)
+        h, Xp, nbrs = self._queries(X, groups, coords)
         weights = self.weights_
         pred = np.zeros((len(X), len(self.target_mean_)), np.float32)
         if weights["head"]:
@@ -728,8 +728,8 @@ class Contrastive(TorchModel):
             retrieval, _, _, ok = self._retrieve(h, groups, strict=regression == 0)
             pred[ok] += weights["retrieval"] * retrieval[ok]
             pred[~ok] /= regression  # rows with nothing to retrieve: the regression parts, reweighted to sum to 1
-        if self.propagation_ and coords is not None:
-            pred = propagate(pred, _adjacency(_neighbours(coords, groups, self.neighbors)), self.propagation_)
+        if self.propagation_ and nbrs is not None:
+            pred = propagate(pred, _adjacency(nbrs), self.propagation_)
         return pred * self.target_std_ + self.target_mean_
 
     def predict(
@@ -796,7 +796,7 @@ class Contrastive(TorchModel):
         self._check_fitted()
         X = self._check_X(X)
         groups = self._check_groups(groups, len(X))
-        h, _ = self._queries(X, groups, *self._spatial_args(coords, len(X)))
+        h, _, _ = self._queries(X, groups, *self._spatial_args(coords, len(X)))
         pred, index, weight, _ = self._retrieve(h, groups)
         return (pred * self.target_std_ + self.target_mean_).astype(np.float32), index, weight
 
