@@ -391,15 +391,14 @@ class Contrastive(TorchModel):
         rng = np.random.default_rng(self.seed)
         nbrs = _neighbours(coords, groups, self.neighbors) if self.neighbors else None
         folds = self._folds(len(X), groups, rng)
-        oof = [self._fit_fold(X, Y, groups, coords, nbrs, train, val) for train, val in folds]
+        oof = [self._fit_fold(X, Y, groups, nbrs, train, val) for train, val in folds]
         first = self.history_ if folds else {}
         self._choose(oof, nbrs)
         epochs = int(round(np.mean(self.fold_best_epochs_))) + 1 if folds else self.epochs
         if folds:
             logger.info("Contrastive: training on all %d rows for %d epochs.", len(X), epochs)
         everything = np.arange(len(X))
-        Xp, Yz = self._fit_rows(X, Y, groups, coords, nbrs, everything, everything[:0], epochs=epochs, patience=None)
-        self.head_ridge_ = None
+        Xp, Yz = self._fit_rows(X, Y, groups, nbrs, everything, everything[:0], epochs=epochs, patience=None)
         if self.head != "trained":
             self._fit_ridge_head(Xp, Yz, everything, nbrs, [self.head_alpha_])
         self.linear_ = self._fit_linear(X, Yz, groups) if self.image == "features" else None
@@ -419,17 +418,15 @@ class Contrastive(TorchModel):
         train, val = self._validation_split(n, None, self.val_fraction, rng)
         return [(train, val)] if len(val) else []
 
-    def _fit_fold(self, X, Y, groups, coords, nbrs, train_idx, val_idx) -> dict[str, Any]:
+    def _fit_fold(self, X, Y, groups, nbrs, train_idx, val_idx) -> dict[str, Any]:
         """Train on one fold; return its validation rows' predictions by every part (standardised targets)."""
-        Xp, Yz = self._fit_rows(
-            X, Y, groups, coords, nbrs, train_idx, val_idx, epochs=self.epochs, patience=self.patience
-        )
+        Xp, Yz = self._fit_rows(X, Y, groups, nbrs, train_idx, val_idx, epochs=self.epochs, patience=self.patience)
         device = self._torch_device()
         val_groups = groups[val_idx] if groups is not None else None
-        self.head_ridge_ = None
         h = self._embed(Xp, val_idx, nbrs, device)
-        heads = [self._regress(h, Xp[val_idx])]
-        if self.head != "trained":
+        if self.head == "trained":
+            heads = [self._regress(h, Xp[val_idx])]
+        else:  # one ridge head per penalty
             heads = []
             for fitted in self._fit_ridge_head(Xp, Yz, train_idx, nbrs, DEFAULT_ALPHAS):
                 self.head_ridge_ = fitted
@@ -462,8 +459,7 @@ class Contrastive(TorchModel):
         """Choose the head's penalty, the weights of the parts and the neighbour share on the cross-fitted rows."""
 
         def score(fold: dict[str, Any], pred: np.ndarray) -> float:
-            masks = [fold["groups"] == g for g in np.unique(fold["groups"])]
-            return float(np.mean([np.nanmean(pearson(fold["truth"][m], pred[m])) for m in masks]))
+            return _group_score(fold["truth"], pred, fold["groups"])
 
         self.fold_best_epochs_ = [int(f["best_epoch"]) for f in oof]
         self.head_alpha_, self.weights_, self.propagation_ = 1.0, dict(DEFAULT_WEIGHTS), 0.0
@@ -519,7 +515,6 @@ class Contrastive(TorchModel):
         X: np.ndarray,
         Y: np.ndarray,
         groups: np.ndarray | None,
-        coords: np.ndarray | None,
         nbrs,
         train_idx: np.ndarray,
         val_idx: np.ndarray,
@@ -579,9 +574,7 @@ class Contrastive(TorchModel):
                 pred = 0.5 * pred + 0.5 * self._retrieve(q, val_groups if groups is not None else None)[0]
             except ValueError:  # too few rows of other sections (patients) to retrieve from
                 pass
-            masks = [val_groups == g for g in np.unique(val_groups)]
-            scores = [np.nanmean(pearson(Yz[val_idx][m], pred[m])) for m in masks]
-            return float(np.nanmean(scores)) if np.isfinite(scores).any() else -np.inf
+            return _group_score(Yz[val_idx], pred, val_groups)
 
         self._train(
             batch_loss,
@@ -921,3 +914,9 @@ def _adjacency(nbrs: tuple[np.ndarray, np.ndarray], rows: np.ndarray | None = No
     keep = mask[rows] & (cols >= 0)
     i = np.repeat(np.arange(len(rows)), keep.sum(1))
     return sparse.csr_matrix((np.ones(len(i)), (i, cols[keep])), shape=(len(rows), len(rows)))
+
+
+def _group_score(truth: np.ndarray, pred: np.ndarray, groups: np.ndarray) -> float:
+    """Mean over groups of the mean per-column Pearson r (-inf when no column has one)."""
+    scores = [np.nanmean(pearson(truth[m], pred[m])) for m in (groups == g for g in np.unique(groups))]
+    return float(np.nanmean(scores)) if np.isfinite(scores).any() else -np.inf
