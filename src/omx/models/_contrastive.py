@@ -713,9 +713,8 @@ class Contrastive(TorchModel):
         pred = np.zeros((len(X), len(self.target_mean_)), np.float32)
         if weights["head"]:
             pred += weights["head"] * self._regress(h, Xp)
-        if weights["linear"]:
-            r = self.linear_
-            pred += weights["linear"] * ((Xp - r.z_mean_) @ r.coef_ + r.intercept_).astype(np.float32)
+        if weights["linear"]:  # Xp is standardised as the linear part's own features would be
+            pred += weights["linear"] * self.linear_._predict_standardised(Xp).astype(np.float32)
         if weights["retrieval"]:
             regression = weights["head"] + weights["linear"]
             retrieval, _, _, ok = self._retrieve(h, groups, strict=regression == 0)
@@ -812,9 +811,10 @@ class Contrastive(TorchModel):
             arrays["components"] = self.components_
         if self.head_ridge_ is not None:
             arrays.update({f"head_ridge_{k}": np.asarray(v) for k, v in self.head_ridge_.items()})
+        linear_state = None
         if self.linear_ is not None:
-            arrays.update(linear_mean=self.linear_.z_mean_, linear_coef=self.linear_.coef_)
-            arrays.update(linear_intercept=self.linear_.intercept_)
+            linear_state, linear_arrays = self.linear_._get_state()
+            arrays.update({f"linear_{k}": v for k, v in linear_arrays.items()})
         if self.image == "features":
             arrays.update(x_mean=self.x_mean_, x_scale=self.x_scale_)
         else:
@@ -824,6 +824,7 @@ class Contrastive(TorchModel):
             "weights_": self.weights_,
             "propagation_": self.propagation_,
             "head_alpha_": self.head_alpha_,
+            "linear_state": linear_state,
             "bank_group_labels": labels.tolist(),
             "n_out": int(self.module_["head"].out_features),
             "d_in": int(self.n_features_in_) if self.image == "features" else 0,
@@ -841,10 +842,12 @@ class Contrastive(TorchModel):
         ridge = {k: arrays[f"head_ridge_{k}"] for k in ("mean", "coef", "intercept") if f"head_ridge_{k}" in arrays}
         self.head_ridge_ = ridge or None
         self.linear_ = None
-        if "linear_coef" in arrays:
-            self.linear_ = Ridge(encoder=self.encoder, show_progress_bar=False)
-            self.linear_.z_mean_, self.linear_.coef_ = arrays["linear_mean"], arrays["linear_coef"]
-            self.linear_.intercept_ = arrays["linear_intercept"]
+        if state.get("linear_state") is not None:
+            self.linear_ = Ridge(encoder=self.encoder, seed=self.seed, show_progress_bar=False)
+            prefix = "linear_"
+            self.linear_._set_state(
+                state["linear_state"], {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            )
         if self.image == "features":
             self.x_mean_, self.x_scale_ = arrays["x_mean"], arrays["x_scale"]
         else:

@@ -152,7 +152,11 @@ class Ridge(Model):
         self.coef_ = self.coef_[0]
 
     def _predict(self, X: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
-        return (self._standardise(X, groups) - self.z_mean_) @ self.coef_ + self.intercept_
+        return self._predict_standardised(self._standardise(X, groups))
+
+    def _predict_standardised(self, Z: np.ndarray) -> np.ndarray:
+        """Predictions from features already standardised as `_standardise` does."""
+        return (Z - self.z_mean_) @ self.coef_ + self.intercept_
 
     def _select(self, Z: np.ndarray, Y: np.ndarray, groups: np.ndarray | None) -> tuple[float, int | None]:
         """Choose alpha (and the number of target components) by cross-validated mean per-gene Pearson r."""
