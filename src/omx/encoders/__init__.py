@@ -11,8 +11,8 @@ import importlib
 import sys
 from typing import Any
 
-from ._base import Encoder, check_patches, resize_patches
-from ._handcrafted import HandcraftedEncoder
+from omx.encoders._base import Encoder, check_patches, resize_patches
+from omx.encoders._handcrafted import HandcraftedEncoder
 
 _LAZY = {"TorchEncoder": "._torch", "SmallCNN": "._torch"}
 
@@ -77,7 +77,7 @@ def get_encoder(spec: str | Encoder | Any = "handcrafted", **kwargs: Any) -> Enc
         raise ValueError(f"Cannot rebuild an encoder from {spec!r}; expected a dict with 'class'.")
     torch = sys.modules.get("torch")  # a module can only exist when torch was imported already
     if torch is not None and isinstance(spec, torch.nn.Module):
-        from ._torch import TorchEncoder
+        from omx.encoders._torch import TorchEncoder
 
         return TorchEncoder(spec, **kwargs)
     raise TypeError(f"Cannot make an encoder from a {type(spec).__name__}; pass a name, an Encoder or a torch module.")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from ._base import Encoder
+from omx.encoders._base import Encoder
 
 #: Stain-separation matrix of Ruifrok & Johnston (as `skimage.color.hed_from_rgb`): optical density -> H, E, DAB.
 HED_FROM_RGB = np.linalg.inv(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])).astype(np.float32)

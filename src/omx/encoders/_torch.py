@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._utils import get_device
-from ._base import Encoder
+from omx._utils import get_device
+from omx.encoders._base import Encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -6,6 +6,6 @@ table ``"table"`` (raw integer counts, ``obs["section"]``, ``obsm["spatial"]`` i
 10x technologies are read with :mod:`spatialdata_io`.
 """
 
-from ._st import read_st
+from omx.io._st import read_st
 
 __all__ = ["read_st"]

@@ -8,12 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ._base import Model, TorchModel
-from ._cnn import CNNRegressor
-from ._contrastive import Contrastive
-from ._distributed import fit_distributed
-from ._graph import SpatialGraph
-from ._ridge import Ridge
+from omx.models._base import Model, TorchModel
+from omx.models._cnn import CNNRegressor
+from omx.models._contrastive import Contrastive
+from omx.models._distributed import fit_distributed
+from omx.models._graph import SpatialGraph
+from omx.models._ridge import Ridge
 
 #: Short names accepted by `get_model` (and by the ``model=`` argument of `omx.tl` functions).
 MODELS: dict[str, type[Model]] = {

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from .._utils import get_device, logger, progress
-from ..encoders._base import check_patches
+from omx._utils import get_device, logger, progress
+from omx.encoders._base import check_patches
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -307,7 +307,7 @@ class Model:
             raise FileExistsError(f"A model is already saved in {path}; pass `overwrite=True` to replace it.")
         path.mkdir(parents=True, exist_ok=True)
         state, arrays = self._get_state()
-        from .. import __version__
+        from omx import __version__
 
         meta = {
             "class": type(self).__name__,

@@ -6,14 +6,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._utils import seed_everything
-from ..metrics import pearson
-from ._base import TorchModel
+from omx._utils import seed_everything
+from omx.metrics import pearson
+from omx.models._base import TorchModel
 
 if TYPE_CHECKING:
     import torch
 
-    from ..encoders import TorchEncoder
+    from omx.encoders import TorchEncoder
 
 
 class CNNRegressor(TorchModel):
@@ -128,7 +128,7 @@ class CNNRegressor(TorchModel):
     def _build(self, n_targets: int) -> torch.nn.Module:
         from torch import nn
 
-        from ..encoders._torch import SmallCNN
+        from omx.encoders._torch import SmallCNN
 
         backbone = SmallCNN(None, width=self.width)
         return nn.Sequential(backbone, nn.Linear(backbone.dim, n_targets))
@@ -137,7 +137,7 @@ class CNNRegressor(TorchModel):
         import torch
         from torch.nn import functional as F
 
-        from ..encoders._torch import to_tensor
+        from omx.encoders._torch import to_tensor
 
         device = self._torch_device()
         seed_everything(self.seed)
@@ -191,7 +191,7 @@ class CNNRegressor(TorchModel):
     def _predict(self, X: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
         import torch
 
-        from ..encoders._torch import to_tensor
+        from omx.encoders._torch import to_tensor
 
         device = self._torch_device()
         module = self.module_.to(device).eval()
@@ -222,7 +222,7 @@ class CNNRegressor(TorchModel):
         -------
         An encoder of ``4 * width`` features per patch, with this model's input normalisation.
         """
-        from ..encoders._torch import TorchEncoder
+        from omx.encoders._torch import TorchEncoder
 
         self._check_fitted()
         params = {"patch_px": self.patch_px, "mean": self.input_mean_.tolist(), "std": self.input_std_.tolist()}
@@ -270,7 +270,7 @@ def augment_patches(
     """
     import torch
 
-    from ..encoders._handcrafted import HED_FROM_RGB
+    from omx.encoders._handcrafted import HED_FROM_RGB
 
     b = x.shape[0]
     dev = x.device

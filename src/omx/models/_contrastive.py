@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .._utils import logger, seed_everything
-from ..encoders import Encoder, get_encoder
-from ..metrics import pearson
-from ._base import TorchModel
-from ._cnn import _channel_stats, augment_patches
-from ._graph import PROPAGATION_GRID, propagate
-from ._ridge import DEFAULT_ALPHAS, Ridge, _fit_ridge, _safe_scale
+from omx._utils import logger, seed_everything
+from omx.encoders import Encoder, get_encoder
+from omx.metrics import pearson
+from omx.models._base import TorchModel
+from omx.models._cnn import _channel_stats, augment_patches
+from omx.models._graph import PROPAGATION_GRID, propagate
+from omx.models._ridge import DEFAULT_ALPHAS, Ridge, _fit_ridge, _safe_scale
 
 if TYPE_CHECKING:
     import torch
@@ -310,7 +310,7 @@ class Contrastive(TorchModel):
             )
 
         if self.image == "patches":
-            from ..encoders._torch import SmallCNN
+            from omx.encoders._torch import SmallCNN
 
             cnn = SmallCNN(None, width=self.width)
             image = nn.Sequential(cnn, mlp(cnn.dim))
@@ -350,7 +350,7 @@ class Contrastive(TorchModel):
     def _to_device(self, X: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
         import torch
 
-        from ..encoders._torch import to_tensor
+        from omx.encoders._torch import to_tensor
 
         if self.image == "patches":
             x = to_tensor(X[rows], device)

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from .._utils import logger
-from ._base import Model, TorchModel
+from omx._utils import logger
+from omx.models._base import Model, TorchModel
 
 
 def fit_distributed(
@@ -59,7 +59,7 @@ def fit_distributed(
         copy.checkpoint_dir = model.checkpoint_dir
         args = (n_procs, backend, _free_port(), copy, X, Y, groups, coords, fit_kwargs, tmp)
         mp.spawn(_worker, args=args, nprocs=n_procs, join=True)
-        from . import load
+        from omx.models import load
 
         fitted = load(f"{tmp}/model", show_progress_bar=model.show_progress_bar, device=model.device)
     logger.info("Fitted %s on %d processes (%s).", type(model).__name__, n_procs, backend)

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from scipy import sparse
 
-from .._utils import check_counts, logger, progress, seed_everything
-from ..encoders import Encoder, get_encoder
-from ..metrics import pearson
-from ._base import TorchModel
-from ._ridge import _safe_scale, standardize_by_group
+from omx._utils import check_counts, logger, progress, seed_everything
+from omx.encoders import Encoder, get_encoder
+from omx.metrics import pearson
+from omx.models._base import TorchModel
+from omx.models._ridge import _safe_scale, standardize_by_group
 
 if TYPE_CHECKING:
     import torch
@@ -569,7 +569,7 @@ class SpatialGraph(TorchModel):
 
     # ------------------------------------------------------------------ ridge predictor
     def _ridge(self, **overrides: Any):
-        from ._ridge import Ridge
+        from omx.models._ridge import Ridge
 
         return Ridge(encoder=self.encoder, seed=self.seed, show_progress_bar=False, **overrides)
 

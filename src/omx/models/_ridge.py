@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .._utils import logger, progress
-from ..encoders import Encoder, get_encoder
-from ..metrics import pearson
-from ._base import Model
+from omx._utils import logger, progress
+from omx.encoders import Encoder, get_encoder
+from omx.metrics import pearson
+from omx.models._base import Model
 
 #: Default alpha grid (penalty per row, on standardised features).
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-4, 2, 13))
