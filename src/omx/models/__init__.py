@@ -10,6 +10,7 @@ from typing import Any
 
 from omx.models._base import Model, TorchModel
 from omx.models._cnn import CNNRegressor
+from omx.models._context import Context
 from omx.models._contrastive import Contrastive
 from omx.models._distributed import fit_distributed
 from omx.models._graph import SpatialGraph
@@ -25,6 +26,7 @@ MODELS: dict[str, type[Model]] = {
 
 __all__ = [
     "CNNRegressor",
+    "Context",
     "Contrastive",
     "MODELS",
     "Model",
