@@ -80,6 +80,5 @@ class Context:
 
     def subset(self, rows: np.ndarray) -> Context:
         """The context of a subset of rows (per-row fields indexed; ``group_stats`` and ``meta`` kept)."""
-        return replace(
-            self, **{name: np.asarray(getattr(self, name))[rows] for name in ROW_FIELDS if getattr(self, name) is not None}
-        )
+        given = [name for name in ROW_FIELDS if getattr(self, name) is not None]
+        return replace(self, **{name: np.asarray(getattr(self, name))[rows] for name in given})
