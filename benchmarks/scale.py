@@ -162,7 +162,7 @@ def fit_models(workdir: Path, models: list[str]) -> dict:
         t = time.perf_counter()
         omx.tl.fit_predict(sdata, train="T1", predict="T2", model=model, show_progress_bar=False, key_added=name)
         fit_s = time.perf_counter() - t
-        score = sdata.tables["table"].uns["omx"][name]["scores"]["T2"]["summary"]["all"]["pearson"]
+        score = sdata.tables["table"].uns["omx"][name]["summary"]["T2"]["all"]["pearson"]
         model.save(workdir / f"model_{name}", overwrite=True)
         out[name] = {"fit_and_predict_5k_s": round(fit_s, 1), "held_out_mean_r": round(float(score), 3)}
         done.write_text(json.dumps(out[name]))

@@ -208,7 +208,7 @@ def test_factory_and_tl():
     )
     entry = sdata.tables["table"].uns["omx"]["omx_pred"]
     assert entry["model"] == "Contrastive" and fitted.bank_groups_.tolist().count("S1") > 0
-    assert entry["scores"]["S3"]["summary"]["all"]["pearson"] > 0.3
+    assert entry["summary"]["S3"]["all"]["pearson"] > 0.3
 
 
 def test_tl_patients_and_section_labels(monkeypatch, caplog):

@@ -178,4 +178,4 @@ def test_tl_count_likelihood_writes_prediction_and_variance():
     v = var.ravel()
     low, high = v <= np.quantile(v, 1 / 3), v >= np.quantile(v, 2 / 3)
     assert err[high].mean() > 1.5 * err[low].mean()
-    assert table.uns["omx"]["omx_pred"]["scores"]["S2"]["summary"]["all"]["pearson"] > 0.2
+    assert table.uns["omx"]["omx_pred"]["summary"]["S2"]["all"]["pearson"] > 0.2

@@ -241,30 +241,31 @@ def test_gene_scores_mse_lower_is_better(scores):
 
 
 def test_gene_scores_from_table_uns_and_single_axes(scores):
+    from omx._schema import scores_columns
+
     table = ad.AnnData(np.zeros((2, 2)))
-    records = scores.reset_index()
-    table.uns["omx"] = {"omx_pred": {"gene_scores": {c: records[c].tolist() for c in records.columns}}}
+    table.uns["omx"] = {"omx_pred": {"scores": scores_columns({"S2": scores})}}
     fig, ax = plt.subplots()
     out = omx.pl.gene_scores(table, metric="ccc", ax=ax, n_label=3)
     assert out is fig
     text = " ".join(t.get_text() for t in ax.texts)
     best = scores["ccc"].dropna().sort_values(ascending=False).index[:3]
     assert all(g in text for g in best)
-    with pytest.raises(KeyError, match="no entry 'other'"):
+    with pytest.raises(KeyError, match="no omx result 'other'"):
         omx.pl.gene_scores(table, key="other")
     with pytest.raises(KeyError, match="No score 'r2'"):
         omx.pl.gene_scores(scores, metric="r2")
     plt.close("all")
 
 
-def test_gene_scores_per_section_layouts(scores):
-    records = scores.reset_index()
-    as_lists = {c: records[c].tolist() for c in records.columns}
-    shifted = dict(as_lists, pearson=[v + 0.1 for v in as_lists["pearson"]])
+def test_gene_scores_per_section(scores):
+    from omx._schema import scores_columns
+
+    shifted = scores.assign(pearson=scores["pearson"] + 0.1)
     table = ad.AnnData(np.zeros((2, 2)))
     table.uns["omx"] = {
-        "fit": {"scores": {"S2": {"summary": {}, "gene_scores": as_lists}}},  # omx.tl.fit_predict
-        "cv": {"gene_scores": {"S1": as_lists, "S2": shifted}},  # omx.tl.cross_validate
+        "fit": {"scores": scores_columns({"S2": scores})},  # one scored section (omx.tl.fit_predict)
+        "cv": {"scores": scores_columns({"S1": scores, "S2": shifted}, fold={"S1": "a", "S2": "b"})},
     }
     fig = omx.pl.gene_scores(table, key="fit")
     assert "section S2" in fig.axes[0].get_title()
@@ -274,7 +275,7 @@ def test_gene_scores_per_section_layouts(scores):
     fig = omx.pl.gene_scores(table, key="cv")  # averaged over the two sections, gene by gene
     assert "mean over 2 sections" in fig.axes[0].get_title()
     assert fig.axes[0].get_lines()[0].get_xdata()[0] == pytest.approx(scores["pearson"].mean() + 0.05)
-    with pytest.raises(KeyError, match=r"No scores for section 'S9'.*\['S1', 'S2'\]"):
+    with pytest.raises(KeyError, match=r"No scores for sections \['S9'\].*\['S1', 'S2'\]"):
         omx.pl.gene_scores(table, key="cv", section="S9")
     with pytest.raises(ValueError, match="only applies when `scores` is a table"):
         omx.pl.gene_scores(scores, section="S1")

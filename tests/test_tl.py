@@ -13,7 +13,7 @@ def sdata():
 
 
 def _held_out_r(sdata, key="omx_pred", section="S2"):
-    return sdata.tables["table"].uns["omx"][key]["scores"][section]["summary"]["all"]["pearson"]
+    return sdata.tables["table"].uns["omx"][key]["summary"][section]["all"]["pearson"]
 
 
 def test_fit_predict_writes_layer_and_learns(sdata):
@@ -29,7 +29,9 @@ def test_fit_predict_writes_layer_and_learns(sdata):
     assert np.isnan(layer[~s2]).all()  # rows of other sections are left as NaN
     assert (X_before != table.X).nnz == 0  # the counts are untouched
     entry = table.uns["omx"]["omx_pred"]
-    assert entry["model"] == "Ridge" and entry["train_sections"] == ["S1"] and entry["predict_sections"] == ["S2"]
+    assert entry["model"]["class"] == "Ridge" and entry["params"]["train"] == ["S1"]
+    assert entry["params"]["predict"] == ["S2"] and entry["function"] == "fit_predict"
+    assert entry["written"] == ["layers/omx_pred"]
     assert _held_out_r(sdata) > 0.3  # the toy expression depends on the image
 
 
@@ -110,7 +112,7 @@ def test_zarr_round_trip(sdata, tmp_path):
     back = sd.read_zarr(tmp_path / "s.zarr")
     t0, t1 = sdata.tables["table"], back.tables["table"]
     np.testing.assert_array_equal(t0.layers["omx_pred"], t1.layers["omx_pred"])
-    assert t1.uns["omx"]["omx_pred"]["model"] == "Ridge"
+    assert t1.uns["omx"]["omx_pred"]["model"]["class"] == "Ridge"
 
 
 def test_cross_validate_folds_and_no_leakage(sdata):
@@ -162,7 +164,7 @@ def test_real_her2st_held_out_section(her2st_dir):
     sdata = omx.datasets.her2st(her2st_dir, sections=["C2", "C3", "C4"])
     genes = omx.datasets.her2st_genes(her2st_dir)
     omx.tl.fit_predict(sdata, train=["C2", "C3"], predict="C4", genes=genes, show_progress_bar=False)
-    summary = sdata.tables["table"].uns["omx"]["omx_pred"]["scores"]["C4"]["summary"]
+    summary = sdata.tables["table"].uns["omx"]["omx_pred"]["summary"]["C4"]
     # measured 0.18 (panel) and 0.44 (50 most expressed); well above chance, which is 0
     assert summary["all"]["pearson"] > 0.12
     assert summary["top_expressed"]["pearson"] > 0.25

@@ -14,7 +14,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 logging.getLogger("omx").addHandler(logging.NullHandler())
 
-_SUBMODULES = ("datasets", "encoders", "io", "metrics", "models", "pl", "pp", "tl")
+_SUBMODULES = ("datasets", "encoders", "get", "io", "metrics", "models", "pl", "pp", "tl")
 
 __all__ = [*_SUBMODULES, "__version__"]
 

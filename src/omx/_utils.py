@@ -43,6 +43,16 @@ def resolve_key(key: str | None, candidates: Iterable[str], *, kind: str, argume
     )
 
 
+def resolve_table(sdata, table_key: str | None):
+    """Return ``(key, table)``; an omitted key resolves to the one table that omx did not make."""
+    candidates = list(sdata.tables.keys())
+    if table_key is None:
+        measured = [k for k in candidates if OMX_TABLE not in sdata.tables[k].uns]
+        candidates = measured or candidates
+    table_key = resolve_key(table_key, candidates, kind="table", argument="table_key")
+    return table_key, sdata.tables[table_key]
+
+
 def check_counts(X: Any, *, name: str = "counts") -> None:
     """Raise a `ValueError` when a count matrix holds NaN, infinite or negative values."""
     data = X.data if sparse.issparse(X) else np.asarray(X)

@@ -40,10 +40,8 @@ def demo(out: Path, model: str = "ridge", seed: int = 0) -> int:
     fitted = omx.tl.fit_predict(sdata, train=train, predict=predict, model=model, seed=seed)
     print(f"Done in {time.perf_counter() - t0:.1f} s.")
     entry = sdata.tables["table"].uns["omx"]["omx_pred"]
-    _print_summary(entry["scores"][predict]["summary"], f"Held-out section {predict}, mean per-gene scores:")
-    import pandas as pd
-
-    scores = pd.DataFrame(entry["scores"][predict]["gene_scores"]).set_index("gene")
+    _print_summary(entry["summary"][predict], f"Held-out section {predict}, mean per-gene scores:")
+    scores = omx.get.scores(sdata, "omx_pred", section=predict).set_index("gene")
     best = scores.sort_values("pearson", ascending=False).head(5)
     print("  best genes: " + ", ".join(f"{g} ({r:.2f})" for g, r in zip(best.index, best["pearson"], strict=True)))
     genes = [g for g in DEMO_GENES if g in scores.index][:2] + list(best.index[:2])

@@ -11,51 +11,21 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+import omx
+
 _LABELS = {"pearson": "Pearson r", "spearman": "Spearman ρ", "mse": "mean squared error", "ccc": "Lin's CCC"}
 _BEST, _WORST, _MEAN = "#2a7ab0", "#c8553d", "#222222"
-
-
-def _per_section(entry: dict, key: str) -> dict[str, dict]:
-    """Per-gene scores stored under ``uns["omx"][key]``, as ``{section: {"gene": [...], metric: [...]}}``.
-
-    Reads the layouts that omx writes: ``{"gene_scores": {column: list}}`` (one set of scores),
-    ``{"gene_scores": {section: {column: list}}}`` (omx.tl.cross_validate) and
-    ``{"scores": {section: {"gene_scores": {column: list}}}}`` (omx.tl.fit_predict).
-    """
-    if "gene_scores" in entry:
-        stored = entry["gene_scores"]
-        return {"": stored} if "gene" in stored else dict(stored)
-    if "scores" in entry and all(isinstance(v, dict) and "gene_scores" in v for v in entry["scores"].values()):
-        return {section: v["gene_scores"] for section, v in entry["scores"].items()}
-    raise KeyError(
-        f"table.uns['omx'][{key!r}] holds no per-gene scores (keys: {list(entry)}); the predicted sections had no "
-        "measurements to score. Pass a DataFrame from omx.metrics.gene_scores instead."
-    )
 
 
 def _scores_frame(scores: pd.DataFrame | AnnData, key: str, section: str | None) -> tuple[pd.DataFrame, str]:
     """The scores as one row per gene, and a note on where they come from for the title."""
     note = ""
     if isinstance(scores, AnnData):
-        entries = scores.uns.get("omx", {})
-        if key not in entries:
-            raise KeyError(
-                f"table.uns['omx'] has no entry {key!r} (entries: {list(entries)}). omx.tl.fit_predict and "
-                "omx.tl.cross_validate store per-gene scores there; pass their `key_added` as `key=`."
-            )
-        stored = _per_section(entries[key], key)
-        if section is not None:
-            if str(section) not in stored:
-                raise KeyError(f"No scores for section {section!r}; scored sections: {sorted(stored)}.")
-            stored = {str(section): stored[str(section)]}
-        frames = [pd.DataFrame(dict(v)).set_index("gene") for v in stored.values()]
-        if len(frames) == 1:
-            scores = frames[0]
-            name = next(iter(stored))
-            note = f"section {name}" if name else ""
-        else:  # several held-out sections: each gene's score averaged over them
-            scores = pd.concat(frames).groupby(level=0, sort=False).mean(numeric_only=True)
-            note = f"mean over {len(frames)} sections"
+        long = omx.get.scores(scores, key, section=section)
+        sections = pd.unique(long["section"])
+        scores = long.drop(columns=[c for c in ("section", "fold") if c in long]).groupby("gene", sort=False)
+        scores = scores.mean(numeric_only=True)  # several held-out sections: each gene's score averaged
+        note = f"section {sections[0]}" if len(sections) == 1 else f"mean over {len(sections)} sections"
     elif not isinstance(scores, pd.DataFrame):
         raise TypeError(f"`scores` must be a DataFrame (omx.metrics.gene_scores) or a table, got {type(scores)}.")
     elif section is not None:

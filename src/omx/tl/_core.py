@@ -11,7 +11,7 @@ from anndata import AnnData
 from scipy import sparse
 from spatialdata import SpatialData
 
-from omx._utils import OMX_TABLE, as_list, check_counts, log_normalize, logger, resolve_key
+from omx._utils import as_list, check_counts, log_normalize, logger
 from omx.pp import Spots, resolve_spots
 from omx.pp._spots import table_regions
 from omx.pp._stream import collect, iter_chunks
@@ -41,16 +41,6 @@ class Section:
     def measured(self) -> bool:
         """Whether every spot has a table row."""
         return bool((self.rows >= 0).all())
-
-
-def resolve_table(sdata: SpatialData, table_key: str | None) -> tuple[str, AnnData]:
-    """Return the key and the table; an omitted key resolves to the one table that omx did not make."""
-    candidates = list(sdata.tables.keys())
-    if table_key is None:
-        measured = [k for k in candidates if OMX_TABLE not in sdata.tables[k].uns]
-        candidates = measured or candidates
-    table_key = resolve_key(table_key, candidates, kind="table", argument="table_key")
-    return table_key, sdata.tables[table_key]
 
 
 def resolve_sections(

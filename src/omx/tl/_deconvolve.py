@@ -10,7 +10,7 @@ from anndata import AnnData
 from spatialdata import SpatialData
 
 import omx
-from omx._utils import OMX_TABLE, as_list, logger
+from omx._utils import OMX_TABLE, as_list, logger, resolve_table
 from omx.pp._nuclei import CELLS_KEY
 from omx.pp._spots import table_regions
 from omx.tl._core import (
@@ -20,7 +20,6 @@ from omx.tl._core import (
     counts,
     model_inputs,
     resolve_sections,
-    resolve_table,
     split_sections,
 )
 

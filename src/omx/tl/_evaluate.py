@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 
-from omx._utils import as_list, logger, progress
-from omx.tl._core import DEFAULT_CONTEXT, check_key_free, resolve_sections, resolve_table
-from omx.tl._predict import _get_model, _inputs, _scores, _uns_entry, _write_layer, fit_sections, predict_section
+from omx._schema import Key, base_entry, check_free, gene_layer, jsonable, model_entry, scores_columns, write_results
+from omx._utils import as_list, logger, progress, resolve_table
+from omx.tl._core import DEFAULT_CONTEXT, resolve_sections
+from omx.tl._predict import _get_model, _inputs, _scores, fit_sections, predict_section
 
 
 def _fresh(model, *, seed, device, show_progress_bar):
@@ -82,13 +83,15 @@ def cross_validate(
     Spearman rho, MSE and Lin's CCC over all genes (``*_all``), the ``top_n`` most expressed genes of the test
     section (``*_top_expressed``) and the ``top_n`` most variable genes of the training sections
     (``*_top_variable``), and seconds to fit and to predict. Per-gene scores of each fold are written to
-    ``table.uns['omx'][key_added]['gene_scores'][fold]``; out-of-fold predictions to ``table.layers[key_added]``.
+    ``table.uns['omx'][key_added]["scores"]`` (read them with :func:`omx.get.scores`); out-of-fold predictions to
+    ``table.layers[key_added]`` (read them with :func:`omx.get.predictions`).
     """
     from omx.metrics import summarize
 
     table_key, table = resolve_table(sdata, table_key)
+    where = f"sdata.tables[{table_key!r}]"
     if key_added is not None:
-        check_key_free(table, key_added, overwrite=overwrite)
+        check_free(table, key=key_added, overwrite=overwrite, where=where, layers=[key_added])
     for col in (groups, section_key):
         if col not in table.obs:
             raise KeyError(f"Table {table_key!r} has no obs column {col!r}; its columns: {list(table.obs.columns)}.")
@@ -110,7 +113,7 @@ def cross_validate(
     resolved = resolve_sections(sdata, names, table_key=table_key, groups_key=section_key, mpp=mpp, role="a")
 
     cache: dict = {}
-    rows, gene_scores, oof = [], {}, []
+    rows, gene_scores, fold_of, summaries, oof = [], {}, {}, {}, []
     for fold in progress(folds, show=show_progress_bar, desc="folds", unit="fold"):
         train = [n for n in names if group_of[n] != fold]
         held = [n for n in names if group_of[n] == fold]
@@ -152,7 +155,7 @@ def cross_validate(
                         row[f"{metric}_{set_name}"] = value
             row.update(fit_s=fit_s, predict_s=predict_s)
             rows.append(row)
-            gene_scores[n] = scores.reset_index().to_dict(orient="list")
+            gene_scores[n], fold_of[n], summaries[n] = scores, fold, summary
             oof.append((resolved[n].rows, fold_genes, pred))
             logger.info("fold %s, section %s: mean Pearson r %.3f", fold, n, row.get("pearson_all", np.nan))
     result = pd.DataFrame(rows)
@@ -163,10 +166,23 @@ def cross_validate(
         for r, gs, pred in oof:
             layer_values[np.ix_(r, pos.get_indexer(gs))] = pred
         rows_all = np.concatenate([r for r, _, _ in oof])
-        _write_layer(table, key_added, rows_all, all_genes, layer_values[rows_all])
-        table.uns.setdefault("omx", {})[key_added] = {
-            **_uns_entry(m, groups=groups, folds=folds, seed=seed),
-            "summary": result.to_dict(orient="list"),
-            "gene_scores": gene_scores,
-        }
+        params = {
+            "groups": groups, "sections": names, "test": folds, "genes": genes, "n_top_genes": n_top_genes,
+            "table_key": table_key, "section_key": section_key, "layer": layer, "mpp": mpp, "size_um": size_um,
+            "context": context, "target_norm": target_norm, "min_counts": min_counts, "top_n": top_n, "seed": seed,
+        }  # fmt: skip
+        entry = base_entry(
+            "cross_validate",
+            params,
+            model=model_entry(m),
+            genes=all_genes,
+            target_scale=Key.TARGET_SCALE,
+            folds=jsonable(result.to_dict(orient="list")),
+            summary=jsonable(summaries),
+            scores=scores_columns(gene_scores, fold=fold_of),
+        )
+        write_results(
+            table, key=key_added, entry=entry, overwrite=overwrite, where=where,
+            layers={key_added: gene_layer(table, rows_all, all_genes, layer_values[rows_all])}, n_rows=len(rows_all),
+        )  # fmt: skip
     return result

@@ -14,7 +14,19 @@ from spatialdata import SpatialData
 from spatialdata.models import TableModel
 
 import omx
-from omx._utils import OMX_TABLE, logger
+from omx._schema import (
+    Key,
+    add_table,
+    base_entry,
+    check_free,
+    check_free_elements,
+    gene_layer,
+    model_entry,
+    scores_columns,
+    write_results,
+)
+from omx._utils import logger, resolve_table
+from omx.metrics import summarize
 from omx.tl._core import (
     DEFAULT_CONTEXT,
     PATIENT_KEY,
@@ -23,14 +35,11 @@ from omx.tl._core import (
     Section,
     SectionScaler,
     as_dense,
-    check_key_free,
     choose_genes,
     counts,
     input_chunks,
-    log_written,
     model_inputs,
     resolve_sections,
-    resolve_table,
     split_sections,
     targets,
 )
@@ -234,12 +243,6 @@ class _Moments:
         return self.mean, np.sqrt(self.m2 / self.n), self.n
 
 
-def _write_layer(table: AnnData, key_added: str, rows: np.ndarray, genes: list[str], values: np.ndarray) -> None:
-    layer = np.full(table.shape, np.nan, dtype=np.float32)
-    layer[np.ix_(rows, table.var_names.get_indexer(genes))] = values
-    table.layers[key_added] = layer
-
-
 def _scores(table: AnnData, section: Section, genes: list[str], pred: np.ndarray, layer: str | None, min_counts: int):
     from omx.metrics import gene_scores
 
@@ -249,14 +252,27 @@ def _scores(table: AnnData, section: Section, genes: list[str], pred: np.ndarray
     return gene_scores(y[ok], pred[ok], genes)
 
 
-def _uns_entry(model: Model, **extra) -> dict:
-    return {
-        "model": type(model).__name__,
-        "params": dict(model.init_params_),
-        "version": omx.__version__,
-        **{k: v for k, v in model.meta_.items() if k not in ("target_mean", "target_std")},
-        **extra,
-    }
+def _prediction_entry(function: str, model: Model, params: dict) -> dict:
+    """The ``uns["omx"][key]`` entry of predictions: the call's parameters, the model, genes and data settings."""
+    meta = model.meta_
+    return base_entry(
+        function,
+        params,
+        model=model_entry(model),
+        genes=list(meta["genes"]),
+        target_scale=meta["target_scale"],
+        fit={k: v for k, v in meta.items() if k not in ("genes", "target_mean", "target_std", "target_scale")},
+        summary={},
+    )
+
+
+def _written_keys(model: Model, key_added: str) -> list[str]:
+    """The layers a prediction ``key_added`` of ``model`` writes."""
+    return [key_added, Key.variance(key_added)] if _gives_variance(model) else [key_added]
+
+
+def _gives_variance(model: Model) -> bool:
+    return bool(getattr(model, "counts_target", False))
 
 
 def fit_predict(
@@ -352,14 +368,17 @@ def fit_predict(
     """
     train, predict = split_sections(train, predict)
     table_key, table = resolve_table(sdata, table_key)
-    check_key_free(table, key_added, overwrite=overwrite)
     sections = resolve_sections(
         sdata, [*train, *predict], table_key=table_key, groups_key=groups_key, image_key=image_key, mpp=mpp, role="a"
     )
     unmeasured = [n for n in predict if not sections[n].measured]
-    if unmeasured and key_added in sdata.tables and not overwrite:
-        raise KeyError(f"sdata.tables[{key_added!r}] exists; pass another `key_added=` or `overwrite=True`.")
     model = _get_model(model, seed=seed, device=device, show_progress_bar=show_progress_bar)
+    # every key this call writes is checked before the fit, so that a taken one fails in seconds, not after it
+    if len(unmeasured) < len(predict):
+        where = f"sdata.tables[{table_key!r}]"
+        check_free(table, key=key_added, overwrite=overwrite, where=where, layers=_written_keys(model, key_added))
+    if unmeasured:
+        check_free_elements(sdata, overwrite=overwrite, tables=[key_added])
     model, train_var = fit_sections(
         sdata, sections, train, model, table_key=table_key, genes=genes, n_top_genes=n_top_genes, layer=layer,
         min_counts=min_counts, target_norm=target_norm, size_um=size_um, context=context,
@@ -371,30 +390,38 @@ def fit_predict(
     }
     preds = {n: p for n, (p, _) in out.items()}
 
-    from omx.metrics import summarize
-
     measured = [n for n in predict if sections[n].measured]
-    uns = _uns_entry(model, predict_sections=predict, seed=seed, table_key=table_key)
+    entry = _prediction_entry(
+        "fit_predict",
+        model,
+        {
+            "train": train, "predict": predict, "genes": genes, "n_top_genes": n_top_genes, "table_key": table_key,
+            "section_key": groups_key, "layer": layer, "mpp": mpp, "size_um": size_um, "context": context,
+            "target_norm": target_norm, "min_counts": min_counts, "seed": seed,
+        },
+    )  # fmt: skip
     if measured:
         rows = np.concatenate([sections[n].rows for n in measured])
-        _write_layer(table, key_added, rows, genes, np.concatenate([preds[n] for n in measured]))
-        log_written(len(rows), len(genes), f"sdata.tables[{table_key!r}].layers[{key_added!r}]")
+        layers = {key_added: gene_layer(table, rows, genes, np.concatenate([preds[n] for n in measured]))}
         if out[measured[0]][1] is not None:  # the model's predictive variance (count likelihoods)
-            _write_layer(table, f"{key_added}_var", rows, genes, np.concatenate([out[n][1] for n in measured]))
-            log_written(len(rows), len(genes), f"sdata.tables[{table_key!r}].layers[{key_added + '_var'!r}]")
+            var = np.concatenate([out[n][1] for n in measured])
+            layers[Key.variance(key_added)] = gene_layer(table, rows, genes, var)
         per_section = {}
         for n in measured:
-            scores = _scores(table, sections[n], genes, preds[n], layer, min_counts)
-            summary = summarize(scores, y_train_var=pd.Series(train_var, index=genes))
-            per_section[n] = {"summary": summary, "gene_scores": scores.reset_index().to_dict(orient="list")}
+            per_section[n] = _scores(table, sections[n], genes, preds[n], layer, min_counts)
+            summary = summarize(per_section[n], y_train_var=pd.Series(train_var, index=genes))
+            entry["summary"][n] = summary
             logger.info("%s: mean Pearson r %.3f over %d genes", n, summary["all"]["pearson"], len(genes))
-        uns["scores"] = per_section
-        table.uns.setdefault("omx", {})[key_added] = uns
+        entry["scores"] = scores_columns(per_section)
+        write_results(
+            table, key=key_added, entry=entry, overwrite=overwrite, where=f"sdata.tables[{table_key!r}]",
+            layers=layers, n_rows=len(rows),
+        )  # fmt: skip
     if unmeasured:
-        table = _prediction_table(
-            [sections[n] for n in unmeasured], genes, [preds[n] for n in unmeasured], key_added=key_added, uns=uns
+        new = _prediction_table(
+            [sections[n] for n in unmeasured], genes, [preds[n] for n in unmeasured], key_added=key_added, uns=entry
         )
-        _add_prediction_table(sdata, table, key_added)
+        add_table(sdata, key_added, new, overwrite=overwrite, what="predictions")
     return model
 
 
@@ -414,16 +441,10 @@ def _prediction_table(sections: list[Section], genes, preds: list, *, key_added:
     obs["region"] = obs["region"].astype("category")
     adata = AnnData(X=np.concatenate(preds).astype(np.float32), obs=obs, var=pd.DataFrame(index=list(genes)))
     adata.obsm["spatial"] = np.concatenate(spatial)
-    adata.uns["omx"] = {key_added: uns}
-    adata.uns[OMX_TABLE] = "predictions"
+    adata.uns[Key.UNS] = {key_added: {**uns, "written": ["X"]}}
+    adata.uns[Key.TABLE_MARK] = "predictions"
     regions = [s.spots.shapes_key for s in sections]
     return TableModel.parse(adata, region=regions, region_key="region", instance_key="spot_id")
-
-
-def _add_prediction_table(sdata: SpatialData, table: AnnData, key_added: str) -> None:
-    sdata.tables[key_added] = table
-    regions = table.uns["spatialdata_attrs"]["region"]
-    log_written(table.n_obs, table.n_vars, f"sdata.tables[{key_added!r}] (a new table annotating {regions})")
 
 
 def predict_expression(
@@ -493,11 +514,13 @@ def predict_expression(
         model.set_device(device)
     spots = omx.pp.resolve_spots(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp)
     has_table = spots.table_key is not None and (spots.table_rows >= 0).any()
+    where = f"sdata.tables[{spots.table_key!r}]"
     if inplace:
         if has_table:
-            check_key_free(sdata.tables[spots.table_key], key_added, overwrite=overwrite)
-        elif key_added in sdata.tables and not overwrite:
-            raise KeyError(f"sdata.tables[{key_added!r}] exists; pass another `key_added=` or `overwrite=True`.")
+            layers = _written_keys(model, key_added)
+            check_free(sdata.tables[spots.table_key], key=key_added, overwrite=overwrite, where=where, layers=layers)
+        else:
+            check_free_elements(sdata, overwrite=overwrite, tables=[key_added])
     name = spots.shapes_key
     if has_table and SECTION_KEY in sdata.tables[spots.table_key].obs:
         # the section's label in the table, as at fit time: retrieval leaves out the query's own section
@@ -509,19 +532,24 @@ def predict_expression(
         tell_patients(model, sdata.tables[spots.table_key], [section])
     pred, var = predict_section(model, section, show_progress_bar=show_progress_bar, return_var=True)
     genes = model.meta_["genes"]
-    uns = _uns_entry(model, predict_shapes=spots.shapes_key)
+    params = {
+        "image_key": spots.image_key, "shapes_key": spots.shapes_key, "table_key": spots.table_key, "mpp": mpp,
+        "section": name,
+    }  # fmt: skip
+    entry = _prediction_entry("predict_expression", model, params)
     if not inplace:
-        return _prediction_table([section], genes, [pred], key_added=key_added, uns=uns)
+        return _prediction_table([section], genes, [pred], key_added=key_added, uns=entry)
     if has_table:
         table = sdata.tables[spots.table_key]
         ok = spots.table_rows >= 0
-        _write_layer(table, key_added, spots.table_rows[ok], genes, pred[ok])
+        rows = spots.table_rows[ok]
+        layers = {key_added: gene_layer(table, rows, genes, pred[ok])}
         if var is not None:
-            _write_layer(table, f"{key_added}_var", spots.table_rows[ok], genes, var[ok])
-        table.uns.setdefault("omx", {})[key_added] = uns
-        log_written(int(ok.sum()), len(genes), f"sdata.tables[{spots.table_key!r}].layers[{key_added!r}]")
-    else:
-        _add_prediction_table(
-            sdata, _prediction_table([section], genes, [pred], key_added=key_added, uns=uns), key_added
+            layers[Key.variance(key_added)] = gene_layer(table, rows, genes, var[ok])
+        write_results(
+            table, key=key_added, entry=entry, overwrite=overwrite, where=where, layers=layers, n_rows=len(rows)
         )
+    else:
+        new = _prediction_table([section], genes, [pred], key_added=key_added, uns=entry)
+        add_table(sdata, key_added, new, overwrite=overwrite, what="predictions")
     return None
