@@ -60,14 +60,12 @@ def test_predictions_work_in_scanpy(fitted):
 def test_predictions_of_he_only_section(sdata):
     # S2's spots without their table rows: an H&E-only section
     table = sdata.tables["table"]
-    keep = (table.obs["section"] == "S1").to_numpy()
+    attrs = table.uns["spatialdata_attrs"]
+    sub = table[(table.obs["section"] == "S1").to_numpy()].copy()
+    sub.obs[attrs["region_key"]] = pd.Categorical(["S1_spots"] * sub.n_obs)
+    del sub.uns["spatialdata_attrs"]
     sdata.tables["table"] = sd.models.TableModel.parse(
-        AnnData(table.X[keep], obs=table.obs[keep].copy(), var=table.var.copy(), obsm={"spatial": table.obsm["spatial"][keep]}),
-        region=["S1_spots"], region_key=table.uns["spatialdata_attrs"]["region_key"],
-        instance_key=table.uns["spatialdata_attrs"]["instance_key"],
-    )  # fmt: skip
-    sdata.tables["table"].obs[table.uns["spatialdata_attrs"]["region_key"]] = pd.Categorical(
-        ["S1_spots"] * int(keep.sum())
+        sub, region="S1_spots", region_key=attrs["region_key"], instance_key=attrs["instance_key"]
     )
     omx.tl.fit_predict(sdata, train="S1", predict="S2_spots", show_progress_bar=False)
     adata = omx.get.predictions(sdata)
