@@ -25,6 +25,7 @@ Per-gene scores have one layout wherever they come from (:func:`omx.tl.fit_predi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +33,10 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from omx._utils import logger
-
 if TYPE_CHECKING:
     from spatialdata import SpatialData
+
+logger = logging.getLogger("omx")
 
 
 class Key:

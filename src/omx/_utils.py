@@ -9,16 +9,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import sparse
 
+from omx._schema import Key
+
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger("omx")
-
-#: Name of the `sdata.attrs` entry where omx records which coordinate systems are in microns.
-ATTRS_KEY = "omx"
-#: ``table.uns`` entry that marks the tables omx makes (``"cells"``, ``"predictions"``); an omitted
-#: ``table_key`` never resolves to them while the object holds another table.
-OMX_TABLE = "omx_table"
 
 
 def resolve_key(key: str | None, candidates: Iterable[str], *, kind: str, argument: str) -> str:
@@ -47,7 +43,7 @@ def resolve_table(sdata, table_key: str | None):
     """Return ``(key, table)``; an omitted key resolves to the one table that omx did not make."""
     candidates = list(sdata.tables.keys())
     if table_key is None:
-        measured = [k for k in candidates if OMX_TABLE not in sdata.tables[k].uns]
+        measured = [k for k in candidates if Key.TABLE_MARK not in sdata.tables[k].uns]
         candidates = measured or candidates
     table_key = resolve_key(table_key, candidates, kind="table", argument="table_key")
     return table_key, sdata.tables[table_key]

@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from omx._utils import ATTRS_KEY, as_list, logger
+from omx._schema import Key
+from omx._utils import as_list, logger
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -585,7 +586,7 @@ def _assemble(parts: Sequence[_Section], *, genes: Sequence[str] | None = None) 
         images=images,
         shapes=shapes,
         tables={"table": table},
-        attrs={ATTRS_KEY: {"units": dict.fromkeys(section_names, "um")}},
+        attrs={Key.ATTRS: {"units": dict.fromkeys(section_names, "um")}},
     )
     logger.info(
         f"Read {len(section_names)} sections ({', '.join(section_names)}): {adata.n_obs} spots x {adata.n_vars} genes."

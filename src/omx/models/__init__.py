@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from omx.models._assign import CellAssignment, assign_cells
 from omx.models._base import Model, TorchModel
 from omx.models._cnn import CNNRegressor
 from omx.models._context import Context
@@ -25,6 +26,7 @@ MODELS: dict[str, type[Model]] = {
 }
 
 __all__ = [
+    "CellAssignment",
     "CNNRegressor",
     "Context",
     "Contrastive",
@@ -33,6 +35,7 @@ __all__ = [
     "Ridge",
     "SpatialGraph",
     "TorchModel",
+    "assign_cells",
     "fit_distributed",
     "get_model",
     "load",

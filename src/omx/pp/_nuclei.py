@@ -13,12 +13,12 @@ import pandas as pd
 from anndata import AnnData
 from spatialdata import SpatialData
 
-from omx._utils import ATTRS_KEY, OMX_TABLE, logger, progress, resolve_key
+from omx._schema import Key, add_table, base_entry, check_free_elements, entries, fill_column
+from omx._utils import logger, progress, resolve_key
 from omx.pp._patches import _read_region
 from omx.pp._spots import _affine_xy, _check_image, _coordinate_systems, _levels, resolve_spots, table_regions
 
 #: Name of the table of single cells (nuclei) that omx writes.
-CELLS_KEY = "omx_cells"
 #: Longest side (pixels) of the pyramid level read to choose the global hematoxylin threshold.
 _THRESHOLD_LEVEL_PX = 4096
 #: Typical nucleus radius in microns, which sets the smoothing and the watershed seed spacing.
@@ -150,7 +150,7 @@ def _image_mpp(sdata: SpatialData, image, mpp: float | None, spots) -> float:
         return float(mpp)
     if spots is not None:
         return spots.mpp
-    units = (sdata.attrs or {}).get(ATTRS_KEY, {}).get("units", {})
+    units = (sdata.attrs or {}).get(Key.ATTRS, {}).get("units", {})
     level0 = _levels(image)[0]
     for cs in _coordinate_systems(level0):
         if str(units.get(cs, "")).lower() in ("um", "micron", "microns", "µm") or cs.lower() in ("um", "microns"):
@@ -192,7 +192,7 @@ def segment_nuclei(
     max_area_um2: float = 400.0,
     threshold: float | None = None,
     key_added: str | None = None,
-    cells_key: str = CELLS_KEY,
+    cells_key: str = Key.CELLS,
     labels_store: str | os.PathLike | None = None,
     overwrite: bool = False,
     show_progress_bar: bool = True,
@@ -280,13 +280,11 @@ def segment_nuclei(
     _check_image(level0, image_key)
     spots = _pick_spots(sdata, image_key, shapes_key, table_key, mpp)
     mpp = _image_mpp(sdata, image, mpp, spots)
-    key_added = key_added or f"{image_key}_nuclei"
-    shapes_added = f"{key_added}_shapes"
+    key_added = key_added or Key.nuclei(image_key)
+    shapes_added = Key.nuclei_shapes(key_added)
     if chunk_px < 64 or overlap_px < 0:
         raise ValueError(f"chunk_px must be >= 64 and overlap_px >= 0, got {chunk_px} and {overlap_px}.")
-    for name, store in ((key_added, sdata.labels), (shapes_added, sdata.shapes)):
-        if name in store and not overwrite:
-            raise KeyError(f"{name!r} exists in the SpatialData object; pass another `key_added=` or `overwrite=True`.")
+    check_free_elements(sdata, overwrite=overwrite, labels=[key_added], shapes=[shapes_added])
     if labels_store is not None and Path(labels_store).exists():
         raise FileExistsError(f"labels_store {str(labels_store)!r} exists; pass a path that does not exist yet.")
     old_cells = sdata.tables.get(cells_key)
@@ -390,12 +388,12 @@ def segment_nuclei(
     else:
         regions = [shapes_added]
     cells.obs["region"] = pd.Categorical(cells.obs["region"].astype(str), categories=regions)
-    cells.uns["omx"] = {"segment_nuclei": {"threshold": float(threshold), "mpp": mpp, "chunk_px": chunk_px}}
-    cells.uns[OMX_TABLE] = "cells"
+    params = {"image_key": image_key, "threshold": float(threshold), "mpp": mpp, "chunk_px": chunk_px}
+    earlier = entries(old_cells) if old_cells is not None else {}
+    cells.uns[Key.UNS] = {**earlier, key_added: base_entry("segment_nuclei", params)}
+    cells.uns[Key.TABLE_MARK] = "cells"
     cells = TableModel.parse(cells, region=regions, region_key="region", instance_key="cell_id")
-    if cells_key in sdata.tables:
-        del sdata.tables[cells_key]
-    sdata.tables[cells_key] = cells
+    add_table(sdata, cells_key, cells, overwrite=True, what="nuclei")  # checked above: only this image's are replaced
     logger.info(
         "Added %d nuclei of %r: labels sdata.labels[%r], circles sdata.shapes[%r], table sdata.tables[%r]",
         n, image_key, key_added, shapes_added, cells_key,
@@ -404,15 +402,14 @@ def segment_nuclei(
     if spots is not None and spots.table_key is not None:
         table = sdata.tables[spots.table_key]
         counts = np.bincount(spot_index[spot_index >= 0], minlength=spots.n_spots)
-        col = (
-            table.obs["omx_n_nuclei"].to_numpy(dtype=float)
-            if "omx_n_nuclei" in table.obs
-            else np.full(table.n_obs, np.nan)
-        )
         has_row = spots.table_rows >= 0
-        col[spots.table_rows[has_row]] = counts[has_row]
-        table.obs["omx_n_nuclei"] = col
+        params = {"image_key": image_key, "shapes_key": spots.shapes_key, "labels": key_added}
+        entry = base_entry("segment_nuclei", params)
+        fill_column(
+            table, Key.N_NUCLEI, spots.table_rows[has_row], counts[has_row], key=key_added, entry=entry,
+            overwrite=overwrite, where=f"sdata.tables[{spots.table_key!r}]",
+        )  # fmt: skip
         logger.info(
-            "Added the nuclei per spot of %d spots to sdata.tables[%r].obs['omx_n_nuclei'] (median %g)",
-            int(has_row.sum()), spots.table_key, float(np.median(counts[has_row])) if has_row.any() else 0.0,
+            "Nuclei per spot: median %g over %d spots", float(np.median(counts[has_row])) if has_row.any() else 0.0,
+            int(has_row.sum()),
         )  # fmt: skip

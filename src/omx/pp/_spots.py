@@ -11,7 +11,8 @@ from spatialdata import SpatialData, get_pyramid_levels
 from spatialdata.models import get_table_keys
 from spatialdata.transformations import get_transformation
 
-from omx._utils import ATTRS_KEY, logger, resolve_key
+from omx._schema import Key
+from omx._utils import logger, resolve_key
 
 _MICRON_NAMES = {"um", "micron", "microns", "micrometer", "micrometre", "µm"}
 
@@ -96,7 +97,7 @@ def _coordinate_systems(element) -> list[str]:
 
 
 def _is_micron_system(sdata: SpatialData, coordinate_system: str) -> bool:
-    units = (sdata.attrs or {}).get(ATTRS_KEY, {}).get("units", {})
+    units = (sdata.attrs or {}).get(Key.ATTRS, {}).get("units", {})
     unit = units.get(coordinate_system, "")
     return str(unit).lower() in _MICRON_NAMES or coordinate_system.lower() in _MICRON_NAMES
 

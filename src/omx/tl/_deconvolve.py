@@ -9,14 +9,22 @@ import pandas as pd
 from anndata import AnnData
 from spatialdata import SpatialData
 
-import omx
-from omx._utils import OMX_TABLE, as_list, logger, resolve_table
-from omx.pp._nuclei import CELLS_KEY
+from omx._schema import (
+    Key,
+    add_table,
+    base_entry,
+    check_free,
+    check_free_elements,
+    entries,
+    model_entry,
+    padded_rows,
+    write_results,
+)
+from omx._utils import as_list, logger, resolve_table
 from omx.pp._spots import table_regions
 from omx.tl._core import (
     DEFAULT_CONTEXT,
     as_dense,
-    check_key_free,
     counts,
     model_inputs,
     resolve_sections,
@@ -27,8 +35,21 @@ from omx.tl._core import (
 _CLR_EPS = 1e-3
 
 
-def _cell_type_key(key_added: str) -> str:
-    return "omx_cell_type" if key_added == "omx_proportions" else f"{key_added}_cell_type"
+def _proportion_keys(key_added: str, *, deconvolution: bool) -> dict[str, list[str]]:
+    """The keys a result of proportions ``key_added`` writes, by slot (for the check before any work)."""
+    keys = {"obsm": [key_added], "obs": [Key.cell_type(key_added)]}
+    if deconvolution:
+        keys["obsm"] += list(Key.quantiles(key_added))
+        keys["obs"].append(Key.n_cells(key_added))
+        keys["varm"] = [Key.signatures(key_added)]
+    return keys
+
+
+def _top_type(n_obs: int, rows: np.ndarray, proportions: np.ndarray, types: list[str]) -> pd.Categorical:
+    """The most abundant type of each row (missing for rows without proportions)."""
+    top = np.full(n_obs, np.nan, dtype=object)
+    top[rows] = np.asarray(types, dtype=object)[np.asarray(proportions).argmax(1)]
+    return pd.Categorical(top, categories=types)
 
 
 def _section_rows(table: AnnData, sections: Sequence[str] | None, groups_key: str) -> np.ndarray:
@@ -44,15 +65,11 @@ def _section_rows(table: AnnData, sections: Sequence[str] | None, groups_key: st
     return np.flatnonzero(labels.isin(sections).to_numpy())
 
 
-def _write_frame(table: AnnData, key: str, rows: np.ndarray, values: np.ndarray, types: list[str]) -> None:
-    """Write ``values`` into rows of ``table.obsm[key]``, keeping other rows of an existing frame of the same types."""
-    old = table.obsm.get(key)
-    if isinstance(old, pd.DataFrame) and list(old.columns) == types:
-        frame = old.copy()
-    else:
-        frame = pd.DataFrame(np.nan, index=table.obs_names, columns=types)
+def _frame(table: AnnData, rows: np.ndarray, values: np.ndarray, types: list[str]) -> pd.DataFrame:
+    """An ``obsm`` DataFrame of the table's rows, one column per cell type, ``values`` at ``rows`` and NaN elsewhere."""
+    frame = pd.DataFrame(np.nan, index=table.obs_names, columns=types)
     frame.iloc[rows] = values
-    table.obsm[key] = frame
+    return frame
 
 
 def deconvolve(
@@ -66,7 +83,7 @@ def deconvolve(
     groups_key: str = "section",
     sections: str | Sequence[str] | None = None,
     genes: Sequence[str] | None = None,
-    n_cells_key: str | None = "omx_n_nuclei",
+    n_cells_key: str | None = Key.N_NUCLEI,
     min_cells_per_type: int = 10,
     min_shared_genes: int = 50,
     alpha: float = 1.0,
@@ -74,7 +91,7 @@ def deconvolve(
     n_steps: int = 3000,
     seed: int = 0,
     device: str = "auto",
-    key_added: str = "omx_proportions",
+    key_added: str = Key.PROPORTIONS,
     overwrite: bool = False,
     show_progress_bar: bool = True,
 ):
@@ -147,7 +164,10 @@ def deconvolve(
 
     table_key, table = resolve_table(sdata, table_key)
     sections = as_list(sections)
-    check_key_free(table, key_added, overwrite=overwrite, where="obsm")
+    where = f"sdata.tables[{table_key!r}]"
+    check_free(
+        table, key=key_added, overwrite=overwrite, where=where, **_proportion_keys(key_added, deconvolution=True)
+    )
     rows = _section_rows(table, sections, groups_key)
     S, types = signatures_from_reference(
         reference, labels_key, min_cells_per_type=min_cells_per_type, layer=reference_layer
@@ -195,50 +215,41 @@ def deconvolve(
     model.fit(Y[ok], S_shared, n_cells=n_cells)
 
     fit_rows = rows[ok]
-    _write_frame(table, key_added, fit_rows, model.proportions_, types)
-    _write_frame(table, f"{key_added}_q05", fit_rows, model.q05_, types)
-    _write_frame(table, f"{key_added}_q95", fit_rows, model.q95_, types)
-    ct_key = _cell_type_key(key_added)
-    top = np.asarray(types, dtype=object)[model.proportions_.argmax(1)]
-    old = table.obs[ct_key].astype(object).to_numpy() if ct_key in table.obs else np.full(table.n_obs, np.nan, object)
-    old[fit_rows] = top
-    table.obs[ct_key] = pd.Categorical(old, categories=types)
-    n_key = f"{key_added}_n_cells"
-    col = table.obs[n_key].to_numpy(dtype=float) if n_key in table.obs else np.full(table.n_obs, np.nan)
-    col[fit_rows] = model.n_cells_
-    table.obs[n_key] = col
+    q05, q95 = Key.quantiles(key_added)
     sig = np.zeros((table.n_vars, len(types)), dtype=np.float32)
     sig[table.var_names.get_indexer(shared)] = S_shared.T
-    table.varm[f"{key_added}_signatures"] = pd.DataFrame(sig, index=table.var_names, columns=types)
-    table.uns.setdefault("omx", {})[key_added] = {
-        "model": "DeconvolutionModel",
-        "params": dict(model.init_params_),
-        "version": omx.__version__,
-        "seed": seed,
-        "cell_types": types,
-        "genes": [str(g) for g in shared],
-        "sections": sections if sections is not None else "all",
-        "labels_key": labels_key,
-        "n_cells_prior": n_cells is not None,
-        "n_steps_run": model.n_steps_,
-        "final_loss": float(np.mean(model.history_["loss"][-50:])),
-    }
-    logger.info(
-        "Added proportions of %d cell types for %d spots (%d shared genes) to sdata.tables[%r].obsm[%r] "
-        "(and %r, %r), obs[%r]",
-        len(types), len(fit_rows), len(shared), table_key, key_added, f"{key_added}_q05", f"{key_added}_q95", ct_key,
+    entry = base_entry(
+        "deconvolve",
+        {
+            "labels_key": labels_key, "sections": sections, "genes": genes, "table_key": table_key,
+            "section_key": groups_key, "layer": layer, "n_cells_key": n_cells_key, "seed": seed,
+        },
+        model={"class": "DeconvolutionModel", "params": dict(model.init_params_)},
+        cell_types=types,
+        genes=[str(g) for g in shared],
+        n_cells_prior=n_cells is not None,
+        n_steps_run=model.n_steps_,
+        final_loss=float(np.mean(model.history_["loss"][-50:])),
     )  # fmt: skip
+    write_results(
+        table,
+        key=key_added,
+        entry=entry,
+        overwrite=overwrite,
+        where=where,
+        obsm={
+            key_added: _frame(table, fit_rows, model.proportions_, types),
+            q05: _frame(table, fit_rows, model.q05_, types),
+            q95: _frame(table, fit_rows, model.q95_, types),
+        },
+        obs={
+            Key.cell_type(key_added): _top_type(table.n_obs, fit_rows, model.proportions_, types),
+            Key.n_cells(key_added): padded_rows(table.n_obs, fit_rows, model.n_cells_),
+        },
+        varm={Key.signatures(key_added): pd.DataFrame(sig, index=table.var_names, columns=types)},
+        n_rows=len(fit_rows),
+    )
     return model
-
-
-def _largest_remainder(p: np.ndarray, n: int) -> np.ndarray:
-    """Integer counts summing to ``n`` closest to ``n * p``."""
-    raw = p / p.sum() * n
-    out = np.floor(raw).astype(int)
-    rest = n - out.sum()
-    if rest > 0:
-        out[np.argsort(-(raw - out), kind="stable")[:rest]] += 1
-    return out
 
 
 def signatures_from_proportions(
@@ -301,9 +312,9 @@ def signatures_from_proportions(
 def assign_cells(
     sdata: SpatialData,
     *,
-    cells_key: str = CELLS_KEY,
+    cells_key: str = Key.CELLS,
     table_key: str | None = None,
-    proportions_key: str = "omx_proportions",
+    proportions_key: str = Key.PROPORTIONS,
     features: Sequence[str] = ("area_um2", "eccentricity", "solidity", "hematoxylin", "eosin"),
     genes: Sequence[str] | None = None,
     key_added: str = "cell_type",
@@ -347,15 +358,18 @@ def assign_cells(
       lies in a spot) or ``"nearest_spot"``; ``obs[key_added + "_score"]``: the morphology distance to its type;
     - ``uns['omx'][key_added]``: the per-type morphology means and parameters.
     """
-    from scipy.optimize import linear_sum_assignment
-    from scipy.spatial import cKDTree
     from spatialdata.models import TableModel
+
+    from omx.models import assign_cells as assign
 
     if cells_key not in sdata.tables:
         raise KeyError(f"There is no table {cells_key!r}; run omx.pp.segment_nuclei first.")
     cells = sdata.tables[cells_key]
-    if key_added in cells.obs and not overwrite:
-        raise KeyError(f"sdata.tables[{cells_key!r}].obs already has {key_added!r}; pass `overwrite=True`.")
+    where = f"sdata.tables[{cells_key!r}]"
+    written = [key_added, f"{key_added}_source", f"{key_added}_score"]
+    check_free(cells, key=key_added, overwrite=overwrite, where=where, obs=written)
+    if cells.n_vars and not overwrite:
+        raise KeyError(f"{where}.X already holds imputed expression of {cells.n_vars} genes; pass `overwrite=True`.")
     table_key, table = resolve_table(sdata, table_key)
     if proportions_key not in table.obsm:
         raise KeyError(
@@ -364,7 +378,9 @@ def assign_cells(
         )
     P_all = table.obsm[proportions_key]
     types = list(P_all.columns)
-    sig_key = f"{proportions_key}_signatures"
+    sig_key = Key.signatures(proportions_key)
+    if sig_key not in table.varm:
+        raise KeyError(f"sdata.tables[{table_key!r}].varm has no {sig_key!r}; run omx.tl.deconvolve first.")
     missing = [f for f in features if f not in cells.obs]
     if missing:
         raise KeyError(f"The nuclei table has no obs columns {missing}.")
@@ -388,97 +404,53 @@ def assign_cells(
     if not (spot_row >= 0).any():
         raise ValueError(f"No nucleus lies in a spot with proportions in obsm[{proportions_key!r}].")
 
-    F = cells.obs[list(features)].to_numpy(dtype=float)
-    mu, sd = np.nanmean(F, 0), np.nanstd(F, 0)
-    Z = np.nan_to_num((F - mu) / np.where(sd > 0, sd, 1.0))
-    # per-type morphology: spot means of nucleus features ~ proportions @ M
-    in_spot = spot_row >= 0
-    uniq, inv = np.unique(spot_row[in_spot], return_inverse=True)
-    sums = np.zeros((len(uniq), Z.shape[1]))
-    np.add.at(sums, inv, Z[in_spot])
-    means = sums / np.bincount(inv)[:, None]
-    M, *_ = np.linalg.lstsq(P[uniq], means, rcond=None)  # (types, features)
-    resid_var = np.maximum(np.var(Z[in_spot] - (P[spot_row[in_spot]] @ M), axis=0), 1e-3)
-
-    cell_type = np.full(cells.n_obs, -1)
-    score = np.full(cells.n_obs, np.nan)
-    order = np.argsort(spot_row, kind="stable")
-    bounds = np.searchsorted(spot_row[order], uniq)
-    ends = np.r_[bounds[1:], len(order)]
-    for r, b, e in zip(uniq, bounds, ends, strict=True):
-        members = order[b:e]
-        n_k = _largest_remainder(P[r], len(members))
-        slots = np.repeat(np.arange(len(types)), n_k)
-        cost = (((Z[members][:, None, :] - M[slots][None]) ** 2) / resid_var).sum(-1)
-        i, j = linear_sum_assignment(cost)
-        cell_type[members[i]] = slots[j]
-        score[members[i]] = cost[i, j]
-    out = np.flatnonzero(~in_spot)
-    source = np.where(in_spot, "spot", "nearest_spot")
-    if len(out):
-        with_p = np.flatnonzero(has_p)
-        spatial = _table_spatial(table, cells, spot_row, with_p)
-        nearest = with_p[cKDTree(spatial).query(cells.obsm["spatial"][out])[1]]
-        d2 = (((Z[out][:, None, :] - M[None]) ** 2) / resid_var).sum(-1)
-        logp = np.log(np.clip(P[nearest], 1e-6, None)) - 0.5 * d2
-        cell_type[out] = logp.argmax(1)
-        score[out] = d2[np.arange(len(out)), cell_type[out]]
-
-    # imputed expression: each spot's counts shared by its cells in proportion to their types' signatures
-    if sig_key not in table.varm:
-        raise KeyError(f"sdata.tables[{table_key!r}].varm has no {sig_key!r}; run omx.tl.deconvolve first.")
     sig = table.varm[sig_key]
     sig = sig.to_numpy(dtype=float) if isinstance(sig, pd.DataFrame) else np.asarray(sig, dtype=float)
     if genes is None:
-        genes = table.uns.get("omx", {}).get(proportions_key, {}).get("genes") or list(table.var_names[sig.sum(1) > 0])
+        genes = entries(table).get(proportions_key, {}).get("genes")
+        genes = list(table.var_names[sig.sum(1) > 0]) if genes is None else [str(g) for g in genes]
     gidx = table.var_names.get_indexer(list(genes))
     if (gidx < 0).any():
         raise KeyError(f"Genes not in the spots' table: {list(np.asarray(genes)[gidx < 0][:10])}.")
-    S = sig[gidx].T  # (types, genes)
-    Y = np.asarray(as_dense(table.X[uniq][:, gidx]), dtype=np.float64)
-    X = np.zeros((cells.n_obs, len(gidx)), dtype=np.float32)
-    per_cell = []
-    for t, (b, e) in enumerate(zip(bounds, ends, strict=True)):
-        members = order[b:e]
-        w = S[cell_type[members]]  # (cells, genes)
-        denom = w.sum(0)
-        share = np.divide(w, denom, out=np.zeros_like(w), where=denom > 0)
-        X[members] = share * Y[t]
-        per_cell.append(Y[t].sum() / len(members))
-    if len(out):
-        scale = np.median(per_cell) / np.clip(S.sum(1), 1e-12, None)
-        X[out] = S[cell_type[out]] * scale[cell_type[out]][:, None]
-
+    spot_xy = None
+    if (spot_row < 0).any():
+        spot_xy = _table_spatial(table, cells, spot_row, np.arange(table.n_obs))
+    result = assign(
+        cells.obs[list(features)].to_numpy(dtype=float),
+        spot_row,
+        P,
+        cell_xy=cells.obsm["spatial"],
+        spot_xy=spot_xy,
+        signatures=sig[gidx].T,
+        spot_counts=table.X[:, gidx],
+    )
+    source = np.where(result.in_spot, "spot", "nearest_spot")
     obs = cells.obs.copy()
-    obs[key_added] = pd.Categorical(np.asarray(types, dtype=object)[cell_type], categories=types)
+    obs[key_added] = pd.Categorical(np.asarray(types, dtype=object)[result.cell_type], categories=types)
     obs[f"{key_added}_source"] = pd.Categorical(source, categories=["spot", "nearest_spot"])
-    obs[f"{key_added}_score"] = score
-    new = AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index([str(g) for g in genes])), obsm=dict(cells.obsm))
-    new.uns["omx"] = {
-        **cells.uns.get("omx", {}),
-        key_added: {
-            "proportions_key": proportions_key,
-            "table_key": table_key,
-            "features": list(features),
-            "morphology_means": pd.DataFrame(M, index=types, columns=list(features)).to_dict(),
-            "version": omx.__version__,
+    obs[f"{key_added}_score"] = result.score
+    new = AnnData(
+        X=result.expression, obs=obs, var=pd.DataFrame(index=pd.Index([str(g) for g in genes])), obsm=dict(cells.obsm)
+    )
+    entry = base_entry(
+        "assign_cells",
+        {
+            "cells_key": cells_key, "table_key": table_key, "proportions_key": proportions_key,
+            "features": list(features), "genes": None if genes is None else list(genes),
         },
-    }
+        morphology_means=pd.DataFrame(result.morphology_means, index=types, columns=list(features)).to_dict(),
+        written=[*(f"obs/{k}" for k in written), "X"],
+    )  # fmt: skip
+    new.uns[Key.UNS] = {**entries(cells), key_added: entry}
     regions, region_key_c, instance_key_c = table_regions(cells)
-    new.uns.pop("spatialdata_attrs", None)
-    new.uns[OMX_TABLE] = "cells"
+    new.uns[Key.TABLE_MARK] = "cells"
     new = TableModel.parse(new, region=regions, region_key=region_key_c, instance_key=instance_key_c)
-    del sdata.tables[cells_key]
-    sdata.tables[cells_key] = new
+    add_table(sdata, cells_key, new, overwrite=True, what="nuclei with cell types and imputed expression")
     counts_by_type = obs[key_added].value_counts()
     logger.info(
-        "Added cell types (%s) and %d imputed genes for %d nuclei (%d in spots) to sdata.tables[%r]",
-        ", ".join(f"{k}: {v}" for k, v in counts_by_type.items()),
-        len(gidx),
-        cells.n_obs,
-        int(in_spot.sum()),
-        cells_key,
-    )
+        "Cell types of %d nuclei (%d in spots): %s; %d imputed genes",
+        cells.n_obs, int(result.in_spot.sum()), ", ".join(f"{k}: {v}" for k, v in counts_by_type.items()), len(gidx),
+    )  # fmt: skip
 
 
 def _table_spatial(table: AnnData, cells: AnnData, spot_row: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -515,7 +487,7 @@ def predict_proportions(
     size_um: float | None = None,
     context: Sequence[float] = DEFAULT_CONTEXT,
     alpha: float | None = None,
-    key_added: str = "omx_proportions",
+    key_added: str = Key.PROPORTIONS,
     overwrite: bool = False,
     seed: int = 0,
     show_progress_bar: bool = True,
@@ -567,13 +539,12 @@ def predict_proportions(
     ``sdata.tables[key_added]`` with the proportions in ``X`` (var = cell types) and in ``obsm[key_added]``.
     """
     from omx.models import Ridge
-    from omx.tl._predict import _add_prediction_table, _prediction_table
+    from omx.tl._predict import prediction_table
 
     train, predict = split_sections(train, predict)
     table_key, table = resolve_table(sdata, table_key)
     if key not in table.obsm:
         raise KeyError(f"sdata.tables[{table_key!r}].obsm has no {key!r} (entries: {list(table.obsm.keys())}).")
-    check_key_free(table, key_added, overwrite=overwrite, where="obsm")
     props = table.obsm[key]
     if not isinstance(props, pd.DataFrame):
         raise TypeError(f"obsm[{key!r}] must be a DataFrame with one column per cell type.")
@@ -581,6 +552,15 @@ def predict_proportions(
     sections = resolve_sections(
         sdata, [*train, *predict], table_key=table_key, groups_key=groups_key, image_key=image_key, mpp=mpp, role="a"
     )
+    where = f"sdata.tables[{table_key!r}]"
+    measured = [n for n in predict if sections[n].measured]
+    unmeasured = [n for n in predict if not sections[n].measured]
+    if measured:
+        check_free(
+            table, key=key_added, overwrite=overwrite, where=where, **_proportion_keys(key_added, deconvolution=False)
+        )
+    if unmeasured:
+        check_free_elements(sdata, overwrite=overwrite, tables=[key_added])
     model = Ridge(alpha=alpha, seed=seed, show_progress_bar=show_progress_bar)
     size_um = sections[train[0]].spots.diameter_um if size_um is None else float(size_um)
 
@@ -605,48 +585,35 @@ def predict_proportions(
     for name in predict:
         Z = model.predict(inputs(name), groups=np.full(sections[name].spots.n_spots, name, dtype=object))
         preds[name] = _softmax(Z)
-    uns = {
-        "model": "Ridge",
-        "params": dict(model.init_params_),
-        "version": omx.__version__,
-        "target": f"clr(obsm[{key!r}] + {_CLR_EPS})",
-        "cell_types": types,
-        "train_sections": train,
-        "predict_sections": predict,
-        "size_um": size_um,
-        "context": list(context),
-        "seed": seed,
-    }
-    measured = [n for n in predict if sections[n].measured]
+    entry = base_entry(
+        "predict_proportions",
+        {
+            "train": train, "predict": predict, "key": key, "table_key": table_key, "section_key": groups_key,
+            "image_key": image_key, "mpp": mpp, "size_um": size_um, "context": context, "alpha": alpha, "seed": seed,
+        },
+        model=model_entry(model),
+        target=f"clr(obsm[{key!r}] + {_CLR_EPS})",
+        cell_types=types,
+    )  # fmt: skip
     if measured:
         rows = np.concatenate([sections[n].rows for n in measured])
         values = np.concatenate([preds[n] for n in measured])
-        if key_added in table.obsm and overwrite:
-            del table.obsm[key_added]
-        _write_frame(table, key_added, rows, values, types)
-        ct_key = _cell_type_key(key_added)
-        old = (
-            table.obs[ct_key].astype(object).to_numpy() if ct_key in table.obs else np.full(table.n_obs, np.nan, object)
+        write_results(
+            table,
+            key=key_added,
+            entry=entry,
+            overwrite=overwrite,
+            where=where,
+            obsm={key_added: _frame(table, rows, values, types)},
+            obs={Key.cell_type(key_added): _top_type(table.n_obs, rows, values, types)},
+            n_rows=len(rows),
         )
-        old[rows] = np.asarray(types, dtype=object)[values.argmax(1)]
-        table.obs[ct_key] = pd.Categorical(old, categories=types)
-        table.uns.setdefault("omx", {})[key_added] = uns
-        logger.info(
-            "Added proportions of %d cell types for %d spots to sdata.tables[%r].obsm[%r]",
-            len(types),
-            len(rows),
-            table_key,
-            key_added,
-        )
-    unmeasured = [n for n in predict if not sections[n].measured]
     if unmeasured:
-        if key_added in sdata.tables and not overwrite:
-            raise KeyError(f"sdata.tables[{key_added!r}] exists; pass another `key_added=` or `overwrite=True`.")
-        new = _prediction_table(
-            [sections[n] for n in unmeasured], types, [preds[n] for n in unmeasured], key_added=key_added, uns=uns
+        new = prediction_table(
+            [sections[n] for n in unmeasured], types, [preds[n] for n in unmeasured], key_added=key_added, uns=entry
         )
         new.obsm[key_added] = pd.DataFrame(new.X, index=new.obs_names, columns=types)
-        _add_prediction_table(sdata, new, key_added)
+        add_table(sdata, key_added, new, overwrite=overwrite, what="predicted proportions")
     return model
 
 

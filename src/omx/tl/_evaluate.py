@@ -41,7 +41,7 @@ def cross_validate(
     target_norm: str = "section",
     min_counts: int = 10,
     top_n: int = 50,
-    key_added: str | None = "omx_cv",
+    key_added: str | None = Key.CV,
     overwrite: bool = False,
     seed: int = 0,
     device: str = "auto",

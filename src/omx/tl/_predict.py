@@ -292,7 +292,7 @@ def fit_predict(
     context: Sequence[float] = DEFAULT_CONTEXT,
     target_norm: str = "section",
     min_counts: int = 10,
-    key_added: str = "omx_pred",
+    key_added: str = Key.PRED,
     overwrite: bool = False,
     seed: int = 0,
     device: str = "auto",
@@ -418,14 +418,14 @@ def fit_predict(
             layers=layers, n_rows=len(rows),
         )  # fmt: skip
     if unmeasured:
-        new = _prediction_table(
+        new = prediction_table(
             [sections[n] for n in unmeasured], genes, [preds[n] for n in unmeasured], key_added=key_added, uns=entry
         )
         add_table(sdata, key_added, new, overwrite=overwrite, what="predictions")
     return model
 
 
-def _prediction_table(sections: list[Section], genes, preds: list, *, key_added: str, uns: dict) -> AnnData:
+def prediction_table(sections: list[Section], genes, preds: list, *, key_added: str, uns: dict) -> AnnData:
     """A SpatialData table of predictions (spots x genes in ``X``) annotating the sections' shapes."""
     obs, spatial = [], []
     for section in sections:
@@ -455,7 +455,7 @@ def predict_expression(
     shapes_key: str | None = None,
     table_key: str | None = None,
     mpp: float | None = None,
-    key_added: str = "omx_pred",
+    key_added: str = Key.PRED,
     overwrite: bool = False,
     device: str = "auto",
     show_progress_bar: bool = True,
@@ -538,7 +538,7 @@ def predict_expression(
     }  # fmt: skip
     entry = _prediction_entry("predict_expression", model, params)
     if not inplace:
-        return _prediction_table([section], genes, [pred], key_added=key_added, uns=entry)
+        return prediction_table([section], genes, [pred], key_added=key_added, uns=entry)
     if has_table:
         table = sdata.tables[spots.table_key]
         ok = spots.table_rows >= 0
@@ -550,6 +550,6 @@ def predict_expression(
             table, key=key_added, entry=entry, overwrite=overwrite, where=where, layers=layers, n_rows=len(rows)
         )
     else:
-        new = _prediction_table([section], genes, [pred], key_added=key_added, uns=entry)
+        new = prediction_table([section], genes, [pred], key_added=key_added, uns=entry)
         add_table(sdata, key_added, new, overwrite=overwrite, what="predictions")
     return None
