@@ -45,7 +45,7 @@ encodes them, fits the model on the training sections only, and writes the predi
     ),
     (
         "code",
-        "summary = table.uns['omx']['omx_pred']['scores']['C4']['summary']\n"
+        "summary = table.uns['omx']['omx_pred']['summary']['C4']\n"
         "import pandas as pd\n\npd.DataFrame(summary).T.round(3)",
     ),
     (
@@ -130,6 +130,15 @@ the C sections do not teach. Read scores section by section.""",
     ("code", "omx.pl.gene_scores(sdata.tables['table'], key='cv_ridge', section='C3');"),
     (
         "md",
+        """Every fold's per-gene scores come back as one tidy table, ready for pandas or seaborn:""",
+    ),
+    (
+        "code",
+        "per_gene = omx.get.scores(sdata, 'cv_ridge')\n"
+        "per_gene.pivot_table(index='gene', columns='section', values='pearson').sort_values('C3').tail()",
+    ),
+    (
+        "md",
         """## Leave one patient out
 
 With patients known, hold out a whole patient: train on C2, C3 and C4, test on B4.""",
@@ -169,21 +178,19 @@ in about a minute.""",
         "md",
         """Treat C4 as an H&E-only section: predict it from its image with a model fitted on C2 and C3. Since C4
 was measured, the predictions land in `table.layers['omx_pred']`; a section without a table would get a new
-table `omx_pred` annotating its spots instead.""",
+table `omx_pred` annotating its spots instead. Either way, `omx.get.predictions` hands them back as an AnnData of
+the predicted spots and genes only: predictions in `X` (never negative), the measured expression of the same
+spots on the same scale in `layers['observed']`, per-gene scores on the held-out section in `var`, and spot
+centres in microns in `obsm['spatial']`.""",
     ),
     (
         "code",
         "omx.tl.fit_predict(sdata, train=['C2', 'C3'], predict='C4', show_progress_bar=False)\n"
-        "table = sdata.tables['table']\n"
-        "c4 = table[table.obs['section'] == 'C4'].copy()\n"
-        "genes = table.uns['omx']['omx_pred']['genes']\n"
-        "pred = sc.AnnData(c4[:, genes].layers['omx_pred'], obs=c4.obs[['section']])\n"
-        "pred.obsm['spatial'] = c4.obsm['spatial']\n"
-        "pred.var_names = genes\n"
-        "meas = c4[:, genes].copy()\n"
-        "sc.pp.normalize_total(meas, target_sum=1e4)\n"
-        "sc.pp.log1p(meas)\n"
-        "pred, meas",
+        "pred = omx.get.predictions(sdata, 'omx_pred', section='C4')\n"
+        "genes = list(pred.var_names)\n"
+        "meas = sc.AnnData(pred.layers['observed'], obs=pred.obs[['section']], obsm={'spatial': pred.obsm['spatial']})\n"
+        "meas.var_names = genes\n"
+        "pred",
     ),
     (
         "md",
@@ -223,8 +230,7 @@ Moran's I of each gene over the spot graph (six nearest spots), on the predictio
         "    sq.gr.spatial_neighbors(ad, coord_type='generic', n_neighs=6)\n"
         "    sq.gr.spatial_autocorr(ad, mode='moran', genes=list(genes), n_perms=None, n_jobs=1)\n"
         "moran = pd.DataFrame({'predicted': pred.uns['moranI']['I'], 'measured': meas.uns['moranI']['I']}).dropna()\n"
-        "scores = pd.DataFrame(table.uns['omx']['omx_pred']['scores']['C4']['gene_scores']).set_index('gene')\n"
-        "moran['pearson_r'] = scores['pearson']\n"
+        "moran['pearson_r'] = pred.var['pearson']  # per-gene scores on the held-out section\n"
         "moran.corr(method='spearman').round(2)",
     ),
     (
@@ -295,16 +301,19 @@ of cells in the deconvolution.""",
     (
         "code",
         "omx.tl.deconvolve(sdata, reference, sections='C4', n_steps=1000, show_progress_bar=False)\n"
-        "c4 = (table.obs['section'] == 'C4').to_numpy()\n"
-        "ours = table.obsm['omx_proportions'][c4]\n"
-        "published = table.obsm['stereoscope_major'][c4]\n"
-        "pd.Series({t: np.corrcoef(ours[t], published[t])[0, 1] for t in ours.columns}, name='Pearson r').round(2)",
+        "ours = omx.get.proportions(sdata, section='C4')  # one row per spot and cell type, with credible bounds\n"
+        "published = table.obsm['stereoscope_major'].stack().rename('published')\n"
+        "ours = ours.join(published, on=['spot', 'cell_type'])\n"
+        "ours.groupby('cell_type')[['proportion', 'published']].corr().xs('proportion', level=1)['published']"
+        ".rename('Pearson r').round(2)",
     ),
     (
         "md",
         """Agreement with the published stereoscope estimate, per cell type, over the spots of C4 (those proportions
-are themselves an estimate, not ground truth). Credible bounds are in `obsm['omx_proportions_q05']` and
-`['omx_proportions_q95']`; the most abundant type is in `obs['omx_cell_type']`.""",
+are themselves an estimate, not ground truth). `omx.get.proportions` returns the proportions as a tidy table with
+their 90 % credible bounds (`q05`, `q95`); in the table they live in `obsm['omx_proportions']` (bounds in
+`obsm['omx_proportions_q05']` and `['omx_proportions_q95']`) and the most abundant type in
+`obs['omx_cell_type']`.""",
     ),
     (
         "md",
