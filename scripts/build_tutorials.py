@@ -188,8 +188,8 @@ centres in microns in `obsm['spatial']`.""",
         "omx.tl.fit_predict(sdata, train=['C2', 'C3'], predict='C4', show_progress_bar=False)\n"
         "pred = omx.get.predictions(sdata, 'omx_pred', section='C4')\n"
         "genes = list(pred.var_names)\n"
-        "meas = sc.AnnData(pred.layers['observed'], obs=pred.obs[['section']], obsm={'spatial': pred.obsm['spatial']})\n"
-        "meas.var_names = genes\n"
+        "meas = pred.copy()  # the measured expression of the same spots and genes, on the same scale\n"
+        "meas.X = meas.layers['observed']\n"
         "pred",
     ),
     (
