@@ -43,3 +43,25 @@ def test_cli_demo_runs_offline(tmp_path):
     np.testing.assert_allclose(pred.X, table.layers["omx_pred"][c4][:, cols], rtol=1e-5)  # same model, same spots
     again = subprocess.run([*cmd, "--shapes-key", "C4_spots", "--key-added", "c4_pred"], capture_output=True, text=True)
     assert again.returncode == 2 and "already has a table" in again.stderr
+
+
+def test_no_module_imports_another_subpackages_private_names():
+    """Subpackages share through public names; a private name is its own subpackage's business."""
+    import ast
+    from pathlib import Path
+
+    src = Path(omx.__file__).parent
+    offences = []
+    for path in src.rglob("*.py"):
+        parts = path.relative_to(src).parts
+        home = parts[0] if len(parts) > 1 else None  # the subpackage of this file (None: a top-level module)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("omx."):
+                continue
+            target = node.module.split(".")[1]
+            if target == home or target.startswith("_"):  # its own subpackage, or a shared top-level module
+                continue
+            private = [a.name for a in node.names if a.name.startswith("_")]
+            if private:
+                offences.append(f"{path.relative_to(src)}: from {node.module} import {', '.join(private)}")
+    assert not offences, "\n".join(offences)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage, sparse
 
-from omx.io._st import _assemble, _Section
+from omx.io._st import SectionParts, assemble_sections
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -99,7 +99,7 @@ def toy_sdata(
         shape = 10.0  # negative binomial as a gamma-Poisson mixture, dispersion 1/10
         counts = rng.poisson(mu * rng.gamma(shape, 1.0 / shape, size=mu.shape))
         parts.append(
-            _Section(
+            SectionParts(
                 name=name,
                 patient=f"P{i + 1}",
                 image=image,
@@ -112,7 +112,7 @@ def toy_sdata(
                 obsm={"toy_latent": latent.astype(np.float64)},
             )
         )
-    sdata = _assemble(parts)
+    sdata = assemble_sections(parts)
     sdata.tables["table"].uns["toy"] = {
         "latent_names": list(_LATENT_NAMES),
         "weights": weights,

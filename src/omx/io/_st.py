@@ -47,7 +47,7 @@ _APP_IMAGE_ORIGINAL_WIDTH = {"A1": 6954}
 
 
 @dataclass
-class _Section:
+class SectionParts:
     """One section's pieces, before they are turned into SpatialData elements."""
 
     name: str
@@ -146,7 +146,7 @@ def read_st(
         )
         for s in names
     ]
-    return _assemble(parts, genes=genes)
+    return assemble_sections(parts, genes=genes)
 
 
 # ----------------------------------------------------------------------------------------------------------- files
@@ -393,7 +393,7 @@ def _read_section(
     spot_radius: float,
     spot_pitch: float,
     cluster_names: dict[tuple[str, str], str],
-) -> _Section:
+) -> SectionParts:
     cnt_path = _first(root.glob(f"data/ST-cnts/{section}.tsv*"), "counts", section)
     spot_path = _first(root.glob(f"data/ST-spotfiles/{section}_selection.tsv*"), "spotfile", section)
     if spot_path is None:
@@ -459,7 +459,7 @@ def _read_section(
         if props is not None:
             obsm[f"stereoscope_{tier}"] = props
 
-    return _Section(
+    return SectionParts(
         name=section,
         patient=patient,
         image=image,
@@ -475,7 +475,7 @@ def _read_section(
 
 
 # ------------------------------------------------------------------------------------------------------- assemble
-def _gene_index(parts: Sequence[_Section], genes: Sequence[str] | None) -> list[str]:
+def _gene_index(parts: Sequence[SectionParts], genes: Sequence[str] | None) -> list[str]:
     union = list(dict.fromkeys(g for p in parts for g in p.genes))
     if genes is None:
         return union
@@ -502,7 +502,7 @@ def _reindex_genes(counts: sparse.csr_matrix, genes: Sequence[str], target: dict
     return out
 
 
-def _assemble(parts: Sequence[_Section], *, genes: Sequence[str] | None = None) -> SpatialData:
+def assemble_sections(parts: Sequence[SectionParts], *, genes: Sequence[str] | None = None) -> SpatialData:
     """Turn sections into one SpatialData in the omx layout (see the module docstring of `omx.io`)."""
     import anndata as ad
     from spatialdata import SpatialData
