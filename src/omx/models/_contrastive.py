@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -12,6 +11,7 @@ from omx.encoders import Encoder, get_encoder
 from omx.metrics import pearson
 from omx.models._base import TorchModel
 from omx.models._cnn import _channel_stats, augment_patches
+from omx.models._context import Context
 from omx.models._graph import PROPAGATION_GRID, propagate
 from omx.models._ridge import DEFAULT_ALPHAS, Ridge, _fit_ridge, _safe_scale
 
@@ -44,8 +44,9 @@ class Contrastive(TorchModel):
     - **retrieval** (:meth:`retrieve`, ``mode="retrieval"``): the similarity-weighted (softmax at the learned
       temperature) average of the expression of the `k` reference spots whose expression embeddings are nearest
       the query's image embedding. The reference bank is the training spots only, with their group labels. A
-      query never retrieves a bank row of its own group (section) nor, when `patients` maps groups to patients
-      and ``exclude="patient"``, of any section of its own patient.
+      query never retrieves a bank row of its own group (section) nor, when the context gives the patient of
+      each row (``Context.patients``, for the bank at fit and for the queries) and ``exclude="patient"``, of
+      its own patient.
     - **regression head** (``mode="regression"``, with the linear part): a linear head on the image embedding
       (before normalisation), trained jointly with the InfoNCE loss (mean squared error, on `n_components`
       principal components of the targets); with ``head="ridge"`` or ``"ridge+features"`` (the default) it is
@@ -125,11 +126,9 @@ class Contrastive(TorchModel):
         ``"auto"``: weights of retrieval, head and linear part chosen on the cross-fitted rows; a number ``w``
         in [0, 1]: ``w * retrieval + (1 - w) * head``, no linear part.
     exclude
-        Bank rows a query never retrieves: ``"patient"`` (its patient's sections, where `patients` knows the
-        patient, else its section) or ``"group"`` (its own section only).
-    patients
-        Patient of each group label, e.g. ``{"C2": "C", "C3": "C", "B4": "B"}``; labels it lacks are their own
-        patient. `omx.tl` adds the patient of every section from the table's ``obs["patient"]``.
+        Bank rows a query never retrieves: ``"patient"`` (its patient's rows, where the context gives the
+        patients of the bank and of the query, else its section's) or ``"group"`` (its own section only). `omx.tl`
+        gives every row's patient from the table's ``obs["patient"]``.
     neighbors
         Neighbouring spots (nearest, within the same group and 2.5 spot spacings) whose image embeddings each spot
         attends to and over which predictions are propagated; 0 switches spot context off. With neighbours the
@@ -167,6 +166,8 @@ class Contrastive(TorchModel):
         Their targets ``(n_bank, g)``, on the scale given to :meth:`fit`.
     bank_groups_
         Their group labels ``(n_bank,)`` (all ``""`` when fitted without groups).
+    bank_patients_
+        Their patients ``(n_bank,)`` (``Context.patients`` at fit), or None when fitted without them.
     weights_
         Weight of each part: ``{"retrieval": ..., "head": ..., "linear": ...}`` (summing to 1).
     propagation_
@@ -204,7 +205,6 @@ class Contrastive(TorchModel):
         k: int = 50,
         blend: float | Literal["auto"] = "auto",
         exclude: Literal["patient", "group"] = "patient",
-        patients: Mapping[str, str] | None = None,
         neighbors: int = 6,
         epochs: int = 100,
         batch_size: int = 256,
@@ -238,8 +238,6 @@ class Contrastive(TorchModel):
         if epochs < 1 or batch_size < 2:
             raise ValueError("epochs must be >= 1 and batch_size >= 2.")
         self.image = image
-        self.input = image  # what fit / predict take (the base class and omx.tl read it)
-        self.spatial = neighbors > 0
         self.encoder = get_encoder(encoder) if image == "features" else None
         if self.encoder is None:
             encoder = None
@@ -251,7 +249,6 @@ class Contrastive(TorchModel):
         self.n_components = None if n_components is None else int(n_components)
         self.head = head
         self.k, self.blend, self.exclude = int(k), blend if blend == "auto" else float(blend), exclude
-        self.patients = None if patients is None else {str(g): str(p) for g, p in patients.items()}
         self.neighbors = int(neighbors)
         self.epochs, self.batch_size, self.lr = int(epochs), int(batch_size), float(lr)
         self.weight_decay = float(weight_decay)
@@ -277,7 +274,6 @@ class Contrastive(TorchModel):
             k=self.k,
             blend=self.blend,
             exclude=self.exclude,
-            patients=self.patients,
             neighbors=self.neighbors,
             epochs=self.epochs,
             batch_size=self.batch_size,
@@ -290,6 +286,21 @@ class Contrastive(TorchModel):
 
     def _live_params(self) -> dict[str, Any]:
         return {"encoder": self.encoder} if self.encoder is not None else {}
+
+    @property
+    def input(self) -> str:
+        """What :meth:`fit` and :meth:`predict` take: `image` (``"features"`` or ``"patches"``)."""
+        return self.image
+
+    @property
+    def uses(self) -> frozenset[str]:
+        """Groups, patients and group statistics; with spot context (``neighbors > 0``) the coordinates too."""
+        return frozenset({"groups", "patients", "group_stats", *(("coords",) if self.neighbors else ())})
+
+    @property
+    def requires(self) -> frozenset[str]:
+        """The coordinates with spot context (``neighbors > 0``), else nothing."""
+        return frozenset({"coords"}) if self.neighbors else frozenset()
 
     _standardise = Ridge._standardise  # per-group z-scores of features (uses x_mean_, x_scale_, standardize)
 
@@ -341,11 +352,11 @@ class Contrastive(TorchModel):
         return self.module_["context"](h, hn, nbr_mask)
 
     # ------------------------------------------------------------------ inputs
-    def _prepare(self, X: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    def _prepare(self, X: np.ndarray, groups: np.ndarray | None, group_stats=None) -> np.ndarray:
         """Model-ready inputs on the host: standardised float32 features, or the uint8 patches as they are."""
         if self.image == "patches":
             return X
-        return self._standardise(X, groups).astype(np.float32)
+        return self._standardise(X, groups, group_stats).astype(np.float32)
 
     def _to_device(self, X: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
         import torch
@@ -385,24 +396,25 @@ class Contrastive(TorchModel):
         return self._image_embed(x[:b], x[b:], nbr_mask)
 
     # ------------------------------------------------------------------ fit
-    def _fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None, coords: np.ndarray | None = None) -> None:
+    def _fit(self, X: np.ndarray, Y: np.ndarray, context: Context) -> None:
+        groups, patients, coords = context.groups, context.patients, context.coords
         if self.k > len(X):
             raise ValueError(f"k={self.k} is larger than the reference bank ({len(X)} training rows); lower `k`.")
         rng = np.random.default_rng(self.seed)
         nbrs = _neighbours(coords, groups, self.neighbors) if self.neighbors else None
         folds = self._folds(len(X), groups, rng)
-        oof = [self._fit_fold(X, Y, groups, nbrs, train, val) for train, val in folds]
+        oof = [self._fit_fold(X, Y, groups, patients, nbrs, train, val) for train, val in folds]
         first = self.history_ if folds else {}
         self._choose(oof, nbrs)
         epochs = int(round(np.mean(self.fold_best_epochs_))) + 1 if folds else self.epochs
         if folds:
             logger.info("Contrastive: training on all %d rows for %d epochs.", len(X), epochs)
         everything = np.arange(len(X))
-        Xp, Yz = self._fit_rows(X, Y, groups, nbrs, everything, everything[:0], epochs=epochs, patience=None)
+        Xp, Yz = self._fit_rows(X, Y, groups, patients, nbrs, everything, everything[:0], epochs=epochs, patience=None)
         if self.head != "trained":
             self._fit_ridge_head(Xp, Yz, everything, nbrs, [self.head_alpha_])
         self.linear_ = self._fit_linear(X, Yz, groups) if self.image == "features" else None
-        self._set_bank(Yz, groups if groups is not None else np.full(len(X), ""), self._torch_device())
+        self._set_bank(Yz, groups if groups is not None else np.full(len(X), ""), patients, self._torch_device())
         self.bank_targets_ = Y.astype(np.float32)
         if folds:
             self.history_ = {**first, "refit_train_loss": self.history_["train_loss"], **self.cv_}
@@ -418,9 +430,11 @@ class Contrastive(TorchModel):
         train, val = self._validation_split(n, None, self.val_fraction, rng)
         return [(train, val)] if len(val) else []
 
-    def _fit_fold(self, X, Y, groups, nbrs, train_idx, val_idx) -> dict[str, Any]:
+    def _fit_fold(self, X, Y, groups, patients, nbrs, train_idx, val_idx) -> dict[str, Any]:
         """Train on one fold; return its validation rows' predictions by every part (standardised targets)."""
-        Xp, Yz = self._fit_rows(X, Y, groups, nbrs, train_idx, val_idx, epochs=self.epochs, patience=self.patience)
+        Xp, Yz = self._fit_rows(
+            X, Y, groups, patients, nbrs, train_idx, val_idx, epochs=self.epochs, patience=self.patience
+        )
         device = self._torch_device()
         val_groups = groups[val_idx] if groups is not None else None
         h = self._embed(Xp, val_idx, nbrs, device)
@@ -432,9 +446,9 @@ class Contrastive(TorchModel):
                 self.head_ridge_ = fitted
                 heads.append(self._regress(h, Xp[val_idx]))
         bank = groups[train_idx] if groups is not None else np.full(len(train_idx), "")
-        self._set_bank(Yz[train_idx], bank, device)
+        self._set_bank(Yz[train_idx], bank, None if patients is None else patients[train_idx], device)
         try:
-            retrieval = self._retrieve(h, val_groups)[0]
+            retrieval = self._retrieve(h, val_groups, None if patients is None else patients[val_idx])[0]
         except ValueError:  # too few rows of other sections (patients) in this fold's bank
             retrieval = None
         linear = None
@@ -515,6 +529,7 @@ class Contrastive(TorchModel):
         X: np.ndarray,
         Y: np.ndarray,
         groups: np.ndarray | None,
+        patients: np.ndarray | None,
         nbrs,
         train_idx: np.ndarray,
         val_idx: np.ndarray,
@@ -567,11 +582,12 @@ class Contrastive(TorchModel):
 
         def val_score() -> float:
             # early stopping follows the trained head and retrieval, half and half
-            self._set_bank(Yz[train_idx], bank[train_idx], device)
+            self._set_bank(Yz[train_idx], bank[train_idx], None if patients is None else patients[train_idx], device)
             q = self._embed(Xp, val_idx, nbrs, device)
             pred = self._regress(q, Xp[val_idx])
             try:
-                pred = 0.5 * pred + 0.5 * self._retrieve(q, val_groups if groups is not None else None)[0]
+                val_patients = None if patients is None else patients[val_idx]
+                pred = 0.5 * pred + 0.5 * self._retrieve(q, val_groups if groups is not None else None, val_patients)[0]
             except ValueError:  # too few rows of other sections (patients) to retrieve from
                 pass
             return _group_score(Yz[val_idx], pred, val_groups)
@@ -605,7 +621,7 @@ class Contrastive(TorchModel):
         self.head_ridge_ = fitted[0]
         return fitted
 
-    def _set_bank(self, Yz: np.ndarray, groups: np.ndarray, device: torch.device) -> None:
+    def _set_bank(self, Yz: np.ndarray, groups: np.ndarray, patients: np.ndarray | None, device: torch.device) -> None:
         import torch
 
         self.module_.eval()
@@ -616,6 +632,7 @@ class Contrastive(TorchModel):
                 out.append(torch.nn.functional.normalize(e.float(), dim=1).cpu().numpy())
         self.bank_embedding_ = np.concatenate(out).astype(np.float32)
         self.bank_groups_ = np.asarray(groups).astype(str)
+        self.bank_patients_ = None if patients is None else np.asarray(patients).astype(str)
         self._bank_z = Yz.astype(np.float32)
 
     # ------------------------------------------------------------------ predict
@@ -646,18 +663,23 @@ class Contrastive(TorchModel):
         out = h @ w.T + b
         return out if self.components_ is None else out @ self.components_
 
-    def _allowed(self, query_group: str) -> np.ndarray:
-        """Bank rows a query of ``query_group`` may retrieve."""
+    def _excludes_patients(self, patients: np.ndarray | None) -> bool:
+        """Whether retrieval leaves out the query's patient: asked for, and known for the bank and the queries."""
+        return self.exclude == "patient" and patients is not None and self.bank_patients_ is not None
+
+    def _allowed(self, query_group: str, query_patients: np.ndarray | None = None) -> np.ndarray:
+        """Bank rows a query of ``query_group`` (whose rows are of ``query_patients``) may retrieve."""
         bank = self.bank_groups_
         if query_group is None:
             return np.ones(len(bank), bool)
         keep = bank != query_group
-        if self.exclude == "patient" and self.patients:
-            patient = self.patients.get(query_group, query_group)
-            keep &= np.array([self.patients.get(g, g) != patient for g in bank])
+        if self._excludes_patients(query_patients):
+            keep &= ~np.isin(self.bank_patients_, np.asarray(query_patients).astype(str))
         return keep
 
-    def _retrieve(self, h: np.ndarray, groups: np.ndarray | None, strict: bool = True) -> tuple[np.ndarray, ...]:
+    def _retrieve(
+        self, h: np.ndarray, groups: np.ndarray | None, patients: np.ndarray | None = None, strict: bool = True
+    ) -> tuple[np.ndarray, ...]:
         """Retrieval from embeddings: (standardised prediction, bank indices (n, k), weights (n, k), rows retrieved).
 
         A group with fewer than `k` bank rows it may retrieve raises, or with ``strict=False`` is left out (its
@@ -673,11 +695,11 @@ class Contrastive(TorchModel):
         labels = [None] if groups is None else np.unique(groups)
         for g in labels:
             rows = np.arange(n) if g is None else np.flatnonzero(groups == g)
-            allowed = np.flatnonzero(self._allowed(g))
+            allowed = np.flatnonzero(self._allowed(g, None if patients is None else np.unique(patients[rows])))
             if len(allowed) < k:
                 message = (
                     f"Only {len(allowed)} reference spots may be retrieved for group {g!r} (its own section"
-                    f"{' and patient' if self.exclude == 'patient' and self.patients else ''} excluded), fewer "
+                    f"{' and patient' if self._excludes_patients(patients) else ''} excluded), fewer "
                     f"than k={k}."
                 )
                 if strict:
@@ -699,16 +721,17 @@ class Contrastive(TorchModel):
                 pred[r] = np.einsum("nk,nkg->ng", w, self._bank_z[allowed[top]])
         return pred, index, weight, retrieved
 
-    def _queries(self, X: np.ndarray, groups: np.ndarray | None, coords: np.ndarray | None = None):
+    def _queries(self, X: np.ndarray, context: Context):
         """Image embeddings of the rows of ``X``, the model-ready inputs and the neighbours (None without context)."""
         device = self._torch_device()
         self.module_.to(device)
-        nbrs = _neighbours(coords, groups, self.neighbors) if self.neighbors else None
-        Xp = self._prepare(X, groups)
+        groups = context.groups
+        nbrs = _neighbours(context.coords, groups, self.neighbors) if self.neighbors else None
+        Xp = self._prepare(X, groups, context.group_stats)
         return self._embed(Xp, np.arange(len(X)), nbrs, device), Xp, nbrs
 
-    def _predict(self, X: np.ndarray, groups: np.ndarray | None, coords: np.ndarray | None = None) -> np.ndarray:
-        h, Xp, nbrs = self._queries(X, groups, coords)
+    def _predict(self, X: np.ndarray, context: Context) -> np.ndarray:
+        h, Xp, nbrs = self._queries(X, context)
         weights = self.weights_
         pred = np.zeros((len(X), len(self.target_mean_)), np.float32)
         if weights["head"]:
@@ -717,7 +740,7 @@ class Contrastive(TorchModel):
             pred += weights["linear"] * self.linear_._predict_standardised(Xp).astype(np.float32)
         if weights["retrieval"]:
             regression = weights["head"] + weights["linear"]
-            retrieval, _, _, ok = self._retrieve(h, groups, strict=regression == 0)
+            retrieval, _, _, ok = self._retrieve(h, context.groups, context.patients, strict=regression == 0)
             pred[ok] += weights["retrieval"] * retrieval[ok]
             pred[~ok] /= regression  # rows with nothing to retrieve: the regression parts, reweighted to sum to 1
         if self.propagation_ and nbrs is not None:
@@ -727,10 +750,10 @@ class Contrastive(TorchModel):
     def predict(
         self,
         X: np.ndarray,
+        context: Context | None = None,
         *,
         groups: np.ndarray | None = None,
         coords: np.ndarray | None = None,
-        group_stats: dict[str, tuple[np.ndarray, np.ndarray, int]] | None = None,
         mode: Literal["default", "retrieval", "regression"] = "default",
     ) -> np.ndarray:
         """Predict targets by the fitted blend, by retrieval alone or by the regression head alone.
@@ -739,13 +762,15 @@ class Contrastive(TorchModel):
         ----------
         X
             Features or patches, as in :meth:`fit`.
+        context
+            The rows' groups (sections: features are standardised per group, and retrieval never returns a bank
+            row of the row's group), patients (nor of its patient, see `exclude`), coordinates (with
+            ``neighbors > 0``) and the statistics of groups predicted in chunks; see `Model.predict`. Without
+            groups nothing is excluded.
         groups
-            Label of each row (its section): features are standardised per group, and retrieval never returns a
-            bank row of the row's group (nor of its patient, see `exclude`). Without groups nothing is excluded.
+            Shorthand for ``Context(groups=groups)``.
         coords
-            Spot centres ``(n, 2)`` in microns, with ``neighbors > 0``.
-        group_stats
-            Feature statistics of whole groups predicted in chunks, as in `Model.predict`.
+            Shorthand for ``Context(coords=coords)``.
         mode
             ``"default"`` (the fitted `weights_`), ``"retrieval"`` (retrieval alone) or ``"regression"`` (the
             head and the linear part in their fitted proportion).
@@ -757,7 +782,7 @@ class Contrastive(TorchModel):
         if mode not in ("default", "retrieval", "regression"):
             raise ValueError(f"mode must be 'default', 'retrieval' or 'regression', got {mode!r}.")
         if mode == "default":
-            return super().predict(X, groups=groups, coords=coords, group_stats=group_stats)
+            return super().predict(X, context, groups=groups, coords=coords)
         weights = self.weights_
         if mode == "retrieval":
             self.weights_ = {"retrieval": 1.0, "head": 0.0, "linear": 0.0}
@@ -766,18 +791,23 @@ class Contrastive(TorchModel):
             share = weights["linear"] / total if total > 0 else 0.0
             self.weights_ = {"retrieval": 0.0, "head": 1.0 - share, "linear": share}
         try:
-            return super().predict(X, groups=groups, coords=coords, group_stats=group_stats)
+            return super().predict(X, context, groups=groups, coords=coords)
         finally:
             self.weights_ = weights
 
     def retrieve(
-        self, X: np.ndarray, *, groups: np.ndarray | None = None, coords: np.ndarray | None = None
+        self,
+        X: np.ndarray,
+        context: Context | None = None,
+        *,
+        groups: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Retrieve the `k` nearest reference spots of each row, leaving out its own section (and patient).
 
         Parameters
         ----------
-        X, groups, coords
+        X, context, groups, coords
             As in :meth:`predict`.
 
         Returns
@@ -787,14 +817,10 @@ class Contrastive(TorchModel):
         """
         self._check_fitted()
         X = self._check_X(X)
-        groups = self._check_groups(groups, len(X))
-        h, _, _ = self._queries(X, groups, *self._spatial_args(coords, len(X)))
-        pred, index, weight, _ = self._retrieve(h, groups)
+        context = self._context(context, groups, coords, len(X))
+        h, _, _ = self._queries(X, context)
+        pred, index, weight, _ = self._retrieve(h, context.groups, context.patients)
         return (pred * self.target_std_ + self.target_mean_).astype(np.float32), index, weight
-
-    def set_device(self, device: str) -> None:
-        """Run later predictions on `device` (``"auto"``, ``"cpu"``, ``"cuda"``)."""
-        self.device = str(device)
 
     # ------------------------------------------------------------------ state
     def _get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -807,6 +833,11 @@ class Contrastive(TorchModel):
             "bank_z": self._bank_z,
             "bank_group_codes": codes.astype(np.int64),
         }
+        patient_labels = None
+        if self.bank_patients_ is not None:
+            patient_labels, patient_codes = np.unique(self.bank_patients_, return_inverse=True)
+            arrays["bank_patient_codes"] = patient_codes.astype(np.int64)
+            patient_labels = patient_labels.tolist()
         if self.components_ is not None:
             arrays["components"] = self.components_
         if self.head_ridge_ is not None:
@@ -826,6 +857,7 @@ class Contrastive(TorchModel):
             "head_alpha_": self.head_alpha_,
             "linear_state": linear_state,
             "bank_group_labels": labels.tolist(),
+            "bank_patient_labels": patient_labels,
             "n_out": int(self.module_["head"].out_features),
             "d_in": int(self.n_features_in_) if self.image == "features" else 0,
         }
@@ -838,6 +870,9 @@ class Contrastive(TorchModel):
         self.bank_embedding_, self.bank_targets_ = arrays["bank_embedding"], arrays["bank_targets"]
         self._bank_z = arrays["bank_z"]
         self.bank_groups_ = np.asarray(state["bank_group_labels"], dtype=str)[arrays["bank_group_codes"]]
+        self.bank_patients_ = None
+        if state.get("bank_patient_labels") is not None:
+            self.bank_patients_ = np.asarray(state["bank_patient_labels"], dtype=str)[arrays["bank_patient_codes"]]
         self.components_ = arrays.get("components")
         ridge = {k: arrays[f"head_ridge_{k}"] for k in ("mean", "coef", "intercept") if f"head_ridge_{k}" in arrays}
         self.head_ridge_ = ridge or None

@@ -11,7 +11,7 @@ from anndata import AnnData
 from scipy import sparse
 from spatialdata import SpatialData
 
-from omx._utils import as_list, check_counts, log_normalize, logger
+from omx._utils import as_list, check_counts, log_normalize
 from omx.pp import Spots, resolve_spots
 from omx.pp._spots import table_regions
 from omx.pp._stream import collect, iter_chunks
@@ -216,21 +216,6 @@ def split_sections(train, predict) -> tuple[list[str], list[str]]:
             f"Sections {overlap} are in both `train` and `predict`; a model must not be scored on its training data."
         )
     return train, predict
-
-
-def check_key_free(table: AnnData, key_added: str, *, overwrite: bool, where: str = "layers") -> None:
-    """Refuse to overwrite an existing result unless ``overwrite=True``."""
-    taken = key_added in getattr(table, where) or key_added in table.uns.get("omx", {})
-    if taken and not overwrite:
-        raise KeyError(
-            f"{key_added!r} already holds results in this table ({where} or uns['omx']). "
-            "Pass another `key_added=` or `overwrite=True` to replace them."
-        )
-
-
-def log_written(n: int, g: int, where: str) -> None:
-    """Log what was written, scanpy style."""
-    logger.info("Added %d spots x %d genes to %s", n, g, where)
 
 
 def as_dense(X) -> np.ndarray:
