@@ -22,7 +22,7 @@ from omx._schema import (
 )
 from omx._utils import as_list, logger, resolve_table
 from omx.pp._spots import table_regions
-from omx.tl._core import (
+from omx.tl._engine import (
     DEFAULT_CONTEXT,
     as_dense,
     counts,
@@ -539,7 +539,7 @@ def predict_proportions(
     ``sdata.tables[key_added]`` with the proportions in ``X`` (var = cell types) and in ``obsm[key_added]``.
     """
     from omx.models import Ridge
-    from omx.tl._predict import prediction_table
+    from omx.tl._engine import prediction_table
 
     train, predict = split_sections(train, predict)
     table_key, table = resolve_table(sdata, table_key)

@@ -11,8 +11,16 @@ from spatialdata import SpatialData
 
 from omx._schema import Key, base_entry, check_free, gene_layer, jsonable, model_entry, scores_columns, write_results
 from omx._utils import as_list, logger, progress, resolve_table
-from omx.tl._core import DEFAULT_CONTEXT, resolve_sections
-from omx.tl._predict import _get_model, _inputs, _scores, fit_sections, predict_section, section_patients
+from omx.tl._engine import (
+    DEFAULT_CONTEXT,
+    fit_sections,
+    make_model,
+    predict_section,
+    resolve_sections,
+    score_section,
+    section_inputs,
+    section_patients,
+)
 
 
 def _fresh(model, *, seed, device, show_progress_bar):
@@ -20,7 +28,7 @@ def _fresh(model, *, seed, device, show_progress_bar):
 
     if isinstance(model, Model):
         return model.clone(show_progress_bar=show_progress_bar)
-    return _get_model(model, seed=seed, device=device, show_progress_bar=show_progress_bar)
+    return make_model(model, seed=seed, device=device, show_progress_bar=show_progress_bar)
 
 
 def cross_validate(
@@ -125,7 +133,7 @@ def cross_validate(
         else:
             fold_size = size_um
         for n in train + held:
-            _inputs(resolved[n], m, fold_size, context, show_progress_bar, cache)
+            section_inputs(resolved[n], m, fold_size, context, show_progress_bar, cache)
         t0 = time.perf_counter()
         m, train_var = fit_sections(
             sdata, resolved, train, m, table_key=table_key, genes=genes, n_top_genes=n_top_genes, layer=layer,
@@ -145,7 +153,7 @@ def cross_validate(
                 patients=section_patients(table, resolved[n]),
             )
             predict_s = time.perf_counter() - t0
-            scores = _scores(table, resolved[n], fold_genes, pred, layer, min_counts)
+            scores = score_section(table, resolved[n], fold_genes, pred, layer, min_counts)
             summary = summarize(scores, y_train_var=var, top_n=top_n)
             row = {
                 "fold": fold,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from os import PathLike
 from typing import TYPE_CHECKING
@@ -11,285 +10,36 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from spatialdata import SpatialData
-from spatialdata.models import TableModel
 
 import omx
 from omx._schema import (
     Key,
     add_table,
-    base_entry,
     check_free,
     check_free_elements,
     gene_layer,
-    model_entry,
     scores_columns,
     write_results,
 )
 from omx._utils import logger, resolve_table
 from omx.metrics import summarize
-from omx.models import Context
-from omx.tl._core import (
+from omx.tl._engine import (
     DEFAULT_CONTEXT,
-    PATIENT_KEY,
-    SECTION_KEY,
-    TARGET_SCALE,
     Section,
-    SectionScaler,
-    as_dense,
-    choose_genes,
-    counts,
-    input_chunks,
-    model_inputs,
+    fit_sections,
+    make_model,
+    predict_section,
+    prediction_entry,
+    prediction_table,
     resolve_sections,
+    score_section,
+    section_patients,
     split_sections,
-    targets,
+    written_keys,
 )
 
 if TYPE_CHECKING:
     from omx.models import Model
-
-
-def _get_model(model, *, seed: int, device: str, show_progress_bar: bool) -> Model:
-    from omx.models import Model, get_model
-
-    if isinstance(model, Model):
-        return model
-    return get_model(model, seed=seed, device=device, show_progress_bar=show_progress_bar)
-
-
-def fit_sections(
-    sdata: SpatialData,
-    sections: dict[str, Section],
-    train: Sequence[str],
-    model: Model,
-    *,
-    table_key: str,
-    genes: Sequence[str] | None,
-    n_top_genes: int | None,
-    layer: str | None,
-    min_counts: int,
-    target_norm: str,
-    size_um: float | None,
-    context: Sequence[float],
-    show_progress_bar: bool,
-    cache: dict | None = None,
-) -> tuple[Model, np.ndarray]:
-    """Fit ``model`` on the training sections; everything fitted here sees the training sections only.
-
-    Returns the fitted model (with ``meta_`` holding genes, target statistics and patch settings) and the
-    per-gene variance of the training targets (for choosing the most variable genes when scoring).
-    """
-    table = sdata.tables[table_key]
-    for name in train:
-        if not sections[name].measured:
-            raise ValueError(f"Training section {name!r} has no measured expression in table {table_key!r}.")
-    rows = np.concatenate([sections[n].rows for n in train])
-    X = counts(table, rows, layer=layer)
-    total = np.asarray(X.sum(axis=1)).ravel()
-    keep = total >= min_counts
-    if keep.sum() < 2:
-        raise ValueError(f"Fewer than 2 training spots have at least min_counts={min_counts} counts.")
-    if (~keep).any():
-        logger.info("Left out %d training spots with fewer than %d counts.", int((~keep).sum()), min_counts)
-    genes = choose_genes(table, genes, X[keep], n_top_genes=n_top_genes)
-    gene_idx = table.var_names.get_indexer(genes)
-    Y = targets(X, gene_idx)[keep]
-    groups = np.concatenate([np.full(len(sections[n].rows), n, dtype=object) for n in train])[keep]
-    train_var = Y.var(axis=0)
-    counts_model = model.target == "counts"  # e.g. a count likelihood: raw counts and library sizes
-    scaler = SectionScaler("none" if counts_model else target_norm)
-    Z = scaler.fit_transform(Y, groups)
-    if counts_model:
-        Z = np.asarray(as_dense(X[:, gene_idx]), dtype=np.float32)[keep]
-    size_um = sections[train[0]].spots.diameter_um if size_um is None else float(size_um)
-    inputs = np.concatenate([_inputs(sections[n], model, size_um, context, show_progress_bar, cache) for n in train])[
-        keep
-    ]
-    coords = np.concatenate([sections[n].spots.centers * sections[n].spots.mpp for n in train])[keep]
-    patients = [section_patients(table, sections[n]) for n in train]
-    meta = {
-        "genes": list(genes),
-        "target_mean": scaler.mean_.tolist(),
-        "target_std": scaler.std_.tolist(),
-        "target_norm": "counts" if counts_model else target_norm,
-        "target_scale": TARGET_SCALE,
-        "size_um": size_um,
-        "context": list(context),
-        "train_sections": list(train),
-        "min_counts": min_counts,
-    }
-    ctx = Context(
-        groups=groups,
-        patients=None if any(p is None for p in patients) else np.concatenate(patients)[keep],
-        coords=coords,
-        library_size=total[keep] if counts_model else None,
-        meta=meta,
-    )
-    model.fit(inputs, Z, ctx)
-    return model, train_var
-
-
-def section_patients(table: AnnData | None, section: Section) -> np.ndarray | None:
-    """The patient of each spot of a section, from ``table.obs["patient"]``; None where the table does not say.
-
-    Spots without a table row take the patient of the section's other spots when those all share one.
-    """
-    if table is None or PATIENT_KEY not in table.obs:
-        return None
-    rows = section.rows
-    measured = rows >= 0
-    if not measured.any():
-        return None
-    values = table.obs[PATIENT_KEY].iloc[rows[measured]].astype(str).to_numpy()
-    if measured.all():
-        return values
-    unique = pd.unique(values)
-    return np.full(len(rows), str(unique[0]), dtype=object) if len(unique) == 1 else None
-
-
-def _inputs(section, model, size_um, context, show_progress_bar, cache) -> np.ndarray:
-    key = (section.name, model.input, getattr(model, "patch_px", None), size_um, tuple(context), _encoder_id(model))
-    if cache is not None and key in cache:
-        return cache[key]
-    out = model_inputs(section, model, size_um=size_um, context=context, show_progress_bar=show_progress_bar)
-    if cache is not None:
-        cache[key] = out
-    return out
-
-
-def _encoder_id(model) -> str | None:
-    enc = getattr(model, "encoder", None)
-    return None if enc is None else f"{enc.name}:{sorted(enc.get_params().items())}"
-
-
-def predict_section(
-    model: Model,
-    section: Section,
-    *,
-    show_progress_bar: bool,
-    cache: dict | None = None,
-    return_var: bool = False,
-    patients: np.ndarray | None = None,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
-    """Predictions ``(n_spots, n_genes)`` on the log-normalised scale for one section.
-
-    Models that read the spots' coordinates (``"coords"`` in ``model.uses``), and sections whose inputs are
-    cached, are predicted from the inputs of the whole section; the others stream (see `_predict_stream`). With
-    ``return_var``, also the predictive variance on that scale when the model provides one
-    (``model.provides_variance``), else None. ``patients`` gives the patient of each spot (`section_patients`).
-    """
-    meta = model.meta_
-    var = None
-    if "coords" in model.uses or cache is not None:
-        inputs = _inputs(section, model, meta["size_um"], meta["context"], show_progress_bar, cache)
-        ctx = Context(
-            groups=np.full(len(inputs), section.name, dtype=object),
-            patients=patients,
-            coords=section.spots.centers * section.spots.mpp,
-        )
-        if return_var and model.provides_variance:
-            Z, var = model.predict(inputs, ctx, return_var=True)
-            var = (var * np.asarray(meta["target_std"]) ** 2).astype(np.float32)
-        else:
-            Z = model.predict(inputs, ctx)
-    else:
-        Z = _predict_stream(model, section, show_progress_bar=show_progress_bar, patients=patients)
-    pred = (Z * np.asarray(meta["target_std"]) + np.asarray(meta["target_mean"])).astype(np.float32)
-    return (pred, var) if return_var else pred
-
-
-def _predict_stream(
-    model: Model, section: Section, *, show_progress_bar: bool, patients: np.ndarray | None = None
-) -> np.ndarray:
-    """Predict a section chunk by chunk, so memory does not grow with its inputs.
-
-    Patch models predict each chunk of patches as it is cut. Feature models first write the features of all
-    chunks to a temporary zarr array on disk (``$TMPDIR``) while summing their per-section statistics, then
-    predict chunk by chunk with those statistics: the same predictions as from the whole section at once.
-    """
-    meta = model.meta_
-    n = section.spots.n_spots
-    chunks = input_chunks(section, model, meta["size_um"], meta["context"], show_progress_bar)
-    out = np.empty((n, model.n_targets_), dtype=np.float32)
-
-    def chunk_context(positions: np.ndarray, stats=None) -> Context:
-        return Context(
-            groups=np.full(len(positions), section.name, dtype=object),
-            patients=None if patients is None else np.asarray(patients)[positions],
-            group_stats=stats,
-        )
-
-    if model.input == "patches":
-        for positions, patches in chunks:
-            out[positions] = model.predict(patches, chunk_context(positions))
-        return out
-    import zarr
-
-    with tempfile.TemporaryDirectory(prefix="omx_features_") as tmp:
-        store, written, moments, start = None, [], _Moments(), 0
-        for positions, feats in chunks:
-            if store is None:
-                store = zarr.create_array(
-                    f"{tmp}/features.zarr", shape=(n, feats.shape[1]), chunks=(4096, feats.shape[1]), dtype="f4"
-                )
-            store[start : start + len(positions)] = feats
-            moments.add(feats)
-            written.append((start, positions))
-            start += len(positions)
-        stats = {section.name: moments.result()}
-        for start, positions in written:
-            X = store[start : start + len(positions)]
-            out[positions] = model.predict(X, chunk_context(positions, stats))
-    return out
-
-
-class _Moments:
-    """Mean and standard deviation of rows that come in chunks (Chan et al.'s pairwise update, float64)."""
-
-    def __init__(self):
-        self.n, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def add(self, X: np.ndarray) -> None:
-        X = np.asarray(X, dtype=np.float64)
-        k, mean = len(X), X.mean(axis=0)
-        m2 = ((X - mean) ** 2).sum(axis=0)
-        total = self.n + k
-        delta = mean - self.mean
-        self.mean = self.mean + delta * k / total
-        self.m2 = self.m2 + m2 + delta**2 * self.n * k / total
-        self.n = total
-
-    def result(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """``(mean, std, n)``, the standard deviation with ``ddof=0`` like `numpy.std`."""
-        return self.mean, np.sqrt(self.m2 / self.n), self.n
-
-
-def _scores(table: AnnData, section: Section, genes: list[str], pred: np.ndarray, layer: str | None, min_counts: int):
-    from omx.metrics import gene_scores
-
-    X = counts(table, section.rows, layer=layer)
-    ok = np.asarray(X.sum(axis=1)).ravel() >= min_counts
-    y = targets(X, table.var_names.get_indexer(genes))
-    return gene_scores(y[ok], pred[ok], genes)
-
-
-def _prediction_entry(function: str, model: Model, params: dict) -> dict:
-    """The ``uns["omx"][key]`` entry of predictions: the call's parameters, the model, genes and data settings."""
-    meta = model.meta_
-    return base_entry(
-        function,
-        params,
-        model=model_entry(model),
-        genes=list(meta["genes"]),
-        target_scale=meta["target_scale"],
-        fit={k: v for k, v in meta.items() if k not in ("genes", "target_mean", "target_std", "target_scale")},
-        summary={},
-    )
-
-
-def _written_keys(model: Model, key_added: str) -> list[str]:
-    """The layers a prediction ``key_added`` of ``model`` writes."""
-    return [key_added, Key.variance(key_added)] if model.provides_variance else [key_added]
 
 
 def fit_predict(
@@ -389,11 +139,11 @@ def fit_predict(
         sdata, [*train, *predict], table_key=table_key, groups_key=groups_key, image_key=image_key, mpp=mpp, role="a"
     )
     unmeasured = [n for n in predict if not sections[n].measured]
-    model = _get_model(model, seed=seed, device=device, show_progress_bar=show_progress_bar)
+    model = make_model(model, seed=seed, device=device, show_progress_bar=show_progress_bar)
     # every key this call writes is checked before the fit, so that a taken one fails in seconds, not after it
     if len(unmeasured) < len(predict):
         where = f"sdata.tables[{table_key!r}]"
-        check_free(table, key=key_added, overwrite=overwrite, where=where, layers=_written_keys(model, key_added))
+        check_free(table, key=key_added, overwrite=overwrite, where=where, layers=written_keys(model, key_added))
     if unmeasured:
         check_free_elements(sdata, overwrite=overwrite, tables=[key_added])
     model, train_var = fit_sections(
@@ -415,7 +165,7 @@ def fit_predict(
     preds = {n: p for n, (p, _) in out.items()}
 
     measured = [n for n in predict if sections[n].measured]
-    entry = _prediction_entry(
+    entry = prediction_entry(
         "fit_predict",
         model,
         {
@@ -432,7 +182,7 @@ def fit_predict(
             layers[Key.variance(key_added)] = gene_layer(table, rows, genes, var)
         per_section = {}
         for n in measured:
-            per_section[n] = _scores(table, sections[n], genes, preds[n], layer, min_counts)
+            per_section[n] = score_section(table, sections[n], genes, preds[n], layer, min_counts)
             summary = summarize(per_section[n], y_train_var=pd.Series(train_var, index=genes))
             entry["summary"][n] = summary
             logger.info("%s: mean Pearson r %.3f over %d genes", n, summary["all"]["pearson"], len(genes))
@@ -447,28 +197,6 @@ def fit_predict(
         )
         add_table(sdata, key_added, new, overwrite=overwrite, what="predictions")
     return model
-
-
-def prediction_table(sections: list[Section], genes, preds: list, *, key_added: str, uns: dict) -> AnnData:
-    """A SpatialData table of predictions (spots x genes in ``X``) annotating the sections' shapes."""
-    obs, spatial = [], []
-    for section in sections:
-        spots = section.spots
-        obs.append(
-            pd.DataFrame(
-                {"region": spots.shapes_key, "spot_id": np.asarray(spots.index), "section": section.name},
-                index=[f"{section.name}_{i}" for i in spots.index],
-            )
-        )
-        spatial.append(spots.centers * spots.mpp)
-    obs = pd.concat(obs)
-    obs["region"] = obs["region"].astype("category")
-    adata = AnnData(X=np.concatenate(preds).astype(np.float32), obs=obs, var=pd.DataFrame(index=list(genes)))
-    adata.obsm["spatial"] = np.concatenate(spatial)
-    adata.uns[Key.UNS] = {key_added: {**uns, "written": ["X"]}}
-    adata.uns[Key.TABLE_MARK] = "predictions"
-    regions = [s.spots.shapes_key for s in sections]
-    return TableModel.parse(adata, region=regions, region_key="region", instance_key="spot_id")
 
 
 def predict_expression(
@@ -540,15 +268,15 @@ def predict_expression(
     where = f"sdata.tables[{spots.table_key!r}]"
     if inplace:
         if has_table:
-            layers = _written_keys(model, key_added)
+            layers = written_keys(model, key_added)
             check_free(sdata.tables[spots.table_key], key=key_added, overwrite=overwrite, where=where, layers=layers)
         else:
             check_free_elements(sdata, overwrite=overwrite, tables=[key_added])
     name = spots.shapes_key
-    if has_table and SECTION_KEY in sdata.tables[spots.table_key].obs:
+    if has_table and Key.SECTION in sdata.tables[spots.table_key].obs:
         # the section's label in the table, as at fit time: retrieval leaves out the query's own section
         table = sdata.tables[spots.table_key]
-        values = pd.unique(table.obs[SECTION_KEY].iloc[spots.table_rows[spots.table_rows >= 0]].astype(str))
+        values = pd.unique(table.obs[Key.SECTION].iloc[spots.table_rows[spots.table_rows >= 0]].astype(str))
         name = str(values[0]) if len(values) == 1 else name
     section = Section(name=name, spots=spots)
     patients = section_patients(sdata.tables[spots.table_key], section) if has_table else None
@@ -558,7 +286,7 @@ def predict_expression(
         "image_key": spots.image_key, "shapes_key": spots.shapes_key, "table_key": spots.table_key, "mpp": mpp,
         "section": name,
     }  # fmt: skip
-    entry = _prediction_entry("predict_expression", model, params)
+    entry = prediction_entry("predict_expression", model, params)
     if not inplace:
         return prediction_table([section], genes, [pred], key_added=key_added, uns=entry)
     if has_table:
