@@ -5,8 +5,7 @@ pytest.importorskip("torch")
 
 import omx  # noqa: E402
 from omx.models import Contrastive, get_model  # noqa: E402
-from omx.models._contrastive import _adjacency, _neighbours  # noqa: E402
-from omx.models._graph import PROPAGATION_GRID, propagate  # noqa: E402
+from omx.models._neighbors import PROPAGATION_GRID, nearest, neighbour_matrix, propagate  # noqa: E402
 
 FAST = {
     "epochs": 10,
@@ -84,7 +83,7 @@ def test_planted_copy_is_never_retrieved(data):
     assert index.shape == weight.shape == (80, FAST["k"])
     np.testing.assert_allclose(weight.sum(1), 1.0, rtol=1e-5)
     assert not np.isin(index, copies).any()
-    assert (model.bank_groups_[index] != "d").all()  # nothing of the predicted section
+    assert (model.bank_.groups[index] != "d").all()  # nothing of the predicted section
     # the control: without section labels nothing is excluded, and the copies are retrieved
     _, index_all, _ = model.retrieve(query)
     assert np.isin(copies, index_all).any()
@@ -100,10 +99,10 @@ def test_patient_exclusion(data):
     patients = {"a": "P1", "b": "P1", "c": "P2", "d": "P2"}
     model = Contrastive(**{**FAST, "epochs": 3}, patients=patients).fit(X, Y, groups=groups)
     _, index, _ = model.retrieve(X[:80], groups=groups[:80])  # section "a" of patient P1
-    assert set(model.bank_groups_[index].ravel()) <= {"c", "d"}
+    assert set(model.bank_.groups[index].ravel()) <= {"c", "d"}
     group_only = Contrastive(**{**FAST, "epochs": 3}, patients=patients, exclude="group").fit(X, Y, groups=groups)
     _, index, _ = group_only.retrieve(X[:80], groups=groups[:80])
-    assert "b" in set(group_only.bank_groups_[index].ravel()) and "a" not in set(group_only.bank_groups_[index].ravel())
+    assert "b" in set(group_only.bank_.groups[index].ravel()) and "a" not in set(group_only.bank_.groups[index].ravel())
 
 
 def test_deterministic_and_save_load(tmp_path, data):
@@ -117,8 +116,8 @@ def test_deterministic_and_save_load(tmp_path, data):
     a.save(tmp_path / "m")
     loaded = omx.models.load(tmp_path / "m")
     assert isinstance(loaded, Contrastive) and loaded.meta_ == a.meta_ and loaded.history_ == a.history_
-    for name in ("bank_embedding_", "bank_targets_", "bank_groups_"):
-        np.testing.assert_array_equal(getattr(loaded, name), getattr(a, name))
+    for name in ("embedding", "targets", "groups", "patients"):
+        np.testing.assert_array_equal(getattr(loaded.bank_, name), getattr(a.bank_, name))
     assert loaded.weights_ == a.weights_ and loaded.head_alpha_ == a.head_alpha_
     np.testing.assert_array_equal(loaded.linear_.coef_, a.linear_.coef_)
     for mode in ("default", "retrieval", "regression"):
@@ -138,7 +137,7 @@ def test_spot_context_and_patches(data):
     # the prediction is the unpropagated one, propagated over the same 4 nearest spots
     share, model.propagation_ = model.propagation_, 0.0
     raw = (model.predict(X[:80], groups=groups[:80], coords=coords[:80]) - model.target_mean_) / model.target_std_
-    expected = propagate(raw, _adjacency(_neighbours(coords[:80], groups[:80], 4)), 0.3) * model.target_std_
+    expected = propagate(raw, neighbour_matrix(*nearest(coords[:80], groups[:80], 4)), 0.3) * model.target_std_
     model.propagation_ = 0.3
     np.testing.assert_allclose(
         model.predict(X[:80], groups=groups[:80], coords=coords[:80]), expected + model.target_mean_, atol=1e-4
@@ -162,7 +161,7 @@ def test_spot_context_and_patches(data):
 def test_errors(data):
     X, Y, groups, _ = data
     ungrouped = Contrastive(**{**FAST, "epochs": 2}).fit(X, Y)  # random validation rows, nothing excluded
-    assert ungrouped.predict(X[:5]).shape == (5, 12) and set(ungrouped.bank_groups_) == {""}
+    assert ungrouped.predict(X[:5]).shape == (5, 12) and set(ungrouped.bank_.groups) == {""}
     with pytest.raises(ValueError, match="not fitted"):
         Contrastive().predict(X)
     with pytest.raises(ValueError, match="rows"):
@@ -207,7 +206,7 @@ def test_factory_and_tl():
         sdata, train=["S1", "S2"], predict="S3", model=Contrastive(**{**FAST, "neighbors": 4}), show_progress_bar=False
     )
     entry = sdata.tables["table"].uns["omx"]["omx_pred"]
-    assert entry["model"] == "Contrastive" and fitted.bank_groups_.tolist().count("S1") > 0
+    assert entry["model"] == "Contrastive" and fitted.bank_.groups.tolist().count("S1") > 0
     assert entry["scores"]["S3"]["summary"]["all"]["pearson"] > 0.3
 
 
@@ -222,9 +221,9 @@ def test_tl_patients_and_section_labels(monkeypatch, caplog):
     seen = []
     retrieve = Contrastive._retrieve
 
-    def spy(self, h, groups, strict=True):
+    def spy(self, bank, h, groups, patients, strict=True):
         seen.append(set(groups))
-        return retrieve(self, h, groups, strict)
+        return retrieve(self, bank, h, groups, patients, strict)
 
     monkeypatch.setattr(Contrastive, "_retrieve", spy)
     omx.tl.predict_expression(sdata, model, shapes_key="S1_spots", key_added="again", show_progress_bar=False)
