@@ -9,8 +9,8 @@ import numpy as np
 
 from omx._utils import logger, seed_everything
 from omx.encoders import Encoder, get_encoder
-from omx.metrics import pearson
 from omx.models._base import TorchModel
+from omx.models._blend import blend_scores, group_score, simplex
 from omx.models._cnn import _channel_stats, augment_patches
 from omx.models._contrastive_net import contrastive_module
 from omx.models._neighbors import PROPAGATION_GRID, nearest, neighbour_matrix, propagate
@@ -410,10 +410,6 @@ class Contrastive(TorchModel):
 
     def _choose(self, oof: list[dict[str, Any]], nbrs) -> None:
         """Choose the head's penalty, the weights of the parts and the neighbour share on the cross-fitted rows."""
-
-        def score(fold: dict[str, Any], pred: np.ndarray) -> float:
-            return _group_score(fold["truth"], pred, fold["groups"])
-
         self.fold_best_epochs_ = [int(f["best_epoch"]) for f in oof]
         self.head_alpha_, self.weights_, self.propagation_ = 1.0, dict(DEFAULT_WEIGHTS), 0.0
         if self.blend != "auto":
@@ -422,7 +418,7 @@ class Contrastive(TorchModel):
         if not oof:
             return
         if self.head != "trained":
-            head_scores = np.mean([[score(f, p) for p in f["heads"]] for f in oof], axis=0)
+            head_scores = np.mean([[group_score(f["truth"], p, f["groups"]) for p in f["heads"]] for f in oof], axis=0)
             best = int(np.argmax(head_scores))
             self.head_alpha_ = float(DEFAULT_ALPHAS[best])
             self.cv_["head_alpha_score"] = head_scores.tolist()
@@ -435,18 +431,18 @@ class Contrastive(TorchModel):
             parts["linear"] = [f["linear"] for f in oof]
         shares = PROPAGATION_GRID if self.neighbors else (0.0,)
         if self.blend == "auto":
-            grid = _simplex(len(parts), WEIGHT_STEP)
+            grid = simplex(len(parts), WEIGHT_STEP)
         else:  # the fixed weights, over the parts the folds could score
             total = sum(self.weights_[name] for name in parts) or 1.0
             grid = [[self.weights_[name] / total for name in parts]]
-        scores = np.zeros((len(shares), len(grid)))
-        for i, fold in enumerate(oof):
-            adj = neighbour_matrix(*nbrs, fold["rows"]) if self.neighbors else None
-            for s, share in enumerate(shares):
-                smoothed = {n: p[i] if share == 0 else propagate(p[i], adj, share) for n, p in parts.items()}
-                for j, w in enumerate(grid):
-                    pred = sum(wk * smoothed[n] for wk, n in zip(w, parts, strict=True))
-                    scores[s, j] += score(fold, pred) / len(oof)
+        scores = blend_scores(
+            parts,
+            [f["truth"] for f in oof],
+            [f["groups"] for f in oof],
+            grid,
+            shares,
+            [neighbour_matrix(*nbrs, f["rows"]) for f in oof] if self.neighbors else None,
+        )
         s, j = np.unravel_index(int(np.argmax(scores)), scores.shape)
         if self.blend == "auto":
             chosen = dict(zip(parts, map(float, grid[j]), strict=True))
@@ -527,7 +523,7 @@ class Contrastive(TorchModel):
                 pred = 0.5 * pred + 0.5 * self._retrieve(bank, q, val_groups, val_patients)[0]
             except ValueError:  # too few rows of other sections (patients) to retrieve from
                 pass
-            return _group_score(Yz[val_idx], pred, val_groups if groups is not None else np.full(len(val_idx), ""))
+            return group_score(Yz[val_idx], pred, val_groups if groups is not None else np.full(len(val_idx), ""))
 
         self._train(
             batch_loss,
@@ -793,19 +789,6 @@ class Contrastive(TorchModel):
         else:
             self.input_mean_, self.input_std_ = arrays["input_mean"], arrays["input_std"]
         self.module_ = self._build(state["d_in"], len(self.target_mean_), state["n_out"])
-
-
-def _simplex(n: int, step: float) -> list[tuple[float, ...]]:
-    """Every weight vector of length ``n`` on the grid ``step`` that sums to 1."""
-    m = round(1 / step)
-    points = [c for c in np.ndindex(*(m + 1,) * (n - 1)) if sum(c) <= m]
-    return [tuple(round(x * step, 10) for x in (*c, m - sum(c))) for c in points]
-
-
-def _group_score(truth: np.ndarray, pred: np.ndarray, groups: np.ndarray) -> float:
-    """Mean over groups of the mean per-column Pearson r (-inf when no column has one)."""
-    scores = [np.nanmean(pearson(truth[m], pred[m])) for m in (groups == g for g in np.unique(groups))]
-    return float(np.nanmean(scores)) if np.isfinite(scores).any() else -np.inf
 
 
 def _rows(labels: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
