@@ -38,8 +38,9 @@ def test_never_retrieves_own_section_or_patient(bank):
     by_group = RetrievalBank(bank.embedding, bank.targets, bank.groups, bank.patients, exclude="group")
     _, index_g, _, _ = by_group.query(queries[:20], k=30, temperature=0.1, groups=groups[:20])
     assert "a1" not in set(by_group.groups[index_g.ravel()]) and "a2" in set(by_group.groups[index_g.ravel()])
-    # without patients, each section is its own patient
-    assert RetrievalBank(bank.embedding, bank.targets, bank.groups).allowed("a1").sum() == 100
+    # without the patients of the bank, or of the query, only the query's section is excluded
+    assert RetrievalBank(bank.embedding, bank.targets, bank.groups).allowed("a1", "a").sum() == 100
+    assert bank.allowed("a1").sum() == 100 and bank.allowed("a1", "a").sum() == 80 and bank.allowed(None).all()
 
 
 def test_weights_follow_temperature(bank):
@@ -66,12 +67,12 @@ def test_too_few_rows(bank):
 
 def test_state_round_trip(bank):
     bank, emb = bank
-    for b in (bank, RetrievalBank(bank.embedding, bank.targets, bank.groups, exclude="group")):
+    for b in (bank, RetrievalBank(bank.embedding, bank.targets, bank.groups, exclude="group")):  # without patients
         state, arrays = b.get_state()
         loaded = RetrievalBank.from_state(json.loads(json.dumps(state)), arrays)
         for name in ("embedding", "targets", "groups", "patients"):
             np.testing.assert_array_equal(getattr(loaded, name), getattr(b, name))
-        assert loaded.exclude == b.exclude and loaded.has_patients == b.has_patients
+        assert loaded.exclude == b.exclude and (loaded.patients is None) == (b.patients is None)
         q, g = emb[:10], np.full(10, "b1")
         expected = b.query(q, k=7, temperature=0.2, groups=g)
         for a, c in zip(expected, loaded.query(q, k=7, temperature=0.2, groups=g), strict=True):

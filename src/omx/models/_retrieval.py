@@ -17,8 +17,8 @@ class RetrievalBank:
 
     A query retrieves the `k` bank rows whose embeddings are most similar (cosine) to its own and averages their
     targets with softmax weights at a temperature. It never retrieves a bank row of its own group (section) and,
-    with ``exclude="patient"``, none of its own patient: the leakage that inflates retrieval scores when serial
-    sections of one patient sit in the bank.
+    with ``exclude="patient"``, none of its own patient (when the patients of the bank rows and of the query are
+    both known): the leakage that inflates retrieval scores when serial sections of one patient sit in the bank.
 
     Parameters
     ----------
@@ -29,7 +29,7 @@ class RetrievalBank:
     groups
         Group (section) label of each bank row ``(n,)``; ``""`` for rows without one.
     patients
-        Patient of each bank row ``(n,)``; None makes each group its own patient.
+        Patient of each bank row ``(n,)``, or None when unknown (then only the query's section is excluded).
     exclude
         ``"patient"`` (a query never retrieves its patient's rows, nor its section's) or ``"group"`` (its section's
         only).
@@ -49,30 +49,33 @@ class RetrievalBank:
         self.embedding = np.asarray(embedding, dtype=np.float32)
         self.targets = np.asarray(targets, dtype=np.float32)
         self.groups = np.asarray(groups).astype(str)
-        self.has_patients = patients is not None
-        self.patients = self.groups if patients is None else np.asarray(patients).astype(str)
+        self.patients = None if patients is None else np.asarray(patients).astype(str)
         self.exclude = exclude
         n = len(self.embedding)
-        lengths = {len(self.targets), len(self.groups), len(self.patients)}
+        lengths = {len(self.targets), len(self.groups), len(self.groups if patients is None else self.patients)}
         if self.embedding.ndim != 2 or self.targets.ndim != 2 or lengths != {n}:
             raise ValueError(
                 f"The bank's embedding {self.embedding.shape}, targets {self.targets.shape}, groups "
-                f"{self.groups.shape} and patients {self.patients.shape} must hold one row per bank spot."
+                f"{self.groups.shape} and patients {np.shape(self.patients)} must hold one row per bank spot."
             )
 
     def __len__(self) -> int:
         return len(self.embedding)
 
+    def excludes_patients(self, patients: object | None) -> bool:
+        """Whether queries of these ``patients`` leave out their patient: asked for, and known for bank and query."""
+        return self.exclude == "patient" and self.patients is not None and patients is not None
+
     def allowed(self, group: str | None, patient: str | None = None) -> np.ndarray:
-        """Mask of the bank rows a query of ``group`` (and ``patient``; its group when None) may retrieve.
+        """Mask of the bank rows a query of ``group`` (and ``patient``, None when unknown) may retrieve.
 
         ``group=None`` (a query without a section label) may retrieve every row.
         """
         if group is None:
             return np.ones(len(self), bool)
         keep = self.groups != str(group)
-        if self.exclude == "patient":
-            keep &= self.patients != str(group if patient is None else patient)
+        if self.excludes_patients(patient):
+            keep &= self.patients != str(patient)
         return keep
 
     def query(
@@ -98,7 +101,7 @@ class RetrievalBank:
         groups
             Group of each query ``(m,)``; None excludes nothing.
         patients
-            Patient of each query ``(m,)``; None makes each group its own patient.
+            Patient of each query ``(m,)``, or None when unknown (then only its section is excluded).
         strict
             Raise when a query may retrieve fewer than `k` rows; else leave its rows out (False in the last array,
             zeros elsewhere) with a warning.
@@ -121,7 +124,7 @@ class RetrievalBank:
             if len(allowed) < k:
                 message = (
                     f"Only {len(allowed)} reference spots may be retrieved for group {group!r} (its own section"
-                    f"{' and patient' if self.exclude == 'patient' and self.has_patients else ''} excluded), fewer "
+                    f"{' and patient' if self.excludes_patients(patient) else ''} excluded), fewer "
                     f"than k={k}."
                 )
                 if strict:
@@ -141,14 +144,11 @@ class RetrievalBank:
     def get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """JSON-able values and arrays that :meth:`from_state` rebuilds the bank from."""
         group_labels, group_codes = np.unique(self.groups, return_inverse=True)
-        patient_labels, patient_codes = np.unique(self.patients, return_inverse=True)
-        state = {
-            "exclude": self.exclude,
-            "group_labels": group_labels.tolist(),
-            "patient_labels": patient_labels.tolist() if self.has_patients else None,
-        }
+        state = {"exclude": self.exclude, "group_labels": group_labels.tolist(), "patient_labels": None}
         arrays = {"embedding": self.embedding, "targets": self.targets, "group_codes": group_codes.astype(np.int64)}
-        if self.has_patients:
+        if self.patients is not None:
+            patient_labels, patient_codes = np.unique(self.patients, return_inverse=True)
+            state["patient_labels"] = patient_labels.tolist()
             arrays["patient_codes"] = patient_codes.astype(np.int64)
         return state, arrays
 
@@ -163,13 +163,20 @@ class RetrievalBank:
 
 
 def _query_groups(groups: np.ndarray | None, patients: np.ndarray | None, n: int):
-    """``(group, patient, rows)`` of the queries of each distinct (group, patient); one ``(None, None, all)``."""
+    """``(group, patient, rows)`` of the queries of each distinct (group, patient); one ``(None, None, all)``.
+
+    The patient is None when ``patients`` is.
+    """
     if groups is None:
         yield None, None, np.arange(n)
         return
     groups = np.asarray(groups).astype(str)
-    patients = groups if patients is None else np.asarray(patients).astype(str)
-    pairs, inverse = np.unique(np.stack([groups, patients], axis=1), axis=0, return_inverse=True)
+    if patients is None:
+        labels, inverse = np.unique(groups, return_inverse=True)
+        for i, group in enumerate(labels):
+            yield group, None, np.flatnonzero(inverse == i)
+        return
+    pairs, inverse = np.unique(np.stack([groups, np.asarray(patients).astype(str)], 1), axis=0, return_inverse=True)
     inverse = inverse.ravel()
     for i, (group, patient) in enumerate(pairs):
         yield group, patient, np.flatnonzero(inverse == i)
