@@ -1,10 +1,11 @@
 import numpy as np
+import pandas as pd
 import pytest
 
 pytest.importorskip("torch")
 
 import omx  # noqa: E402
-from omx.models import Contrastive, get_model  # noqa: E402
+from omx.models import Context, Contrastive, get_model  # noqa: E402
 from omx.models._neighbors import PROPAGATION_GRID, nearest, neighbour_matrix, propagate  # noqa: E402
 
 FAST = {
@@ -96,12 +97,17 @@ def test_planted_copy_is_never_retrieved(data):
 
 def test_patient_exclusion(data):
     X, Y, groups, _ = data
-    patients = {"a": "P1", "b": "P1", "c": "P2", "d": "P2"}
-    model = Contrastive(**{**FAST, "epochs": 3}, patients=patients).fit(X, Y, groups=groups)
-    _, index, _ = model.retrieve(X[:80], groups=groups[:80])  # section "a" of patient P1
+    patients = pd.Series(groups).map({"a": "P1", "b": "P1", "c": "P2", "d": "P2"}).to_numpy()
+    context = Context(groups=groups, patients=patients)
+    model = Contrastive(**{**FAST, "epochs": 3}).fit(X, Y, context)
+    np.testing.assert_array_equal(model.bank_.patients, patients)  # each bank row keeps its patient
+    query = Context(groups=groups[:80], patients=patients[:80])  # section "a" of patient P1
+    _, index, _ = model.retrieve(X[:80], query)
     assert set(model.bank_.groups[index].ravel()) <= {"c", "d"}
-    group_only = Contrastive(**{**FAST, "epochs": 3}, patients=patients, exclude="group").fit(X, Y, groups=groups)
-    _, index, _ = group_only.retrieve(X[:80], groups=groups[:80])
+    _, index, _ = model.retrieve(X[:80], groups=groups[:80])  # without the query's patients: its section only
+    assert "b" in set(model.bank_.groups[index].ravel())
+    group_only = Contrastive(**{**FAST, "epochs": 3}, exclude="group").fit(X, Y, context)
+    _, index, _ = group_only.retrieve(X[:80], query)
     assert "b" in set(group_only.bank_.groups[index].ravel()) and "a" not in set(group_only.bank_.groups[index].ravel())
 
 
@@ -130,7 +136,7 @@ def test_deterministic_and_save_load(tmp_path, data):
 def test_spot_context_and_patches(data):
     X, Y, groups, coords = data
     model = Contrastive(**{**FAST, "epochs": 3, "neighbors": 4}).fit(X, Y, groups=groups, coords=coords)
-    assert model.spatial and "context" in model.module_
+    assert "coords" in model.requires and "context" in model.module_
     assert model.propagation_ in PROPAGATION_GRID and len(model.history_["share_score"]) == 7
     pred = model.predict(X[:80], groups=groups[:80], coords=coords[:80])
     assert pred.shape == (80, 12)
@@ -200,7 +206,7 @@ def test_errors(data):
 
 def test_factory_and_tl():
     model = get_model("contrastive", k=5)
-    assert isinstance(model, Contrastive) and model.k == 5 and model.spatial  # spot context by default
+    assert isinstance(model, Contrastive) and model.k == 5 and "coords" in model.requires  # spot context by default
     sdata = omx.datasets.toy_sdata(n_spots=150, n_genes=20, n_sections=3, seed=0)
     fitted = omx.tl.fit_predict(
         sdata, train=["S1", "S2"], predict="S3", model=Contrastive(**{**FAST, "neighbors": 4}), show_progress_bar=False
@@ -216,34 +222,35 @@ def test_tl_patients_and_section_labels(monkeypatch, caplog):
     table.obs["patient"] = table.obs["patient"].astype(str).replace({"P2": "P1"})  # S1 and S2: one patient
     model = Contrastive(**{**FAST, "k": 5, "blend": 0.5})
     omx.tl.fit_predict(sdata, train=["S1", "S2"], predict="S3", model=model, show_progress_bar=False)
-    # omx.tl tells the model every section's patient, from obs["patient"]
-    assert model.patients == model.init_params_["patients"] == {"S1": "P1", "S2": "P1", "S3": "P3"}
+    # omx.tl gives the model every row's patient, from obs["patient"]; the model sets no attribute of its own
+    assert "patients" not in model.init_params_
+    assert dict(zip(model.bank_.groups, model.bank_.patients, strict=True)) == {"S1": "P1", "S2": "P1"}
     seen = []
     retrieve = Contrastive._retrieve
 
     def spy(self, bank, h, groups, patients, strict=True):
-        seen.append(set(groups))
+        seen.append((set(groups), set(patients)))
         return retrieve(self, bank, h, groups, patients, strict)
 
     monkeypatch.setattr(Contrastive, "_retrieve", spy)
     omx.tl.predict_expression(sdata, model, shapes_key="S1_spots", key_added="again", show_progress_bar=False)
     # the query is labelled with its section as in the table (not its shapes element), so nothing of S1, nor of
     # its patient's S2, may be retrieved: its spots fall back on the regression parts, with a warning
-    assert seen == [{"S1"}] and "regression parts alone" in caplog.text
+    assert seen == [({"S1"}, {"P1"})] and "regression parts alone" in caplog.text
     assert np.isfinite(table.layers["again"][(table.obs["section"] == "S1").to_numpy()]).all()
 
 
 def test_nothing_to_retrieve_falls_back_on_regression(data):
     X, Y, groups, _ = data
-    patients = {"a": "P1", "b": "P1", "c": "P2", "d": "P2"}
-    model = Contrastive(**{**FAST, "epochs": 3, "blend": 0.5}, patients=patients)
-    model.fit(X[groups != "d"], Y[groups != "d"], groups=groups[groups != "d"])  # bank: a, b (P1) and c (P2)
-    query, label = X[groups == "d"], np.full(80, "d")  # d is P2's: only the 160 rows of a and b are allowed
-    blended = model.predict(query, groups=label)
-    assert not np.allclose(blended, model.predict(query, groups=label, mode="regression"))
+    patients = pd.Series(groups).map({"a": "P1", "b": "P1", "c": "P2", "d": "P2"}).to_numpy()
+    model = Contrastive(**{**FAST, "epochs": 3, "blend": 0.5})
+    train = groups != "d"
+    model.fit(X[train], Y[train], Context(groups=groups[train], patients=patients[train]))  # bank: a, b (P1), c (P2)
+    query = X[groups == "d"]  # d is P2's: only the 160 rows of a and b are allowed
+    label = Context(groups=np.full(80, "d"), patients=np.full(80, "P2"))
+    blended = model.predict(query, label)
+    assert not np.allclose(blended, model.predict(query, label, mode="regression"))
     model.k = 161  # now too few rows of other patients for a query of d
-    np.testing.assert_allclose(
-        model.predict(query, groups=label), model.predict(query, groups=label, mode="regression"), rtol=1e-5
-    )
-    with pytest.raises(ValueError, match="fewer than k=161"):
-        model.predict(query, groups=label, mode="retrieval")
+    np.testing.assert_allclose(model.predict(query, label), model.predict(query, label, mode="regression"), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"and patient excluded\), fewer than k=161"):
+        model.predict(query, label, mode="retrieval")

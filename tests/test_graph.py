@@ -173,8 +173,8 @@ def test_errors(smooth_data):
         SpatialGraph(**FAST).fit(X, Y, groups=lonely, coords=coords)
     with pytest.raises(ValueError, match="Section 'alone' has one spot"):
         GraphRidge(show_progress_bar=False).fit(X, Y, groups=lonely, coords=coords)
-    with pytest.raises(ValueError, match="library_size"):
-        SpatialGraph(**FAST).fit(X, Y, groups=groups, coords=coords, library_size=np.ones(len(X)))
+    with pytest.raises(ValueError, match="no counts"):  # the library sizes default to the row sums
+        SpatialGraph(likelihood="nb", **FAST).fit(X, np.zeros_like(Y), groups=groups, coords=coords)
     with pytest.raises(ValueError, match="negative"):
         SpatialGraph(likelihood="nb", **FAST).fit(X, Y - 10, groups=groups, coords=coords)
     model = SpatialGraph(**{**FAST, "epochs": 1}).fit(X, Y, groups=groups, coords=coords)

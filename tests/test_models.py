@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import omx.models
-from omx.models import CNNRegressor, Model, Ridge, get_model
+from omx.models import CNNRegressor, Context, Model, Ridge, get_model
 
 
 def _mean_r(pred, truth):
@@ -159,8 +159,8 @@ def test_augmentation_keeps_range_and_symmetry():
 # ---------------------------------------------------------------- save / load
 def test_save_load_round_trip(tmp_path, linear_data, cnn_data):
     X, Y, groups = linear_data
-    ridge = Ridge(n_components=4, show_progress_bar=False).fit(X, Y, groups=groups)
-    ridge.meta_ = {"genes": ["A", "B"], "size_um": 100.0}
+    meta = {"genes": ["A", "B"], "size_um": 100.0}
+    ridge = Ridge(n_components=4, show_progress_bar=False).fit(X, Y, Context(groups=groups, meta=meta))
     ridge.save(tmp_path / "ridge")
     loaded = omx.models.load(tmp_path / "ridge")
     assert type(loaded) is Ridge and loaded.init_params_ == ridge.init_params_
@@ -254,3 +254,97 @@ def test_cnn_on_cuda_matches_cpu():
     cpu = CNNRegressor(device="cpu", **kw).fit(patches, Y).predict(patches)
     gpu = CNNRegressor(device="cuda", **kw).fit(patches, Y).predict(patches)
     assert np.corrcoef(cpu.ravel(), gpu.ravel())[0, 1] > 0.95  # same seed; mixed precision on CUDA
+
+
+# ---------------------------------------------------------------- the contract: context, requires, devices
+class _GroupMean(Model):
+    """Predicts each target's training mean; declares that it needs the groups and reads nothing else."""
+
+    uses = frozenset({"groups"})
+    requires = frozenset({"groups"})
+
+    def __init__(self, *, seed: int = 0, device: str = "auto", show_progress_bar: bool = True):
+        super().__init__(seed=seed, device=device, show_progress_bar=show_progress_bar)
+
+    def _fit(self, X, Y, context):
+        self.seen_ = context
+        self.mean_ = Y.mean(0)
+
+    def _predict(self, X, context):
+        self.seen_ = context
+        return np.tile(self.mean_, (len(X), 1))
+
+    def _get_state(self):
+        return {}, {"mean": self.mean_}
+
+    def _set_state(self, state, arrays):
+        self.mean_ = arrays["mean"]
+
+
+def test_context_reaches_the_model_checked_and_trimmed(linear_data):
+    X, Y, groups = linear_data
+    coords = np.random.default_rng(0).normal(size=(len(X), 2))
+    model = _GroupMean().fit(X, Y, Context(groups=groups, patients=groups, coords=coords, meta={"genes": ["a"]}))
+    # the model sees only the fields it declares in `uses` ...
+    assert model.seen_.given() == {"groups", "meta"}
+    np.testing.assert_array_equal(model.seen_.groups, groups)
+    # ... and keeps the description of the data as meta_ (saved with it)
+    assert model.meta_ == {"genes": ["a"]}
+    model.predict(X[:5], groups=groups[:5])
+    assert model.seen_.given() == {"groups"}
+    # a field it requires is missing: the error names it and says how to pass it
+    with pytest.raises(ValueError, match=r"_GroupMean cannot run without `groups`.*pass `groups=`"):
+        _GroupMean().fit(X, Y)
+    with pytest.raises(ValueError, match="cannot run without `groups`"):
+        model.predict(X[:5], Context(coords=coords[:5]))
+    # refitting without meta forgets the old one
+    assert _GroupMean().fit(X, Y, groups=groups).meta_ is None
+
+
+def test_context_errors(linear_data):
+    X, Y, groups = linear_data
+    with pytest.raises(ValueError, match="not both"):
+        Ridge().fit(X, Y, Context(groups=groups), groups=groups)
+    with pytest.raises(TypeError, match="omx.models.Context"):
+        Ridge().fit(X, Y, {"groups": groups})
+    with pytest.raises(ValueError, match="`patients` must hold one label per row"):
+        Ridge().fit(X, Y, Context(patients=np.zeros(3)))
+    with pytest.raises(ValueError, match=r"`coords` must be finite spot centres of shape \(300, 2\)"):
+        Ridge().fit(X, Y, coords=np.zeros((len(X), 3)))
+    with pytest.raises(ValueError, match="`library_size` must hold one positive total count"):
+        Ridge().fit(X, Y, Context(library_size=-np.ones(len(X))))
+    model = Ridge(alpha=1.0, show_progress_bar=False).fit(X, Y, Context(groups=groups))
+    np.testing.assert_array_equal(model.predict(X, Context(groups=groups)), model.predict(X, groups=groups))
+    with pytest.raises(ValueError, match="no predictive variance"):
+        model.predict(X, return_var=True)
+    with pytest.raises(ValueError, match="groups"):
+        model.predict(X, groups=groups[:10])
+
+
+def test_declarations():
+    assert (Ridge.input, Ridge.target, Ridge.provides_variance) == ("features", "log", False)
+    assert Ridge.uses == {"groups", "group_stats"} and not Ridge.requires
+    assert (CNNRegressor.input, CNNRegressor.target) == ("patches", "log") and CNNRegressor.uses == {"groups"}
+
+
+def test_to_device(cnn_data):
+    ridge = Ridge()
+    assert ridge.to("cpu") is ridge and ridge.device == "cpu"
+    patches, Y, groups = cnn_data
+    cnn = CNNRegressor(**{**CNN_FAST, "epochs": 1}).fit(patches, Y, groups=groups)
+    assert cnn.device == "auto"
+    assert cnn.to("cpu") is cnn and cnn.device == "cpu"
+    assert {p.device.type for p in cnn.module_.parameters()} == {"cpu"}
+    with pytest.raises(RuntimeError):
+        cnn.to("not-a-device")
+    assert cnn.device == "cpu"  # unchanged by a bad device
+
+
+@pytest.mark.gpu
+def test_to_moves_the_network_to_cuda(cnn_data):
+    patches, Y, groups = cnn_data
+    cnn = CNNRegressor(**{**CNN_FAST, "epochs": 2}, device="cpu").fit(patches, Y, groups=groups)
+    on_cpu = cnn.predict(patches)
+    cnn.to("cuda")
+    assert {p.device.type for p in cnn.module_.parameters()} == {"cuda"}
+    np.testing.assert_allclose(cnn.predict(patches), on_cpu, atol=0.05)  # mixed precision on CUDA

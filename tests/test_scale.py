@@ -95,7 +95,7 @@ def test_ridge_group_stats_give_whole_group_predictions():
     whole = model.predict(Xc, groups=np.full(90, "c"))
     stats = {"c": (Xc.mean(0), Xc.std(0), len(Xc))}
     parts = [
-        model.predict(Xc[s : s + 7], groups=np.full(len(Xc[s : s + 7]), "c"), group_stats=stats)
+        model.predict(Xc[s : s + 7], omx.models.Context(groups=np.full(len(Xc[s : s + 7]), "c"), group_stats=stats))
         for s in range(0, 90, 7)
     ]
     np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-5, atol=1e-6)

@@ -166,3 +166,49 @@ def test_real_her2st_held_out_section(her2st_dir):
     # measured 0.18 (panel) and 0.44 (50 most expressed); well above chance, which is 0
     assert summary["all"]["pearson"] > 0.12
     assert summary["top_expressed"]["pearson"] > 0.25
+
+
+def test_predict_expression_device_applies_to_torch_models(sdata, monkeypatch):
+    model = omx.models.CNNRegressor(epochs=1, patch_px=32, seed=0)  # device="auto"
+    omx.tl.fit_predict(sdata, train="S1", predict="S2", model=model, show_progress_bar=False)
+    assert model.device == "auto"
+    asked = []
+    get_device = omx.models._base.get_device
+
+    def spy(device="auto"):
+        asked.append(device)
+        return get_device(device)
+
+    monkeypatch.setattr(omx.models._base, "get_device", spy)
+    omx.tl.predict_expression(sdata, model, shapes_key="S2_spots", key_added="again", device="cpu",
+                              show_progress_bar=False)  # fmt: skip
+    assert model.device == "cpu" and asked and set(asked) == {"cpu"}
+
+
+def test_tl_hands_the_model_one_context(sdata):
+    seen = []
+
+    class SpyRidge(omx.models.Ridge):
+        uses = frozenset({"groups", "patients", "coords", "library_size", "group_stats"})
+
+        def _fit(self, X, Y, context):
+            seen.append(("fit", context))
+            super()._fit(X, Y, context)
+
+        def _predict(self, X, context):
+            seen.append(("predict", context))
+            return super()._predict(X, context)
+
+    model = SpyRidge(show_progress_bar=False)
+    before = set(vars(model))
+    omx.tl.fit_predict(sdata, train="S1", predict="S2", model=model, show_progress_bar=False)
+    table = sdata.tables["table"]
+    (_, fit), *predicted = seen
+    n = int((table.obs["section"] == "S1").sum())
+    assert fit.given() == {"groups", "patients", "coords", "meta"}  # no library size: the model fits log targets
+    assert set(fit.groups) == {"S1"} and fit.coords.shape == (n, 2)
+    np.testing.assert_array_equal(fit.patients, table.obs["patient"][table.obs["section"] == "S1"].astype(str))
+    assert fit.meta["genes"] == model.meta_["genes"] and model.meta_["train_sections"] == ["S1"]
+    assert predicted and all(set(c.groups) == {"S2"} and c.patients is not None for _, c in predicted)
+    # omx.tl sets nothing on the model: what it holds beyond its constructor's attributes is fitted state
+    assert {k for k in set(vars(model)) - before if not k.startswith("_") and not k.endswith("_")} == set()

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from omx._utils import get_device, logger, progress
+from omx._utils import check_counts, get_device, logger, progress
 from omx.encoders._base import check_patches
+from omx.models._context import Context
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -18,21 +20,38 @@ if TYPE_CHECKING:
     import torch
 
 PARAMS_FILE = "params.json"
+#: What each `Context` field is, and how to pass it, for the error of a missing required field.
+_FIELD_HELP = {
+    "groups": "the section of each row",
+    "patients": "the patient of each row",
+    "coords": "spot centres in microns",
+    "library_size": "each spot's total count",
+    "group_stats": "feature statistics of whole groups",
+}
+_FIELD_HOW = {
+    "groups": "`groups=` or `Context(groups=...)`",
+    "coords": "`coords=` (shape (n, 2)) or `Context(coords=...)`",
+}
 
 
 class Model:
-    """Base class of the omx models: arrays in, arrays out.
+    """Base class of the omx models: arrays in, arrays out, and a declared contract with their callers.
 
-    Subclasses set `input` (``"features"`` or ``"patches"``), call ``super().__init__`` with their constructor
-    arguments (recorded in `init_params_`) and implement ``_fit``, ``_predict``, ``_get_state`` and
-    ``_set_state``. Everything else (checks, errors, save / load, validation splits) lives here.
+    A model declares at class level (or as a property where it depends on constructor arguments) what it takes
+    and gives: `input`, `target`, `uses`, `requires` and `provides_variance`. Callers (`omx.tl`, a user) hand it
+    the inputs ``X``, the targets ``Y`` and one `~omx.models.Context` with everything else it may need about the
+    rows; nothing else is ever set on a model from outside.
+
+    Subclasses implement ``_fit(X, Y, context)``, ``_predict(X, context)`` (and ``_predict_var`` when they provide
+    a variance), ``_get_state`` and ``_set_state``. Everything else (checks, errors, the context, devices, save /
+    load, validation splits) lives here.
 
     Parameters
     ----------
     seed
         Random seed for initialisation, shuffling, splits and augmentation.
     device
-        ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda"``; torch models only.
+        ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda"``; torch models only (see :meth:`to`).
     show_progress_bar
         Show a progress bar over long loops (epochs, folds).
     **model_params
@@ -47,14 +66,23 @@ class Model:
     n_targets_
         Number of target columns seen in :meth:`fit`.
     meta_
-        Optional JSON-able dict a caller attaches after fitting (`omx.tl` keeps gene names and target scaling
-        there); saved and loaded with the model. Absent (None) until set.
+        The JSON-able description of the data given to :meth:`fit` as ``Context(meta=...)`` (`omx.tl` keeps gene
+        names and target scaling there); saved and loaded with the model. None when none was given.
     """
 
-    #: What :meth:`fit` and :meth:`predict` take: feature vectors ``(n, d)`` or uint8 patches ``(n, H, W, 3)``.
+    #: What :meth:`fit` and :meth:`predict` take: feature vectors ``(n, d)`` made by `encoder` (``"features"``) or
+    #: uint8 RGB patches ``(n, patch_px, patch_px, 3)`` (``"patches"``).
     input: ClassVar[Literal["features", "patches"]] = "features"
-    #: Spatial models also take the spot centres (``coords``) in `fit` and `predict`.
-    spatial: ClassVar[bool] = False
+    #: What :meth:`fit` is trained on: log-normalised expression, standardised per section by `omx.tl` (``"log"``),
+    #: or the raw counts of the genes (``"counts"``; `omx.tl` then also gives ``Context.library_size``).
+    #: Predictions are on the log-normalised scale either way.
+    target: ClassVar[Literal["log", "counts"]] = "log"
+    #: The `Context` fields the model reads; the others are dropped before it sees the context.
+    uses: ClassVar[frozenset[str]] = frozenset()
+    #: The `Context` fields without which the model cannot run (:meth:`fit` and :meth:`predict` raise).
+    requires: ClassVar[frozenset[str]] = frozenset()
+    #: Whether ``predict(..., return_var=True)`` also returns a predictive variance.
+    provides_variance: ClassVar[bool] = False
     #: Side in pixels of the patches a patch model takes.
     patch_px: int
     _registry: ClassVar[dict[str, type[Model]]] = {}
@@ -100,9 +128,31 @@ class Model:
         """Constructor arguments that `init_params_` holds only as a description (e.g. a torch encoder)."""
         return {}
 
+    def to(self, device: str) -> Model:
+        """Run later fits and predictions on `device`.
+
+        Parameters
+        ----------
+        device
+            ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:<index>"``. Torch models move
+            their network there; numpy models (e.g. `Ridge`) only record it.
+
+        Returns
+        -------
+        The model itself.
+        """
+        self.device = str(device)
+        return self
+
     # ------------------------------------------------------------------ fit / predict
     def fit(
-        self, X: np.ndarray, Y: np.ndarray, *, groups: np.ndarray | None = None, coords: np.ndarray | None = None
+        self,
+        X: np.ndarray,
+        Y: np.ndarray,
+        context: Context | None = None,
+        *,
+        groups: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
     ) -> Model:
         """Fit the model.
 
@@ -111,13 +161,17 @@ class Model:
         X
             Features ``(n, d)`` (feature models) or uint8 RGB patches ``(n, patch_px, patch_px, 3)`` (patch models).
         Y
-            Targets ``(n, g)``, already normalised (e.g. log1p of normalised counts); no NaN.
+            Targets ``(n, g)``, no NaN: normalised expression (e.g. log1p of normalised counts), or raw counts for
+            models whose `target` is ``"counts"``.
+        context
+            What the model may need about the rows besides ``X`` and ``Y`` (groups, patients, coordinates, library
+            sizes, the data description kept as `meta_`); see `~omx.models.Context`. The model reads the fields
+            in `uses` and raises without those in `requires`.
         groups
-            Label of each row (e.g. the section). Validation splits hold out whole groups when there are two or
-            more, and feature models standardise each group on its own.
+            Shorthand for ``Context(groups=groups)``: the label of each row (e.g. the section). Validation splits
+            hold out whole groups when there are two or more, and feature models standardise each group on its own.
         coords
-            Spot centres ``(n, 2)`` in microns, for spatial models (``spatial = True``), which need them to know
-            each spot's neighbours (within its group); other models ignore them.
+            Shorthand for ``Context(coords=coords)``: spot centres ``(n, 2)`` in microns, for spatial models.
 
         Returns
         -------
@@ -125,74 +179,105 @@ class Model:
         """
         X = self._check_X(X, fitting=True)
         Y = self._check_Y(Y, len(X))
-        groups = self._check_groups(groups, len(X))
+        context = self._context(context, groups, coords, len(X))
         if len(X) < 2:
             raise ValueError(f"{type(self).__name__} needs at least 2 rows to fit, got {len(X)}.")
+        if self.target == "counts":
+            check_counts(Y, name="counts Y")
         self.history_ = {}
         self.n_targets_ = Y.shape[1]
         self._fit_data = (X, Y)  # what a checkpoint of this fit must match (see TorchModel.checkpoint_dir)
         self._n_train_calls = 0
         try:
-            self._fit(X, Y, groups, *self._spatial_args(coords, len(X)))
+            self._fit(X, Y, context)
         finally:
             del self._fit_data
+        self.meta_ = None if context.meta is None else dict(context.meta)
         self.is_fitted_ = True
         return self
 
     def predict(
         self,
         X: np.ndarray,
+        context: Context | None = None,
         *,
         groups: np.ndarray | None = None,
         coords: np.ndarray | None = None,
-        group_stats: dict[str, tuple[np.ndarray, np.ndarray, int]] | None = None,
-    ) -> np.ndarray:
+        return_var: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Predict targets.
 
         Parameters
         ----------
         X
             Features or patches, as in :meth:`fit`.
+        context
+            What the model may need about the rows, as in :meth:`fit`. Feature models standardise each group with
+            its own statistics, or with ``context.group_stats`` for groups predicted a chunk of rows at a time.
         groups
-            Label of each row (e.g. the section); feature models standardise each group with its own statistics.
+            Shorthand for ``Context(groups=groups)``.
         coords
-            Spot centres ``(n, 2)`` in microns, for spatial models; as in :meth:`fit`.
-        group_stats
-            Feature statistics of whole groups, ``{group: (X_g.mean(0), X_g.std(0), len(X_g))}``, for predicting a
-            group a chunk of rows at a time: models that standardise features per group use them instead of the
-            statistics of the rows given, so that chunks give the same predictions as the whole group.
+            Shorthand for ``Context(coords=coords)``.
+        return_var
+            Also return the predictive variance (models with `provides_variance` only).
 
         Returns
         -------
-        Predictions, ``float32`` of shape ``(n, g)`` on the scale of the targets given to :meth:`fit`.
+        Predictions, ``float32`` of shape ``(n, g)`` on the scale of the targets given to :meth:`fit` (on the
+        log-normalised scale for count models); with ``return_var``, also their variance ``(n, g)``.
         """
         self._check_fitted()
+        if return_var and not self.provides_variance:
+            raise ValueError(
+                f"This {type(self).__name__} gives no predictive variance (provides_variance is False); "
+                f"call predict without `return_var`.{self._variance_hint()}"
+            )
         X = self._check_X(X)
-        groups = self._check_groups(groups, len(X))
+        context = self._context(context, groups, coords, len(X))
         if len(X) == 0:
-            return np.zeros((0, self.n_targets_), dtype=np.float32)
-        self._group_stats = group_stats  # read by the per-group standardisation of feature models
-        try:
-            return np.asarray(self._predict(X, groups, *self._spatial_args(coords, len(X))), dtype=np.float32)
-        finally:
-            self._group_stats = None
+            empty = np.zeros((0, self.n_targets_), dtype=np.float32)
+            return (empty, empty.copy()) if return_var else empty
+        if return_var:
+            pred, var = self._predict_var(X, context)
+            return np.asarray(pred, dtype=np.float32), np.asarray(var, dtype=np.float32)
+        return np.asarray(self._predict(X, context), dtype=np.float32)
 
-    def _fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None) -> None:
+    def _fit(self, X: np.ndarray, Y: np.ndarray, context: Context) -> None:
         raise NotImplementedError
 
-    def _predict(self, X: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    def _predict(self, X: np.ndarray, context: Context) -> np.ndarray:
         raise NotImplementedError
 
-    def _spatial_args(self, coords: np.ndarray | None, n: int) -> tuple:
-        """``(coords,)`` for spatial models (checked), ``()`` for the others."""
-        if not self.spatial:
-            return ()
-        if coords is None:
-            raise ValueError(f"{type(self).__name__} is a spatial model: pass `coords=` (spot centres in microns).")
-        coords = np.asarray(coords, dtype=np.float64)
-        if coords.shape != (n, 2) or not np.isfinite(coords).all():
-            raise ValueError(f"`coords` must be finite spot centres of shape ({n}, 2), got shape {coords.shape}.")
-        return (coords,)
+    def _predict_var(self, X: np.ndarray, context: Context) -> tuple[np.ndarray, np.ndarray]:
+        """Predictions and their variance (models with `provides_variance`)."""
+        raise NotImplementedError
+
+    def _variance_hint(self) -> str:
+        """What to change for a predictive variance (appended to the error of ``return_var``)."""
+        return ""
+
+    def _context(
+        self, context: Context | None, groups: np.ndarray | None, coords: np.ndarray | None, n: int
+    ) -> Context:
+        """The context of ``n`` rows from `context` or the shorthands, checked, holding only the fields in `uses`."""
+        if context is None:
+            context = Context(groups=groups, coords=coords)
+        elif groups is not None or coords is not None:
+            raise ValueError(
+                "Pass the context either as `context=` or through the `groups=` / `coords=` shorthands, not both: "
+                "put them in the Context."
+            )
+        elif not isinstance(context, Context):
+            raise TypeError(f"`context` must be an omx.models.Context, got {type(context).__name__}.")
+        context = context.checked(n)
+        for name in sorted(self.requires):
+            if getattr(context, name) is None:
+                raise ValueError(
+                    f"{type(self).__name__} cannot run without `{name}` ({_FIELD_HELP.get(name, name)}): "
+                    f"pass {_FIELD_HOW.get(name, f'`Context({name}=...)`')}."
+                )
+        unused = {name: None for name in context.given() if name not in self.uses and name != "meta"}
+        return replace(context, **unused) if unused else context
 
     # ------------------------------------------------------------------ checks
     def _check_fitted(self) -> None:
@@ -247,17 +332,6 @@ class Model:
                 "fill them before fitting."
             )
         return Y
-
-    @staticmethod
-    def _check_groups(groups: np.ndarray | None, n: int) -> np.ndarray | None:
-        if groups is None:
-            return None
-        groups = np.asarray(groups)
-        if groups.ndim != 1 or len(groups) != n:
-            raise ValueError(f"`groups` must hold one label per row ({n}), got shape {groups.shape}.")
-        if groups.dtype == object:
-            groups = groups.astype(str)
-        return groups
 
     # ------------------------------------------------------------------ splits
     def _validation_split(
@@ -395,6 +469,24 @@ class TorchModel(Model):
 
     def _torch_device(self) -> torch.device:
         return get_device(self.device)
+
+    def to(self, device: str) -> TorchModel:
+        """Run later fits and predictions on `device`, moving the fitted network there.
+
+        Parameters
+        ----------
+        device
+            ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:<index>"``.
+
+        Returns
+        -------
+        The model itself.
+        """
+        target = get_device(device)  # checked before anything changes
+        super().to(device)
+        if getattr(self, "module_", None) is not None:
+            self.module_.to(target)
+        return self
 
     @staticmethod
     def _autocast(device: torch.device):

@@ -9,6 +9,7 @@ import numpy as np
 from omx._utils import seed_everything
 from omx.metrics import pearson
 from omx.models._base import TorchModel
+from omx.models._context import Context
 
 if TYPE_CHECKING:
     import torch
@@ -77,6 +78,8 @@ class CNNRegressor(TorchModel):
     """
 
     input = "patches"
+    target = "log"
+    uses = frozenset({"groups"})
     supports_ddp = True
 
     def __init__(
@@ -133,7 +136,7 @@ class CNNRegressor(TorchModel):
         backbone = SmallCNN(None, width=self.width)
         return nn.Sequential(backbone, nn.Linear(backbone.dim, n_targets))
 
-    def _fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None) -> None:
+    def _fit(self, X: np.ndarray, Y: np.ndarray, context: Context) -> None:
         import torch
         from torch.nn import functional as F
 
@@ -143,6 +146,7 @@ class CNNRegressor(TorchModel):
         seed_everything(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
+        groups = context.groups
         train_idx, val_idx = self._validation_split(len(X), groups, self.val_fraction, rng)
 
         self.input_mean_, self.input_std_ = _channel_stats(X, train_idx)
@@ -169,7 +173,7 @@ class CNNRegressor(TorchModel):
             Pearson r ignores the offset of a whole held-out section, which the loss does not; it is also the
             score the model is judged by.
             """
-            pred = self._predict(X[val_idx], None)
+            pred = self._predict(X[val_idx], Context())
             masks = [val_groups == g for g in np.unique(val_groups)]
             scores = np.array([np.nanmean(pearson(Y[val_idx][m], pred[m])) for m in masks])
             return float(np.nanmean(scores)) if np.isfinite(scores).any() else -np.inf
@@ -188,7 +192,7 @@ class CNNRegressor(TorchModel):
             device=device,
         )
 
-    def _predict(self, X: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    def _predict(self, X: np.ndarray, context: Context) -> np.ndarray:
         import torch
 
         from omx.encoders._torch import to_tensor

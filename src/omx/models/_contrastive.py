@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -12,6 +11,7 @@ from omx.encoders import Encoder, get_encoder
 from omx.models._base import TorchModel
 from omx.models._blend import blend_scores, group_score, simplex
 from omx.models._cnn import _channel_stats, augment_patches
+from omx.models._context import Context
 from omx.models._contrastive_net import contrastive_module
 from omx.models._neighbors import PROPAGATION_GRID, nearest, neighbour_matrix, propagate
 from omx.models._retrieval import QUERY_CHUNK, RetrievalBank
@@ -46,9 +46,10 @@ class Contrastive(TorchModel):
 
     - **retrieval** (:meth:`retrieve`, ``mode="retrieval"``): the similarity-weighted (softmax at the learned
       temperature) average of the expression of the `k` reference spots whose expression embeddings are nearest
-      the query's image embedding. The reference bank is the training spots only, with their group labels. A
-      query never retrieves a bank row of its own group (section) nor, when `patients` maps groups to patients
-      and ``exclude="patient"``, of any section of its own patient.
+      the query's image embedding. The reference bank (`RetrievalBank`) is the training spots only, with their
+      group labels and patients. A query never retrieves a bank row of its own group (section) nor, when the
+      context gives the patient of each row (``Context.patients``, for the bank at fit and for the queries) and
+      ``exclude="patient"``, of its own patient.
     - **regression head** (``mode="regression"``, with the linear part): a linear head on the image embedding
       (before normalisation), trained jointly with the InfoNCE loss (mean squared error, on `n_components`
       principal components of the targets); with ``head="ridge"`` or ``"ridge+features"`` (the default) it is
@@ -109,11 +110,9 @@ class Contrastive(TorchModel):
         ``"auto"``: weights of retrieval, head and linear part chosen on the cross-fitted rows; a number ``w``
         in [0, 1]: ``w * retrieval + (1 - w) * head``, no linear part.
     exclude
-        Bank rows a query never retrieves: ``"patient"`` (its patient's sections, where `patients` knows the
-        patient, else its section) or ``"group"`` (its own section only).
-    patients
-        Patient of each group label, e.g. ``{"C2": "C", "C3": "C", "B4": "B"}``; labels it lacks are their own
-        patient. `omx.tl` adds the patient of every section from the table's ``obs["patient"]``.
+        Bank rows a query never retrieves: ``"patient"`` (its patient's rows, where the context gives the
+        patients of the bank and of the query, else its section's) or ``"group"`` (its own section only). `omx.tl`
+        gives every row's patient from the table's ``obs["patient"]``.
     neighbors
         Neighbouring spots (nearest, within the same group and 2.5 spot spacings) whose image embeddings each spot
         attends to and over which predictions are propagated; 0 switches spot context off. With neighbours the
@@ -185,7 +184,6 @@ class Contrastive(TorchModel):
         k: int = 50,
         blend: float | Literal["auto"] = "auto",
         exclude: Literal["patient", "group"] = "patient",
-        patients: Mapping[str, str] | None = None,
         neighbors: int = 6,
         epochs: int = 100,
         batch_size: int = 256,
@@ -219,8 +217,6 @@ class Contrastive(TorchModel):
         if epochs < 1 or batch_size < 2:
             raise ValueError("epochs must be >= 1 and batch_size >= 2.")
         self.image = image
-        self.input = image  # what fit / predict take (the base class and omx.tl read it)
-        self.spatial = neighbors > 0
         self.encoder = get_encoder(encoder) if image == "features" else None
         if self.encoder is None:
             encoder = None
@@ -232,7 +228,6 @@ class Contrastive(TorchModel):
         self.n_components = None if n_components is None else int(n_components)
         self.head = head
         self.k, self.blend, self.exclude = int(k), blend if blend == "auto" else float(blend), exclude
-        self.patients = None if patients is None else {str(g): str(p) for g, p in patients.items()}
         self.neighbors = int(neighbors)
         self.epochs, self.batch_size, self.lr = int(epochs), int(batch_size), float(lr)
         self.weight_decay = float(weight_decay)
@@ -257,7 +252,6 @@ class Contrastive(TorchModel):
             k=self.k,
             blend=self.blend,
             exclude=self.exclude,
-            patients=self.patients,
             neighbors=self.neighbors,
             epochs=self.epochs,
             batch_size=self.batch_size,
@@ -271,9 +265,24 @@ class Contrastive(TorchModel):
     def _live_params(self) -> dict[str, Any]:
         return {"encoder": self.encoder} if self.encoder is not None else {}
 
-    def _standardise(self, X: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    @property
+    def input(self) -> str:
+        """What :meth:`fit` and :meth:`predict` take: `image` (``"features"`` or ``"patches"``)."""
+        return self.image
+
+    @property
+    def uses(self) -> frozenset[str]:
+        """Groups, patients and group statistics; with spot context (``neighbors > 0``) the coordinates too."""
+        return frozenset({"groups", "patients", "group_stats", *(("coords",) if self.neighbors else ())})
+
+    @property
+    def requires(self) -> frozenset[str]:
+        """The coordinates with spot context (``neighbors > 0``), else nothing."""
+        return frozenset({"coords"}) if self.neighbors else frozenset()
+
+    def _standardise(self, X: np.ndarray, groups: np.ndarray | None, group_stats=None) -> np.ndarray:
         """Per-group z-scores of the features, as `Ridge` standardises them."""
-        return standardize_by_group(X, groups, self.x_mean_, self.x_scale_, getattr(self, "_group_stats", None))
+        return standardize_by_group(X, groups, self.x_mean_, self.x_scale_, group_stats)
 
     # ------------------------------------------------------------------ networks
     def _build(self, d_in: int, n_targets: int, n_out: int) -> torch.nn.Module:
@@ -293,11 +302,11 @@ class Contrastive(TorchModel):
         return self.module_["context"](h, hn, nbr_mask)
 
     # ------------------------------------------------------------------ inputs
-    def _prepare(self, X: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    def _prepare(self, X: np.ndarray, groups: np.ndarray | None, group_stats=None) -> np.ndarray:
         """Model-ready inputs on the host: standardised float32 features, or the uint8 patches as they are."""
         if self.image == "patches":
             return X
-        return self._standardise(X, groups).astype(np.float32)
+        return self._standardise(X, groups, group_stats).astype(np.float32)
 
     def _to_device(self, X: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
         import torch
@@ -337,12 +346,12 @@ class Contrastive(TorchModel):
         return self._image_embed(x[:b], x[b:], nbr_mask)
 
     # ------------------------------------------------------------------ fit
-    def _fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None, coords: np.ndarray | None = None) -> None:
+    def _fit(self, X: np.ndarray, Y: np.ndarray, context: Context) -> None:
+        groups, patients, coords = context.groups, context.patients, context.coords
         if self.k > len(X):
             raise ValueError(f"k={self.k} is larger than the reference bank ({len(X)} training rows); lower `k`.")
         rng = np.random.default_rng(self.seed)
         nbrs = nearest(coords, groups, self.neighbors) if self.neighbors else None
-        patients = self._row_patients(groups)
         folds = self._folds(len(X), groups, rng)
         oof = [self._fit_fold(X, Y, groups, patients, nbrs, train, val) for train, val in folds]
         first = self.history_ if folds else {}
@@ -587,13 +596,6 @@ class Contrastive(TorchModel):
         tau = float(np.exp(np.clip(float(self.module_.log_temperature.detach()), np.log(0.01), 0.0)))
         return bank.query(h, k=self.k, temperature=tau, groups=groups, patients=patients, strict=strict)
 
-    def _row_patients(self, groups: np.ndarray | None) -> np.ndarray | None:
-        """The patient of each row, from `patients` (None without groups or without a mapping)."""
-        if groups is None or not self.patients:
-            return None
-        return np.array([self.patients.get(g, g) for g in np.asarray(groups).astype(str)])
-
-    # ------------------------------------------------------------------ predict
     def _embed(self, Xp: np.ndarray, rows: np.ndarray, nbrs, device) -> np.ndarray:
         """Unnormalised image embeddings of ``rows``, in eval mode."""
         import torch
@@ -621,31 +623,30 @@ class Contrastive(TorchModel):
         out = h @ w.T + b
         return out if self.components_ is None else out @ self.components_
 
-    def _queries(self, X: np.ndarray, groups: np.ndarray | None, coords: np.ndarray | None = None):
+    def _queries(self, X: np.ndarray, context: Context):
         """Image embeddings of the rows of ``X``, the model-ready inputs and the neighbours (None without context)."""
         device = self._torch_device()
         self.module_.to(device)
-        nbrs = nearest(coords, groups, self.neighbors) if self.neighbors else None
-        Xp = self._prepare(X, groups)
+        groups = context.groups
+        nbrs = nearest(context.coords, groups, self.neighbors) if self.neighbors else None
+        Xp = self._prepare(X, groups, context.group_stats)
         return self._embed(Xp, np.arange(len(X)), nbrs, device), Xp, nbrs
 
-    def _predict(self, X: np.ndarray, groups: np.ndarray | None, coords: np.ndarray | None = None) -> np.ndarray:
-        return self._blend(X, groups, coords, self.weights_)
+    def _predict(self, X: np.ndarray, context: Context) -> np.ndarray:
+        return self._blend(X, context, self.weights_)
 
-    def _blend(
-        self, X: np.ndarray, groups: np.ndarray | None, coords: np.ndarray | None, weights: dict[str, float]
-    ) -> np.ndarray:
+    def _blend(self, X: np.ndarray, context: Context, weights: dict[str, float]) -> np.ndarray:
         """The parts' predictions weighted by ``weights``, propagated over the neighbours, on the targets' scale."""
-        h, Xp, nbrs = self._queries(X, groups, coords)
+        h, Xp, nbrs = self._queries(X, context)
         pred = np.zeros((len(X), len(self.target_mean_)), np.float32)
         if weights["head"]:
             pred += weights["head"] * self._regress(h, Xp)
         if weights["linear"]:
-            linear = self.linear_.predict(X, groups=groups, group_stats=getattr(self, "_group_stats", None))
+            linear = self.linear_.predict(X, Context(groups=context.groups, group_stats=context.group_stats))
             pred += weights["linear"] * linear
         if weights["retrieval"]:
             regression = weights["head"] + weights["linear"]
-            retrieval, _, _, ok = self._retrieve(self.bank_, h, groups, self._row_patients(groups), regression == 0)
+            retrieval, _, _, ok = self._retrieve(self.bank_, h, context.groups, context.patients, regression == 0)
             pred[ok] += weights["retrieval"] * retrieval[ok]
             pred[~ok] /= regression  # rows with nothing to retrieve: the regression parts, reweighted to sum to 1
         if self.propagation_ and nbrs is not None:
@@ -665,10 +666,10 @@ class Contrastive(TorchModel):
     def predict(
         self,
         X: np.ndarray,
+        context: Context | None = None,
         *,
         groups: np.ndarray | None = None,
         coords: np.ndarray | None = None,
-        group_stats: dict[str, tuple[np.ndarray, np.ndarray, int]] | None = None,
         mode: Literal["default", "retrieval", "regression"] = "default",
     ) -> np.ndarray:
         """Predict targets by the fitted blend, by retrieval alone or by the regression head alone.
@@ -677,13 +678,15 @@ class Contrastive(TorchModel):
         ----------
         X
             Features or patches, as in :meth:`fit`.
+        context
+            The rows' groups (sections: features are standardised per group, and retrieval never returns a bank
+            row of the row's group), patients (nor of its patient, see `exclude`), coordinates (with
+            ``neighbors > 0``) and the statistics of groups predicted in chunks; see `Model.predict`. Without
+            groups nothing is excluded.
         groups
-            Label of each row (its section): features are standardised per group, and retrieval never returns a
-            bank row of the row's group (nor of its patient, see `exclude`). Without groups nothing is excluded.
+            Shorthand for ``Context(groups=groups)``.
         coords
-            Spot centres ``(n, 2)`` in microns, with ``neighbors > 0``.
-        group_stats
-            Feature statistics of whole groups predicted in chunks, as in `Model.predict`.
+            Shorthand for ``Context(coords=coords)``.
         mode
             ``"default"`` (the fitted `weights_`), ``"retrieval"`` (retrieval alone) or ``"regression"`` (the
             head and the linear part in their fitted proportion).
@@ -695,26 +698,26 @@ class Contrastive(TorchModel):
         if mode not in MODES:
             raise ValueError(f"mode must be 'default', 'retrieval' or 'regression', got {mode!r}.")
         if mode == "default":
-            return super().predict(X, groups=groups, coords=coords, group_stats=group_stats)
+            return super().predict(X, context, groups=groups, coords=coords)
         self._check_fitted()
         weights = self._mode_weights(mode)
         X = self._check_X(X)
-        groups = self._check_groups(groups, len(X))
-        self._group_stats = group_stats
-        try:
-            coords = (*self._spatial_args(coords, len(X)), None)[0]
-            return self._blend(X, groups, coords, weights).astype(np.float32)
-        finally:
-            self._group_stats = None
+        context = self._context(context, groups, coords, len(X))
+        return self._blend(X, context, weights).astype(np.float32)
 
     def retrieve(
-        self, X: np.ndarray, *, groups: np.ndarray | None = None, coords: np.ndarray | None = None
+        self,
+        X: np.ndarray,
+        context: Context | None = None,
+        *,
+        groups: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Retrieve the `k` nearest reference spots of each row, leaving out its own section (and patient).
 
         Parameters
         ----------
-        X, groups, coords
+        X, context, groups, coords
             As in :meth:`predict`.
 
         Returns
@@ -724,14 +727,10 @@ class Contrastive(TorchModel):
         """
         self._check_fitted()
         X = self._check_X(X)
-        groups = self._check_groups(groups, len(X))
-        h, _, _ = self._queries(X, groups, *self._spatial_args(coords, len(X)))
-        pred, index, weight, _ = self._retrieve(self.bank_, h, groups, self._row_patients(groups))
+        context = self._context(context, groups, coords, len(X))
+        h, _, _ = self._queries(X, context)
+        pred, index, weight, _ = self._retrieve(self.bank_, h, context.groups, context.patients)
         return (pred * self.target_std_ + self.target_mean_).astype(np.float32), index, weight
-
-    def set_device(self, device: str) -> None:
-        """Run later predictions on `device` (``"auto"``, ``"cpu"``, ``"cuda"``)."""
-        self.device = str(device)
 
     # ------------------------------------------------------------------ state
     def _get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

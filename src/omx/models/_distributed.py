@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import socket
 import tempfile
-from typing import Any
 
 import numpy as np
 
 from omx._utils import logger
 from omx.models._base import Model, TorchModel
+from omx.models._context import Context
 
 
 def fit_distributed(
     model: TorchModel,
     X: np.ndarray,
     Y: np.ndarray,
+    context: Context | None = None,
     *,
     n_procs: int = 2,
     backend: str = "gloo",
     groups: np.ndarray | None = None,
     coords: np.ndarray | None = None,
-    **fit_kwargs: Any,
 ) -> Model:
     """Fit a copy of ``model`` on ``n_procs`` local processes with torch DistributedDataParallel.
 
@@ -35,7 +35,7 @@ def fit_distributed(
     ----------
     model
         An unfitted torch model that supports DDP (`CNNRegressor`).
-    X, Y, groups, coords, **fit_kwargs
+    X, Y, context, groups, coords
         As for :meth:`Model.fit`; each process receives a copy.
     n_procs
         Number of processes (on GPUs with ``backend="nccl"``: one per GPU, ``cuda:0`` ... ``cuda:{n_procs-1}``).
@@ -57,7 +57,7 @@ def fit_distributed(
     with tempfile.TemporaryDirectory(prefix="omx_ddp_") as tmp:
         copy = model.clone()
         copy.checkpoint_dir = model.checkpoint_dir
-        args = (n_procs, backend, _free_port(), copy, X, Y, groups, coords, fit_kwargs, tmp)
+        args = (n_procs, backend, _free_port(), copy, X, Y, context, groups, coords, tmp)
         mp.spawn(_worker, args=args, nprocs=n_procs, join=True)
         from omx.models import load
 
@@ -66,7 +66,7 @@ def fit_distributed(
     return fitted
 
 
-def _worker(rank, world, backend, port, model, X, Y, groups, coords, fit_kwargs, out) -> None:
+def _worker(rank, world, backend, port, model, X, Y, context, groups, coords, out) -> None:
     import torch
     import torch.distributed as dist
 
@@ -74,11 +74,11 @@ def _worker(rank, world, backend, port, model, X, Y, groups, coords, fit_kwargs,
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
-            model.device = f"cuda:{rank}"
+            model.to(f"cuda:{rank}")
         else:
             torch.set_num_threads(max(1, torch.get_num_threads() // world))
         model.show_progress_bar = model.show_progress_bar and rank == 0
-        model.fit(X, Y, groups=groups, coords=coords, **fit_kwargs)
+        model.fit(X, Y, context, groups=groups, coords=coords)
         checksum = torch.tensor(
             [float(p.detach().double().sum()) for p in model.module_.parameters()], dtype=torch.float64
         ).to(torch.device("cuda", rank) if backend == "nccl" else "cpu")

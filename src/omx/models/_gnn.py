@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from scipy import sparse
 
-from omx._utils import check_counts, logger, seed_everything
+from omx._utils import logger, seed_everything
 from omx.encoders import Encoder, get_encoder
 from omx.metrics import pearson
 from omx.models._base import TorchModel
+from omx.models._context import Context
 from omx.models._gnn_net import graph_net
 from omx.models._neighbors import check_graph, median_spacing, spatial_graph
 from omx.models._ridge import _safe_scale, standardize_by_group
@@ -46,11 +47,15 @@ class SpatialGraph(TorchModel):
     - ``likelihood="mse"``: mean squared error on the targets standardised per column (what `omx.tl` passes:
       log-normalised expression standardised within each training section); predictions come back on the
       scale of the targets.
-    - ``likelihood="nb"`` / ``"zinb"``: the targets are raw counts and :meth:`fit` takes ``library_size=``
-      (total counts of each spot over all genes). The mean is ``mu = library_size * exp(eta)`` with a per-gene
-      dispersion (and, for ZINB, a per-spot dropout logit). Predictions are ``log1p(1e4 * exp(eta))``, the
-      log-normalised expression at the predicted rate, so they are on the scale `omx.tl` writes;
-      ``predict(..., return_var=True)`` also returns the predictive variance (see :meth:`predict`).
+    - ``likelihood="nb"`` / ``"zinb"``: the targets are raw counts (``target == "counts"``) and :meth:`fit` takes
+      ``Context(library_size=...)`` (total counts of each spot over all genes; the row sums of the counts when
+      omitted). The mean is ``mu = library_size * exp(eta)`` with a per-gene dispersion (and, for ZINB, a per-spot
+      dropout logit). Predictions are ``log1p(1e4 * exp(eta))``, the log-normalised expression at the predicted
+      rate, so they are on the scale `omx.tl` writes. ``predict(..., return_var=True)`` also returns the variance
+      of ``log1p(1e4 * x / library_size)`` for counts ``x`` drawn from the fitted NB (or ZINB) at each spot's
+      library size (``Context(library_size=...)``, the training median when omitted: an H&E-only section has no
+      measured library size), estimated from `n_samples` Monte Carlo draws: the spread of a measurement around
+      the prediction, counting noise included (larger at low counts and for noisy genes).
 
     Training and prediction run on subgraphs, so a section of any size fits in memory: spots are cut into
     spatial tiles of about `tile_size` spots, each step takes `batch_size` tiles and their full
@@ -134,7 +139,8 @@ class SpatialGraph(TorchModel):
     """
 
     input = "features"
-    spatial = True
+    uses = frozenset({"groups", "coords", "library_size"})
+    requires = frozenset({"coords"})
 
     def __init__(
         self,
@@ -216,99 +222,17 @@ class SpatialGraph(TorchModel):
         return {"encoder": self.encoder}
 
     @property
-    def counts_target(self) -> bool:
-        """Whether the model takes raw counts and library sizes (a count likelihood) rather than normalised targets."""
+    def target(self) -> str:
+        """``"counts"`` with a count likelihood (raw counts and library sizes), else ``"log"``."""
+        return "log" if self.likelihood == "mse" else "counts"
+
+    @property
+    def provides_variance(self) -> bool:
+        """Whether ``predict(..., return_var=True)`` gives a predictive variance (count likelihoods)."""
         return self.likelihood != "mse"
 
-    # ------------------------------------------------------------------ public API
-    def fit(
-        self,
-        X: np.ndarray,
-        Y: np.ndarray,
-        *,
-        groups: np.ndarray | None = None,
-        coords: np.ndarray | None = None,
-        library_size: np.ndarray | None = None,
-    ) -> SpatialGraph:
-        """Fit the model.
-
-        Parameters
-        ----------
-        X
-            Features ``(n, d)``.
-        Y
-            Targets ``(n, g)``: normalised expression (``likelihood="mse"``) or raw counts (``"nb"``, ``"zinb"``).
-        groups
-            Section of each row: one graph per section; validation holds out whole sections.
-        coords
-            Spot centres ``(n, 2)`` in microns.
-        library_size
-            Total counts of each spot over all genes (count likelihoods; defaults to the row sums of `Y`).
-
-        Returns
-        -------
-        The fitted model.
-        """
-        if self.counts_target:
-            check_counts(np.asarray(Y), name="counts Y")
-            lib = np.asarray(Y, dtype=np.float64).sum(1) if library_size is None else np.asarray(library_size, float)
-            if lib.shape != (len(X),) or not np.isfinite(lib).all() or (lib <= 0).any():
-                raise ValueError(
-                    f"`library_size` must hold one positive total count per spot ({len(X)}), got shape {lib.shape} "
-                    "(or non-positive values: drop spots with no counts)."
-                )
-            self._library_in = lib
-        elif library_size is not None:
-            raise ValueError("`library_size` is for the count likelihoods (likelihood='nb' or 'zinb').")
-        try:
-            return super().fit(X, Y, groups=groups, coords=coords)
-        finally:
-            self._library_in = None
-
-    def predict(
-        self,
-        X: np.ndarray,
-        *,
-        groups: np.ndarray | None = None,
-        coords: np.ndarray | None = None,
-        library_size: np.ndarray | float | None = None,
-        return_var: bool = False,
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """Predict expression, and with a count likelihood its predictive variance.
-
-        Parameters
-        ----------
-        X
-            Features ``(n, d)``.
-        groups
-            Section of each row (pass whole sections: features are standardised within each).
-        coords
-            Spot centres ``(n, 2)`` in microns.
-        library_size
-            Library size of each spot (or one value) for the predictive variance; the training median when
-            omitted (an H&E-only section has no measured library size).
-        return_var
-            Also return the predictive variance (count likelihoods only).
-
-        Returns
-        -------
-        Predictions ``(n, g)`` float32: on the scale of the targets (``"mse"``), or ``log1p(1e4 * rate)`` where
-        ``rate = mu / library_size`` is the predicted expression rate (count likelihoods). With ``return_var``,
-        also the variance ``(n, g)`` of ``log1p(1e4 * x / library_size)`` for counts ``x`` drawn from the fitted
-        NB (or ZINB) at the spot's library size, estimated from `n_samples` Monte Carlo draws: the spread of a
-        measurement around the prediction, counting noise included (larger at low counts and for noisy genes).
-        """
-        if return_var and not self.counts_target:
-            raise ValueError("The predictive variance needs a count likelihood (likelihood='nb' or 'zinb').")
-        self._predict_library = library_size
-        self._return_var = bool(return_var)
-        try:
-            out = super().predict(X, groups=groups, coords=coords)
-        finally:
-            self._predict_library, self._return_var = None, False
-        if return_var:
-            return out, self.last_var_
-        return out
+    def _variance_hint(self) -> str:
+        return " The predictive variance needs a count likelihood (likelihood='nb' or 'zinb')."
 
     # ------------------------------------------------------------------ graph
     def _build_graph(self, coords: np.ndarray, groups: np.ndarray | None) -> sparse.csr_matrix:
@@ -359,7 +283,8 @@ class SpatialGraph(TorchModel):
             dropout=self.dropout, likelihood=self.likelihood,
         )  # fmt: skip
 
-    def _fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None, coords: np.ndarray) -> None:
+    def _fit(self, X: np.ndarray, Y: np.ndarray, context: Context) -> None:
+        groups, coords = context.groups, context.coords
         import torch
 
         device = self._torch_device()
@@ -373,8 +298,14 @@ class SpatialGraph(TorchModel):
         feats = torch.from_numpy(self._standardise(X, groups))
         train_rows, val_rows = self._validation_split(len(X), groups, self.val_fraction, rng)
 
-        if self.counts_target:
-            lib = self._library_in
+        if self.target == "counts":
+            lib = context.library_size
+            if lib is None:  # the row sums of the counts
+                lib = Y.astype(np.float64).sum(1)
+                if (lib <= 0).any():
+                    raise ValueError(
+                        f"{int((lib <= 0).sum())} rows have no counts: drop them, or pass `Context(library_size=...)`."
+                    )
             self.library_size_ = float(np.median(lib))
             rate = Y / lib[:, None]
             self.target_mean_ = np.log(np.maximum(rate[train_rows].mean(0), 1e-8)).astype(np.float32)
@@ -423,7 +354,7 @@ class SpatialGraph(TorchModel):
             len(X), adj.nnz - len(X), len(train_tiles), len(val_tiles),
         )  # fmt: skip
         self.module_ = self._build(X.shape[1], Y.shape[1]).to(device)
-        self.module_.init_bias(self.target_mean_ if self.counts_target else None)
+        self.module_.init_bias(self.target_mean_ if self.target == "counts" else None)
         self._train(
             make_batch_loss(tiles), t_idx, v_idx, val_score=val_score if len(val_rows) else None,
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
@@ -436,7 +367,7 @@ class SpatialGraph(TorchModel):
             generator = torch.Generator().manual_seed(self.seed)
             all_tiles = self._tiles(coords, groups, np.arange(len(X)))
             self.module_ = self._build(X.shape[1], Y.shape[1]).to(device)
-            self.module_.init_bias(self.target_mean_ if self.counts_target else None)
+            self.module_.init_bias(self.target_mean_ if self.target == "counts" else None)
             self._train(
                 make_batch_loss(all_tiles), np.arange(len(all_tiles)), np.arange(0), epochs=best + 1,
                 batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, patience=None,
@@ -465,11 +396,19 @@ class SpatialGraph(TorchModel):
 
     def _to_output(self, raw: np.ndarray) -> np.ndarray:
         g = len(self.target_mean_)
-        if self.counts_target:
+        if self.target == "counts":
             return np.log1p(TARGET_SUM * np.exp(np.minimum(raw[:, :g], 20.0))).astype(np.float32)
         return raw[:, :g] * self.target_std_ + self.target_mean_
 
-    def _predict(self, X: np.ndarray, groups: np.ndarray | None, coords: np.ndarray) -> np.ndarray:
+    def _predict(self, X: np.ndarray, context: Context) -> np.ndarray:
+        return self._to_output(self._raw(X, context.groups, context.coords))
+
+    def _predict_var(self, X: np.ndarray, context: Context) -> tuple[np.ndarray, np.ndarray]:
+        raw = self._raw(X, context.groups, context.coords)
+        return self._to_output(raw), self._variance(raw, context.library_size)
+
+    def _raw(self, X: np.ndarray, groups: np.ndarray | None, coords: np.ndarray) -> np.ndarray:
+        """Raw network outputs of every row, predicted over the graph of the rows given."""
         device = self._torch_device()
         adj = self._build_graph(coords, groups)
         deg = np.asarray(adj.sum(1)).ravel()
@@ -479,9 +418,7 @@ class SpatialGraph(TorchModel):
         order = np.concatenate(self._tiles(coords, groups, np.arange(len(X))))  # contiguous chunks: small halos
         raw = np.empty((len(X), self.module_.n_out), np.float32)
         raw[order] = self._forward_rows(adj, deg, feats, order, device)
-        if getattr(self, "_return_var", False):
-            self.last_var_ = self._variance(raw, getattr(self, "_predict_library", None))
-        return self._to_output(raw)
+        return raw
 
     def _variance(self, raw: np.ndarray, library_size) -> np.ndarray:
         """Monte Carlo variance of log1p(1e4 x / l) with x ~ NB / ZINB at the predicted mean (seeded)."""

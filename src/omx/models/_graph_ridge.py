@@ -10,6 +10,7 @@ from omx._utils import logger, progress
 from omx.encoders import Encoder, get_encoder
 from omx.metrics import pearson
 from omx.models._base import Model
+from omx.models._context import Context
 from omx.models._neighbors import PROPAGATION_GRID, check_graph, propagate, spatial_graph
 from omx.models._ridge import Ridge
 
@@ -69,7 +70,9 @@ class GraphRidge(Model):
     """
 
     input = "features"
-    spatial = True
+    target = "log"
+    uses = frozenset({"groups", "coords", "group_stats"})
+    requires = frozenset({"coords"})
 
     def __init__(
         self,
@@ -114,8 +117,9 @@ class GraphRidge(Model):
     def _ridge(self, **overrides: Any) -> Ridge:
         return Ridge(encoder=self.encoder, seed=self.seed, show_progress_bar=False, **overrides)
 
-    def _fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None, coords: np.ndarray) -> None:
+    def _fit(self, X: np.ndarray, Y: np.ndarray, context: Context) -> None:
         """Fit the ridge on all rows, then choose the neighbour share by leave-one-section-out CV."""
+        groups, coords = context.groups, context.coords
         self._neighbours(coords, groups)  # check the graph first (isolated spots, one-spot sections)
         self.ridge_ = self._ridge().fit(X, Y, groups=groups)
         labels = np.unique(groups) if groups is not None else []
@@ -136,9 +140,9 @@ class GraphRidge(Model):
         self.history_ = {"propagation": list(PROPAGATION_GRID), "cv_pearson": scores.mean(0).tolist()}
         logger.info("GraphRidge: neighbour share %.2f chosen by leave-one-section-out CV.", self.propagation_)
 
-    def _predict(self, X: np.ndarray, groups: np.ndarray | None, coords: np.ndarray) -> np.ndarray:
-        P0 = self.ridge_.predict(X, groups=groups, group_stats=getattr(self, "_group_stats", None))
-        return propagate(P0, self._neighbours(coords, groups), self.propagation_, self.n_layers)
+    def _predict(self, X: np.ndarray, context: Context) -> np.ndarray:
+        P0 = self.ridge_.predict(X, Context(groups=context.groups, group_stats=context.group_stats))
+        return propagate(P0, self._neighbours(context.coords, context.groups), self.propagation_, self.n_layers)
 
     # ------------------------------------------------------------------ state
     def _get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -11,6 +11,7 @@ from omx._utils import logger, progress
 from omx.encoders import Encoder, get_encoder
 from omx.metrics import pearson
 from omx.models._base import Model
+from omx.models._context import Context
 
 #: Default alpha grid (penalty per row, on standardised features).
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-4, 2, 13))
@@ -88,6 +89,8 @@ class Ridge(Model):
     """
 
     input = "features"
+    target = "log"
+    uses = frozenset({"groups", "group_stats"})
 
     def __init__(
         self,
@@ -129,15 +132,21 @@ class Ridge(Model):
         return {"encoder": self.encoder}
 
     # ------------------------------------------------------------------ standardisation
-    def _standardise(self, X: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    def _standardise(
+        self,
+        X: np.ndarray,
+        groups: np.ndarray | None,
+        group_stats: dict[str, tuple[np.ndarray, np.ndarray, int]] | None = None,
+    ) -> np.ndarray:
         if self.standardize is None:
             return X.copy()
         if self.standardize == "group":
-            return standardize_by_group(X, groups, self.x_mean_, self.x_scale_, getattr(self, "_group_stats", None))
+            return standardize_by_group(X, groups, self.x_mean_, self.x_scale_, group_stats)
         return (X - self.x_mean_) / self.x_scale_
 
     # ------------------------------------------------------------------ fit / predict
-    def _fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None) -> None:
+    def _fit(self, X: np.ndarray, Y: np.ndarray, context: Context) -> None:
+        groups = context.groups
         self.x_mean_ = X.mean(0)
         self.x_scale_ = _safe_scale(X.std(0))
         Z = self._standardise(X, groups)
@@ -151,8 +160,8 @@ class Ridge(Model):
         )
         self.coef_ = self.coef_[0]
 
-    def _predict(self, X: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
-        return self._predict_standardised(self._standardise(X, groups))
+    def _predict(self, X: np.ndarray, context: Context) -> np.ndarray:
+        return self._predict_standardised(self._standardise(X, context.groups, context.group_stats))
 
     def _predict_standardised(self, Z: np.ndarray) -> np.ndarray:
         """Predictions from features already standardised as `_standardise` does."""
@@ -233,7 +242,7 @@ def standardize_by_group(
 
     Groups of fewer than `MIN_GROUP_ROWS` rows use the given (training) ``mean`` and ``scale``; ``groups=None``
     is one group. ``stats`` gives the mean, standard deviation and size of whole groups whose rows come in
-    chunks (see `Model.predict`); other groups use the statistics of their rows here.
+    chunks (``Context.group_stats``); other groups use the statistics of their rows here.
     """
     out = (X - mean) / scale
     labels, inverse = (

@@ -11,7 +11,16 @@ from spatialdata import SpatialData
 
 from omx._utils import as_list, logger, progress
 from omx.tl._core import DEFAULT_CONTEXT, check_key_free, resolve_sections, resolve_table
-from omx.tl._predict import _get_model, _inputs, _scores, _uns_entry, _write_layer, fit_sections, predict_section
+from omx.tl._predict import (
+    _get_model,
+    _inputs,
+    _scores,
+    _uns_entry,
+    _write_layer,
+    fit_sections,
+    predict_section,
+    section_patients,
+)
 
 
 def _fresh(model, *, seed, device, show_progress_bar):
@@ -134,7 +143,13 @@ def cross_validate(
         var = pd.Series(train_var, index=fold_genes)
         for n in held:
             t0 = time.perf_counter()
-            pred = predict_section(m, resolved[n], show_progress_bar=show_progress_bar, cache=cache)
+            pred = predict_section(
+                m,
+                resolved[n],
+                show_progress_bar=show_progress_bar,
+                cache=cache,
+                patients=section_patients(table, resolved[n]),
+            )
             predict_s = time.perf_counter() - t0
             scores = _scores(table, resolved[n], fold_genes, pred, layer, min_counts)
             summary = summarize(scores, y_train_var=var, top_n=top_n)

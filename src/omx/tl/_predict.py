@@ -15,6 +15,7 @@ from spatialdata.models import TableModel
 
 import omx
 from omx._utils import OMX_TABLE, logger
+from omx.models import Context
 from omx.tl._core import (
     DEFAULT_CONTEXT,
     PATIENT_KEY,
@@ -86,21 +87,18 @@ def fit_sections(
     Y = targets(X, gene_idx)[keep]
     groups = np.concatenate([np.full(len(sections[n].rows), n, dtype=object) for n in train])[keep]
     train_var = Y.var(axis=0)
-    counts_model = getattr(model, "counts_target", False)  # a count likelihood: raw counts and library sizes
+    counts_model = model.target == "counts"  # e.g. a count likelihood: raw counts and library sizes
     scaler = SectionScaler("none" if counts_model else target_norm)
     Z = scaler.fit_transform(Y, groups)
-    fit_kwargs = {}
     if counts_model:
         Z = np.asarray(as_dense(X[:, gene_idx]), dtype=np.float32)[keep]
-        fit_kwargs["library_size"] = total[keep]
     size_um = sections[train[0]].spots.diameter_um if size_um is None else float(size_um)
     inputs = np.concatenate([_inputs(sections[n], model, size_um, context, show_progress_bar, cache) for n in train])[
         keep
     ]
     coords = np.concatenate([sections[n].spots.centers * sections[n].spots.mpp for n in train])[keep]
-    tell_patients(model, table, sections.values())
-    model.fit(inputs, Z, groups=groups, coords=coords, **fit_kwargs)
-    model.meta_ = {
+    patients = [section_patients(table, sections[n]) for n in train]
+    meta = {
         "genes": list(genes),
         "target_mean": scaler.mean_.tolist(),
         "target_std": scaler.std_.tolist(),
@@ -111,26 +109,33 @@ def fit_sections(
         "train_sections": list(train),
         "min_counts": min_counts,
     }
+    ctx = Context(
+        groups=groups,
+        patients=None if any(p is None for p in patients) else np.concatenate(patients)[keep],
+        coords=coords,
+        library_size=total[keep] if counts_model else None,
+        meta=meta,
+    )
+    model.fit(inputs, Z, ctx)
     return model, train_var
 
 
-def tell_patients(model: Model, table: AnnData, sections) -> None:
-    """Give a model that never retrieves from a query's patient (`Contrastive`) the patient of each section.
+def section_patients(table: AnnData | None, section: Section) -> np.ndarray | None:
+    """The patient of each spot of a section, from ``table.obs["patient"]``; None where the table does not say.
 
-    The patients come from ``table.obs["patient"]`` (sections whose spots all share one value); patients the
-    model already knows are kept.
+    Spots without a table row take the patient of the section's other spots when those all share one.
     """
-    if not hasattr(model, "patients") or PATIENT_KEY not in table.obs:
-        return
-    known = dict(model.patients or {})
-    for section in sections:
-        rows = section.rows[section.rows >= 0]
-        values = pd.unique(table.obs[PATIENT_KEY].iloc[rows].astype(str))
-        if section.name not in known and len(values) == 1:
-            known[section.name] = str(values[0])
-    if known != (model.patients or {}):
-        model.patients = model.init_params_["patients"] = known
-        logger.info("Patients of the sections, from obs[%r]: %s.", PATIENT_KEY, known)
+    if table is None or PATIENT_KEY not in table.obs:
+        return None
+    rows = section.rows
+    measured = rows >= 0
+    if not measured.any():
+        return None
+    values = table.obs[PATIENT_KEY].iloc[rows[measured]].astype(str).to_numpy()
+    if measured.all():
+        return values
+    unique = pd.unique(values)
+    return np.full(len(rows), str(unique[0]), dtype=object) if len(unique) == 1 else None
 
 
 def _inputs(section, model, size_um, context, show_progress_bar, cache) -> np.ndarray:
@@ -149,32 +154,44 @@ def _encoder_id(model) -> str | None:
 
 
 def predict_section(
-    model: Model, section: Section, *, show_progress_bar: bool, cache: dict | None = None, return_var: bool = False
+    model: Model,
+    section: Section,
+    *,
+    show_progress_bar: bool,
+    cache: dict | None = None,
+    return_var: bool = False,
+    patients: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
     """Predictions ``(n_spots, n_genes)`` on the log-normalised scale for one section.
 
-    Spatial models, and sections whose inputs are cached, are predicted from the inputs of the whole section;
-    the others stream (see `_predict_stream`). With ``return_var``, also the predictive variance on that scale
-    when the model provides one (a count likelihood), else None.
+    Models that read the spots' coordinates (``"coords"`` in ``model.uses``), and sections whose inputs are
+    cached, are predicted from the inputs of the whole section; the others stream (see `_predict_stream`). With
+    ``return_var``, also the predictive variance on that scale when the model provides one
+    (``model.provides_variance``), else None. ``patients`` gives the patient of each spot (`section_patients`).
     """
     meta = model.meta_
     var = None
-    if model.spatial or cache is not None:
+    if "coords" in model.uses or cache is not None:
         inputs = _inputs(section, model, meta["size_um"], meta["context"], show_progress_bar, cache)
-        coords = section.spots.centers * section.spots.mpp
-        groups = np.full(len(inputs), section.name, dtype=object)
-        if return_var and getattr(model, "counts_target", False):
-            Z, var = model.predict(inputs, groups=groups, coords=coords, return_var=True)
+        ctx = Context(
+            groups=np.full(len(inputs), section.name, dtype=object),
+            patients=patients,
+            coords=section.spots.centers * section.spots.mpp,
+        )
+        if return_var and model.provides_variance:
+            Z, var = model.predict(inputs, ctx, return_var=True)
             var = (var * np.asarray(meta["target_std"]) ** 2).astype(np.float32)
         else:
-            Z = model.predict(inputs, groups=groups, coords=coords)
+            Z = model.predict(inputs, ctx)
     else:
-        Z = _predict_stream(model, section, show_progress_bar=show_progress_bar)
+        Z = _predict_stream(model, section, show_progress_bar=show_progress_bar, patients=patients)
     pred = (Z * np.asarray(meta["target_std"]) + np.asarray(meta["target_mean"])).astype(np.float32)
     return (pred, var) if return_var else pred
 
 
-def _predict_stream(model: Model, section: Section, *, show_progress_bar: bool) -> np.ndarray:
+def _predict_stream(
+    model: Model, section: Section, *, show_progress_bar: bool, patients: np.ndarray | None = None
+) -> np.ndarray:
     """Predict a section chunk by chunk, so memory does not grow with its inputs.
 
     Patch models predict each chunk of patches as it is cut. Feature models first write the features of all
@@ -186,12 +203,16 @@ def _predict_stream(model: Model, section: Section, *, show_progress_bar: bool) 
     chunks = input_chunks(section, model, meta["size_um"], meta["context"], show_progress_bar)
     out = np.empty((n, model.n_targets_), dtype=np.float32)
 
-    def groups(k: int) -> np.ndarray:
-        return np.full(k, section.name, dtype=object)
+    def chunk_context(positions: np.ndarray, stats=None) -> Context:
+        return Context(
+            groups=np.full(len(positions), section.name, dtype=object),
+            patients=None if patients is None else np.asarray(patients)[positions],
+            group_stats=stats,
+        )
 
     if model.input == "patches":
         for positions, patches in chunks:
-            out[positions] = model.predict(patches, groups=groups(len(positions)))
+            out[positions] = model.predict(patches, chunk_context(positions))
         return out
     import zarr
 
@@ -209,7 +230,7 @@ def _predict_stream(model: Model, section: Section, *, show_progress_bar: bool) 
         stats = {section.name: moments.result()}
         for start, positions in written:
             X = store[start : start + len(positions)]
-            out[positions] = model.predict(X, groups=groups(len(positions)), group_stats=stats)
+            out[positions] = model.predict(X, chunk_context(positions, stats))
     return out
 
 
@@ -296,8 +317,8 @@ def fit_predict(
     model
         ``"ridge"`` (ridge on handcrafted features), ``"cnn"`` (CNN regression from scratch), ``"graph"``
         (`omx.models.SpatialGraph` over the spot graph), or a :class:`omx.models.Model` instance, unfitted. A
-        model with a count likelihood (``counts_target``) is fitted on the raw counts of the genes and each spot's
-        total count, not on standardised targets.
+        model with ``target == "counts"`` (e.g. a count likelihood) is fitted on the raw counts of the genes and
+        each spot's total count, not on standardised targets.
     genes
         Genes to predict; all must be in the table. Omitted: the genes detected in at least 1 % of training spots.
     n_top_genes
@@ -367,7 +388,14 @@ def fit_predict(
     )  # fmt: skip
     genes = model.meta_["genes"]
     out = {
-        n: predict_section(model, sections[n], show_progress_bar=show_progress_bar, return_var=True) for n in predict
+        n: predict_section(
+            model,
+            sections[n],
+            show_progress_bar=show_progress_bar,
+            return_var=True,
+            patients=section_patients(table, sections[n]),
+        )
+        for n in predict
     }
     preds = {n: p for n, (p, _) in out.items()}
 
@@ -489,8 +517,7 @@ def predict_expression(
         model = load(model)
     if getattr(model, "meta_", None) is None:
         raise ValueError("The model is not fitted through omx.tl; fit it with omx.tl.fit_predict first.")
-    if hasattr(model, "set_device"):
-        model.set_device(device)
+    model.to(device)
     spots = omx.pp.resolve_spots(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp)
     has_table = spots.table_key is not None and (spots.table_rows >= 0).any()
     if inplace:
@@ -505,9 +532,8 @@ def predict_expression(
         values = pd.unique(table.obs[SECTION_KEY].iloc[spots.table_rows[spots.table_rows >= 0]].astype(str))
         name = str(values[0]) if len(values) == 1 else name
     section = Section(name=name, spots=spots)
-    if has_table:
-        tell_patients(model, sdata.tables[spots.table_key], [section])
-    pred, var = predict_section(model, section, show_progress_bar=show_progress_bar, return_var=True)
+    patients = section_patients(sdata.tables[spots.table_key], section) if has_table else None
+    pred, var = predict_section(model, section, show_progress_bar=show_progress_bar, return_var=True, patients=patients)
     genes = model.meta_["genes"]
     uns = _uns_entry(model, predict_shapes=spots.shapes_key)
     if not inplace:
