@@ -218,8 +218,6 @@ class Contrastive(TorchModel):
             raise ValueError("epochs must be >= 1 and batch_size >= 2.")
         self.image = image
         self.encoder = get_encoder(encoder) if image == "features" else None
-        if self.encoder is None:
-            encoder = None
         self.patch_px = int(patch_px)
         self.width, self.hidden, self.embed_dim = int(width), int(hidden), int(embed_dim)
         self.dropout, self.temperature = float(dropout), float(temperature)
@@ -233,37 +231,12 @@ class Contrastive(TorchModel):
         self.weight_decay = float(weight_decay)
         self.patience = None if patience is None else int(patience)
         self.val_fraction, self.augment = float(val_fraction), bool(augment)
-        super().__init__(
-            seed=seed,
-            device=device,
-            show_progress_bar=show_progress_bar,
-            image=image,
-            encoder=encoder if isinstance(encoder, str) or self.encoder is None else self.encoder.get_params(),
-            patch_px=self.patch_px,
-            width=self.width,
-            hidden=self.hidden,
-            embed_dim=self.embed_dim,
-            dropout=self.dropout,
-            temperature=self.temperature,
-            learn_temperature=self.learn_temperature,
-            contrastive_weight=self.contrastive_weight,
-            n_components=self.n_components,
-            head=self.head,
-            k=self.k,
-            blend=self.blend,
-            exclude=self.exclude,
-            neighbors=self.neighbors,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            patience=self.patience,
-            val_fraction=self.val_fraction,
-            augment=self.augment,
-        )
+        super().__init__(seed=seed, device=device, show_progress_bar=show_progress_bar)
 
-    def _live_params(self) -> dict[str, Any]:
-        return {"encoder": self.encoder} if self.encoder is not None else {}
+    def _describe_param(self, name: str, value: Any) -> Any:
+        if name == "encoder" and self.encoder is None:  # image="patches" has no encoder
+            return None
+        return super()._describe_param(name, value)
 
     @property
     def input(self) -> str:

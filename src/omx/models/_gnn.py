@@ -194,32 +194,7 @@ class SpatialGraph(TorchModel):
         self.val_fraction = float(val_fraction)
         self.refit = bool(refit)
         self.n_samples = int(n_samples)
-        super().__init__(
-            seed=seed,
-            device=device,
-            show_progress_bar=show_progress_bar,
-            encoder=encoder if isinstance(encoder, str) else self.encoder.get_params(),
-            graph=graph,
-            n_neighbors=self.n_neighbors,
-            radius=self.radius,
-            conv=conv,
-            n_layers=self.n_layers,
-            hidden=self.hidden,
-            dropout=self.dropout,
-            likelihood=likelihood,
-            epochs=self.epochs,
-            tile_size=self.tile_size,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            patience=self.patience,
-            val_fraction=self.val_fraction,
-            refit=self.refit,
-            n_samples=self.n_samples,
-        )
-
-    def _live_params(self) -> dict[str, Any]:
-        return {"encoder": self.encoder}
+        super().__init__(seed=seed, device=device, show_progress_bar=show_progress_bar)
 
     @property
     def target(self) -> str:

@@ -94,19 +94,7 @@ class GraphRidge(Model):
         self.n_neighbors = int(n_neighbors)
         self.radius = None if radius is None else float(radius)
         self.n_layers = int(n_layers)
-        super().__init__(
-            seed=seed,
-            device=device,
-            show_progress_bar=show_progress_bar,
-            encoder=encoder if isinstance(encoder, str) else self.encoder.get_params(),
-            graph=graph,
-            n_neighbors=self.n_neighbors,
-            radius=self.radius,
-            n_layers=self.n_layers,
-        )
-
-    def _live_params(self) -> dict[str, Any]:
-        return {"encoder": self.encoder}
+        super().__init__(seed=seed, device=device, show_progress_bar=show_progress_bar)
 
     def _neighbours(self, coords: np.ndarray, groups: np.ndarray | None):
         """The spot graph without self loops: what each spot's propagation averages over."""
