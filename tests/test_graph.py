@@ -202,3 +202,30 @@ def test_tl_count_likelihood_writes_prediction_and_variance():
     low, high = v <= np.quantile(v, 1 / 3), v >= np.quantile(v, 2 / 3)
     assert err[high].mean() > 1.5 * err[low].mean()
     assert table.uns["omx"]["omx_pred"]["scores"]["S2"]["summary"]["all"]["pearson"] > 0.2
+
+
+def test_contract_declarations(smooth_data):
+    """What each graph model takes and gives, as declared to its callers."""
+    X, Y, coords, groups = smooth_data
+    ridge, gnn, nb = GraphRidge(), SpatialGraph(), SpatialGraph(likelihood="nb", n_layers=1)
+    assert ridge.requires == gnn.requires == {"coords"} and ridge.target == gnn.target == "log"
+    assert "group_stats" in ridge.uses and "library_size" in gnn.uses
+    assert nb.target == "counts" and nb.provides_variance and not gnn.provides_variance and not ridge.provides_variance
+    assert nb.init_params_["likelihood"] == "nb" and nb.init_params_["n_layers"] == 1
+    assert ridge.init_params_["encoder"] == gnn.init_params_["encoder"] == "handcrafted"
+    assert nb.clone(seed=3).init_params_ == {**nb.init_params_, "seed": 3}
+    assert nb.to("cpu") is nb and nb.device == "cpu"
+    # library sizes come in the context; the variance follows them
+    counts = np.random.default_rng(0).poisson(np.exp(Y / 4) * 3).astype(np.float32)
+    lib = counts.sum(1) + 1.0
+    nb = SpatialGraph(likelihood="nb", **{**FAST, "epochs": 2})
+    nb.fit(X, counts, omx.models.Context(groups=groups, coords=coords, library_size=lib))
+    assert nb.library_size_ == np.median(lib)
+    small = omx.models.Context(groups=groups, coords=coords, library_size=np.full(len(X), 10.0))
+    large = omx.models.Context(groups=groups, coords=coords, library_size=np.full(len(X), 1e5))
+    p1, v1 = nb.predict(X, small, return_var=True)
+    p2, v2 = nb.predict(X, large, return_var=True)
+    np.testing.assert_array_equal(p1, p2)  # the prediction is a rate: the library size sets only the variance
+    assert v1.mean() > v2.mean()  # fewer counts, more counting noise
+    for attr in ("_library_in", "_predict_library", "_return_var", "last_var_"):
+        assert not hasattr(nb, attr)

@@ -401,7 +401,7 @@ class SpatialGraph(TorchModel):
 
         n = len(raw)
         lib = np.full(n, self.library_size_) if library_size is None else np.broadcast_to(library_size, (n,))
-        lib = torch.as_tensor(np.asarray(lib, np.float64))
+        lib = torch.as_tensor(np.array(lib, np.float64))  # a copy: a broadcast view is read-only
         theta = torch.exp(self.module_.log_theta.detach().cpu().double())
         with torch.random.fork_rng(devices=[]):  # seeded draws that leave the caller's random state alone
             torch.manual_seed(self.seed)
