@@ -31,7 +31,7 @@ MODELS = {
     # spot context (attention over, and propagation across, the 6 nearest spots)
     "contrastive": {"model": "contrastive"},
     "contrastive_no_context": {"model": "contrastive", "params": {"neighbors": 0}},
-    "graph": {"model": "graph"},  # SpatialGraph: ridge on the same features, then 2 rounds of propagation (6-NN graph)
+    "graph": {"model": "graph"},  # GraphRidge: ridge on the same features, then 2 rounds of propagation (6-NN graph)
 }
 
 

@@ -6,8 +6,7 @@ pytest.importorskip("torch")
 
 import omx  # noqa: E402
 from omx.models import Context, Contrastive, get_model  # noqa: E402
-from omx.models._contrastive import _adjacency, _neighbours  # noqa: E402
-from omx.models._graph import PROPAGATION_GRID, propagate  # noqa: E402
+from omx.models._neighbors import PROPAGATION_GRID, nearest, neighbour_matrix, propagate  # noqa: E402
 
 FAST = {
     "epochs": 10,
@@ -85,7 +84,7 @@ def test_planted_copy_is_never_retrieved(data):
     assert index.shape == weight.shape == (80, FAST["k"])
     np.testing.assert_allclose(weight.sum(1), 1.0, rtol=1e-5)
     assert not np.isin(index, copies).any()
-    assert (model.bank_groups_[index] != "d").all()  # nothing of the predicted section
+    assert (model.bank_.groups[index] != "d").all()  # nothing of the predicted section
     # the control: without section labels nothing is excluded, and the copies are retrieved
     _, index_all, _ = model.retrieve(query)
     assert np.isin(copies, index_all).any()
@@ -101,15 +100,15 @@ def test_patient_exclusion(data):
     patients = pd.Series(groups).map({"a": "P1", "b": "P1", "c": "P2", "d": "P2"}).to_numpy()
     context = Context(groups=groups, patients=patients)
     model = Contrastive(**{**FAST, "epochs": 3}).fit(X, Y, context)
-    np.testing.assert_array_equal(model.bank_patients_, patients)  # each bank row keeps its patient
+    np.testing.assert_array_equal(model.bank_.patients, patients)  # each bank row keeps its patient
     query = Context(groups=groups[:80], patients=patients[:80])  # section "a" of patient P1
     _, index, _ = model.retrieve(X[:80], query)
-    assert set(model.bank_groups_[index].ravel()) <= {"c", "d"}
+    assert set(model.bank_.groups[index].ravel()) <= {"c", "d"}
     _, index, _ = model.retrieve(X[:80], groups=groups[:80])  # without the query's patients: its section only
-    assert "b" in set(model.bank_groups_[index].ravel())
+    assert "b" in set(model.bank_.groups[index].ravel())
     group_only = Contrastive(**{**FAST, "epochs": 3}, exclude="group").fit(X, Y, context)
     _, index, _ = group_only.retrieve(X[:80], query)
-    assert "b" in set(group_only.bank_groups_[index].ravel()) and "a" not in set(group_only.bank_groups_[index].ravel())
+    assert "b" in set(group_only.bank_.groups[index].ravel()) and "a" not in set(group_only.bank_.groups[index].ravel())
 
 
 def test_deterministic_and_save_load(tmp_path, data):
@@ -123,8 +122,8 @@ def test_deterministic_and_save_load(tmp_path, data):
     a.save(tmp_path / "m")
     loaded = omx.models.load(tmp_path / "m")
     assert isinstance(loaded, Contrastive) and loaded.meta_ == a.meta_ and loaded.history_ == a.history_
-    for name in ("bank_embedding_", "bank_targets_", "bank_groups_"):
-        np.testing.assert_array_equal(getattr(loaded, name), getattr(a, name))
+    for name in ("embedding", "targets", "groups", "patients"):
+        np.testing.assert_array_equal(getattr(loaded.bank_, name), getattr(a.bank_, name))
     assert loaded.weights_ == a.weights_ and loaded.head_alpha_ == a.head_alpha_
     np.testing.assert_array_equal(loaded.linear_.coef_, a.linear_.coef_)
     for mode in ("default", "retrieval", "regression"):
@@ -144,7 +143,7 @@ def test_spot_context_and_patches(data):
     # the prediction is the unpropagated one, propagated over the same 4 nearest spots
     share, model.propagation_ = model.propagation_, 0.0
     raw = (model.predict(X[:80], groups=groups[:80], coords=coords[:80]) - model.target_mean_) / model.target_std_
-    expected = propagate(raw, _adjacency(_neighbours(coords[:80], groups[:80], 4)), 0.3) * model.target_std_
+    expected = propagate(raw, neighbour_matrix(*nearest(coords[:80], groups[:80], 4)), 0.3) * model.target_std_
     model.propagation_ = 0.3
     np.testing.assert_allclose(
         model.predict(X[:80], groups=groups[:80], coords=coords[:80]), expected + model.target_mean_, atol=1e-4
@@ -168,7 +167,7 @@ def test_spot_context_and_patches(data):
 def test_errors(data):
     X, Y, groups, _ = data
     ungrouped = Contrastive(**{**FAST, "epochs": 2}).fit(X, Y)  # random validation rows, nothing excluded
-    assert ungrouped.predict(X[:5]).shape == (5, 12) and set(ungrouped.bank_groups_) == {""}
+    assert ungrouped.predict(X[:5]).shape == (5, 12) and set(ungrouped.bank_.groups) == {""}
     with pytest.raises(ValueError, match="not fitted"):
         Contrastive().predict(X)
     with pytest.raises(ValueError, match="rows"):
@@ -213,7 +212,7 @@ def test_factory_and_tl():
         sdata, train=["S1", "S2"], predict="S3", model=Contrastive(**{**FAST, "neighbors": 4}), show_progress_bar=False
     )
     entry = sdata.tables["table"].uns["omx"]["omx_pred"]
-    assert entry["model"] == "Contrastive" and fitted.bank_groups_.tolist().count("S1") > 0
+    assert entry["model"]["class"] == "Contrastive" and fitted.bank_.groups.tolist().count("S1") > 0
     assert entry["summary"]["S3"]["all"]["pearson"] > 0.3
 
 
@@ -225,14 +224,13 @@ def test_tl_patients_and_section_labels(monkeypatch, caplog):
     omx.tl.fit_predict(sdata, train=["S1", "S2"], predict="S3", model=model, show_progress_bar=False)
     # omx.tl gives the model every row's patient, from obs["patient"]; the model sets no attribute of its own
     assert "patients" not in model.init_params_
-    bank = dict(zip(model.bank_groups_, model.bank_patients_, strict=True))
-    assert bank == {"S1": "P1", "S2": "P1"}
+    assert dict(zip(model.bank_.groups, model.bank_.patients, strict=True)) == {"S1": "P1", "S2": "P1"}
     seen = []
     retrieve = Contrastive._retrieve
 
-    def spy(self, h, groups, patients=None, strict=True):
+    def spy(self, bank, h, groups, patients, strict=True):
         seen.append((set(groups), set(patients)))
-        return retrieve(self, h, groups, patients, strict)
+        return retrieve(self, bank, h, groups, patients, strict)
 
     monkeypatch.setattr(Contrastive, "_retrieve", spy)
     omx.tl.predict_expression(sdata, model, shapes_key="S1_spots", key_added="again", show_progress_bar=False)
@@ -254,5 +252,5 @@ def test_nothing_to_retrieve_falls_back_on_regression(data):
     assert not np.allclose(blended, model.predict(query, label, mode="regression"))
     model.k = 161  # now too few rows of other patients for a query of d
     np.testing.assert_allclose(model.predict(query, label), model.predict(query, label, mode="regression"), rtol=1e-5)
-    with pytest.raises(ValueError, match="fewer than k=161"):
+    with pytest.raises(ValueError, match=r"and patient excluded\), fewer than k=161"):
         model.predict(query, label, mode="retrieval")

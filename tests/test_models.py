@@ -1,3 +1,6 @@
+import inspect
+import json
+
 import numpy as np
 import pytest
 
@@ -348,3 +351,54 @@ def test_to_moves_the_network_to_cuda(cnn_data):
     cnn.to("cuda")
     assert {p.device.type for p in cnn.module_.parameters()} == {"cuda"}
     np.testing.assert_allclose(cnn.predict(patches), on_cpu, atol=0.05)  # mixed precision on CUDA
+
+
+# ---------------------------------------------------------------- constructor parameters, recorded once
+def test_init_params_recorded_from_the_signature():
+    ridge = Ridge(alpha=2, alphas=np.array([0.1, 1.0]), seed=np.int64(3))
+    assert ridge.init_params_ == {
+        "encoder": "handcrafted",
+        "alpha": 2,
+        "n_components": "auto",
+        "standardize": "group",
+        "alphas": [0.1, 1.0],
+        "seed": 3,
+        "device": "auto",
+        "show_progress_bar": True,
+    }
+    json.dumps(ridge.init_params_)  # JSON-able as written to params.json
+    for klass in (Ridge, CNNRegressor):  # every argument of the signature, defaults included, in its order
+        assert list(klass().init_params_) == list(inspect.signature(klass).parameters)
+    assert CNNRegressor(epochs=3).init_params_["epochs"] == 3 and CNNRegressor().init_params_["epochs"] == 40
+
+    class Wider(CNNRegressor):
+        def __init__(self, *, extra: int = 1, **kwargs):
+            self.extra = extra
+            super().__init__(**kwargs)
+
+    wide = Wider(extra=2, epochs=5)  # the outermost constructor records, its **kwargs flattened
+    assert wide.init_params_ == {"extra": 2, "epochs": 5}
+    assert wide.clone().extra == 2 and wide.clone().epochs == 5
+
+    class Plain(_GroupMean):
+        pass
+
+    assert Plain(seed=4).init_params_ == {"seed": 4, "device": "auto", "show_progress_bar": True}
+
+
+def test_init_params_save_load_and_clone(tmp_path, cnn_data):
+    torch = pytest.importorskip("torch")
+    from omx.encoders import TorchEncoder
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1))
+    ridge = Ridge(encoder=module, alpha=3.0)  # a bare torch module: described by the encoder made of it
+    assert isinstance(ridge.encoder, TorchEncoder) and ridge.init_params_["encoder"] == ridge.encoder.get_params()
+    assert ridge.clone().encoder.module is module  # clone passes the live object again
+
+    patches, Y, groups = cnn_data
+    cnn = CNNRegressor(**{**CNN_FAST, "epochs": 1}).fit(patches, Y, groups=groups)
+    cnn.save(tmp_path / "cnn")
+    loaded = omx.models.load(tmp_path / "cnn")
+    assert loaded.init_params_ == cnn.init_params_ and loaded.epochs == 1
+    twin = loaded.clone(seed=9)
+    assert twin.init_params_ == {**cnn.init_params_, "seed": 9} and not twin.is_fitted_

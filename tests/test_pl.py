@@ -340,7 +340,7 @@ def test_history_of_ridge_and_cnn():
     with pytest.raises(ValueError, match="no training history"):
         omx.pl.history(omx.models.Ridge(alpha=1.0, n_components=None))
     coords = np.stack(np.meshgrid(np.arange(6), np.arange(5)), -1).reshape(-1, 2) * 100.0
-    graph = omx.models.SpatialGraph(show_progress_bar=False)
+    graph = omx.models.GraphRidge(show_progress_bar=False)
     graph.fit(X, Y, groups=groups, coords=np.concatenate([coords] * 3))
     ax = omx.pl.history(graph)
     assert len(ax.lines[0].get_xdata()) == len(graph.history_["propagation"]) and "propagation" in ax.get_title()

@@ -14,14 +14,17 @@ from omx.models._cnn import CNNRegressor
 from omx.models._context import Context
 from omx.models._contrastive import Contrastive
 from omx.models._distributed import fit_distributed
-from omx.models._graph import SpatialGraph
+from omx.models._gnn import SpatialGraph
+from omx.models._graph_ridge import GraphRidge
+from omx.models._retrieval import RetrievalBank
 from omx.models._ridge import Ridge
 
 #: Short names accepted by `get_model` (and by the ``model=`` argument of `omx.tl` functions).
 MODELS: dict[str, type[Model]] = {
     "ridge": Ridge,
     "cnn": CNNRegressor,
-    "graph": SpatialGraph,
+    "graph": GraphRidge,
+    "gnn": SpatialGraph,
     "contrastive": Contrastive,
 }
 
@@ -30,8 +33,10 @@ __all__ = [
     "CNNRegressor",
     "Context",
     "Contrastive",
+    "GraphRidge",
     "MODELS",
     "Model",
+    "RetrievalBank",
     "Ridge",
     "SpatialGraph",
     "TorchModel",
@@ -48,8 +53,8 @@ def get_model(spec: str | Model = "ridge", **kwargs: Any) -> Model:
     Parameters
     ----------
     spec
-        ``"ridge"`` (`Ridge`), ``"cnn"`` (`CNNRegressor`), ``"graph"`` (`SpatialGraph`), ``"contrastive"``
-        (`Contrastive`), or a `Model` (returned as is).
+        ``"ridge"`` (`Ridge`), ``"cnn"`` (`CNNRegressor`), ``"graph"`` (`GraphRidge`), ``"gnn"`` (`SpatialGraph`),
+        ``"contrastive"`` (`Contrastive`), or a `Model` (returned as is).
     **kwargs
         Constructor arguments, when `spec` is a name.
 

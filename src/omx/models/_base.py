@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 from dataclasses import replace
@@ -44,7 +46,9 @@ class Model:
 
     Subclasses implement ``_fit(X, Y, context)``, ``_predict(X, context)`` (and ``_predict_var`` when they provide
     a variance), ``_get_state`` and ``_set_state``. Everything else (checks, errors, the context, devices, save /
-    load, validation splits) lives here.
+    load, validation splits) lives here. A subclass's constructor stores its arguments (``self.alpha = alpha``) and
+    calls ``super().__init__(seed=seed, device=device, show_progress_bar=show_progress_bar)``; the arguments it was
+    called with (defaults included) are recorded once, from its signature, in `init_params_`.
 
     Parameters
     ----------
@@ -54,13 +58,13 @@ class Model:
         ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda"``; torch models only (see :meth:`to`).
     show_progress_bar
         Show a progress bar over long loops (epochs, folds).
-    **model_params
-        The subclass's own constructor arguments (JSON-able), stored in `init_params_`.
 
     Attributes
     ----------
     init_params_
-        Constructor arguments, as written to ``params.json`` and used by :meth:`load`.
+        Constructor arguments, recorded from the call of the model's own constructor (defaults included), as
+        written to ``params.json`` and used by :meth:`load`; live objects (an encoder) are held by their JSON-able
+        description (see ``_describe_param``), while :meth:`clone` passes the objects themselves.
     history_
         Per-epoch losses (torch models) or cross-validation scores (ridge).
     n_targets_
@@ -91,17 +95,13 @@ class Model:
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
         Model._registry[cls.__name__] = cls
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording_init_params(cls.__init__)
 
-    def __init__(self, *, seed: int = 0, device: str = "auto", show_progress_bar: bool = True, **model_params: Any):
+    def __init__(self, *, seed: int = 0, device: str = "auto", show_progress_bar: bool = True):
         self.seed = int(seed)
         self.device = str(device)
         self.show_progress_bar = bool(show_progress_bar)
-        self.init_params_: dict[str, Any] = {
-            **model_params,
-            "seed": self.seed,
-            "device": self.device,
-            "show_progress_bar": self.show_progress_bar,
-        }
         self.history_: dict[str, list[float]] = {}
         self.meta_: dict[str, Any] | None = None
         self.is_fitted_ = False
@@ -122,11 +122,27 @@ class Model:
         -------
         The unfitted copy.
         """
-        return type(self)(**{**self.init_params_, **self._live_params(), **overrides})
+        return type(self)(**{**self._init_args, **overrides})
 
-    def _live_params(self) -> dict[str, Any]:
-        """Constructor arguments that `init_params_` holds only as a description (e.g. a torch encoder)."""
-        return {}
+    def _describe_param(self, name: str, value: Any) -> Any:
+        """The JSON-able description of the constructor argument `name` kept in `init_params_`.
+
+        Numbers, strings, None, and lists, tuples and dicts of them are kept (tuples and arrays as lists); a live
+        object whose model attribute of the same name has ``get_params`` (an encoder given as an object or a torch
+        module) is described by those parameters. Subclasses override it for other live objects.
+        """
+        if isinstance(value, np.generic | np.ndarray):
+            return value.tolist()
+        if value is None or isinstance(value, str | bool | int | float):
+            return value
+        if isinstance(value, list | tuple):
+            return [self._describe_param(name, v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): self._describe_param(name, v) for k, v in value.items()}
+        live = getattr(self, name, value)
+        if hasattr(live, "get_params"):
+            return live.get_params()
+        return value
 
     def to(self, device: str) -> Model:
         """Run later fits and predictions on `device`.
@@ -439,6 +455,37 @@ class Model:
     def _load_arrays(self, file: Path) -> dict[str, np.ndarray]:
         with np.load(file, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
+
+
+def _recording_init_params(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a model's ``__init__`` so that the outermost constructor records the arguments it was called with.
+
+    The arguments are bound to the signature with its defaults applied (as scvi-tools records its models' from
+    ``locals()``), kept as given for `Model.clone` and described as JSON for `Model.init_params_`: each model
+    writes its parameters once, in its signature.
+    """
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self: Model, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if type(self).__init__ is not __init__:  # a subclass's constructor called this one: it records
+            return
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        params: dict[str, Any] = {}
+        for name, value in list(bound.arguments.items())[1:]:  # without self
+            kind = signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_POSITIONAL:
+                raise TypeError(f"{type(self).__name__} takes keyword arguments only (got *{name}).")
+            params.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+        self._init_args = params
+        self.init_params_ = {name: self._describe_param(name, value) for name, value in params.items()}
+
+    return __init__
+
+
+Model.__init__ = _recording_init_params(Model.__init__)
 
 
 def _distributed_rank() -> tuple[int, int]:

@@ -113,20 +113,7 @@ class CNNRegressor(TorchModel):
         self.patience = None if patience is None else int(patience)
         self.val_fraction = float(val_fraction)
         self.augment = bool(augment)
-        super().__init__(
-            seed=seed,
-            device=device,
-            show_progress_bar=show_progress_bar,
-            patch_px=self.patch_px,
-            width=self.width,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            patience=self.patience,
-            val_fraction=self.val_fraction,
-            augment=self.augment,
-        )
+        super().__init__(seed=seed, device=device, show_progress_bar=show_progress_bar)
 
     def _build(self, n_targets: int) -> torch.nn.Module:
         from torch import nn

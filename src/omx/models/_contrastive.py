@@ -8,12 +8,14 @@ import numpy as np
 
 from omx._utils import logger, seed_everything
 from omx.encoders import Encoder, get_encoder
-from omx.metrics import pearson
 from omx.models._base import TorchModel
+from omx.models._blend import blend_scores, group_score, simplex
 from omx.models._cnn import _channel_stats, augment_patches
 from omx.models._context import Context
-from omx.models._graph import PROPAGATION_GRID, propagate
-from omx.models._ridge import DEFAULT_ALPHAS, Ridge, _fit_ridge, _safe_scale
+from omx.models._contrastive_net import contrastive_module
+from omx.models._neighbors import PROPAGATION_GRID, nearest, neighbour_matrix, propagate
+from omx.models._retrieval import QUERY_CHUNK, RetrievalBank
+from omx.models._ridge import DEFAULT_ALPHAS, Ridge, _fit_ridge, _safe_scale, standardize_by_group
 
 if TYPE_CHECKING:
     import torch
@@ -24,8 +26,9 @@ WEIGHT_STEP = 0.1
 DEFAULT_WEIGHTS = {"retrieval": 0.5, "head": 0.5, "linear": 0.0}
 #: Most cross-fitting folds (groups are pooled into this many when there are more).
 MAX_FOLDS = 5
-#: Rows of queries scored against the bank at a time.
-QUERY_CHUNK = 1024
+#: The parts' weights of each prediction mode other than ``"default"`` (``None``: the regression parts in their
+#: fitted proportion).
+MODES = ("default", "retrieval", "regression")
 
 
 class Contrastive(TorchModel):
@@ -43,10 +46,10 @@ class Contrastive(TorchModel):
 
     - **retrieval** (:meth:`retrieve`, ``mode="retrieval"``): the similarity-weighted (softmax at the learned
       temperature) average of the expression of the `k` reference spots whose expression embeddings are nearest
-      the query's image embedding. The reference bank is the training spots only, with their group labels. A
-      query never retrieves a bank row of its own group (section) nor, when the context gives the patient of
-      each row (``Context.patients``, for the bank at fit and for the queries) and ``exclude="patient"``, of
-      its own patient.
+      the query's image embedding. The reference bank (`RetrievalBank`) is the training spots only, with their
+      group labels and patients. A query never retrieves a bank row of its own group (section) nor, when the
+      context gives the patient of each row (``Context.patients``, for the bank at fit and for the queries) and
+      ``exclude="patient"``, of its own patient.
     - **regression head** (``mode="regression"``, with the linear part): a linear head on the image embedding
       (before normalisation), trained jointly with the InfoNCE loss (mean squared error, on `n_components`
       principal components of the targets); with ``head="ridge"`` or ``"ridge+features"`` (the default) it is
@@ -60,27 +63,8 @@ class Contrastive(TorchModel):
     neighbours' share of the propagation (`~omx.models.SpatialGraph`'s grid). The towers are then trained on all
     rows for the mean of the folds' best epoch counts. A float `blend` fixes ``w * retrieval + (1 - w) * head``.
 
-    Mean per-gene Pearson r on her2st, handcrafted features of the spot and its surroundings (x1, x2, x3),
-    leave-one-section-out over the held-out C sections (panel of 785 genes; ex50: 50 most expressed; var50: 50
-    most variable) and cross-patient (train C, test B4, panel), seed 0, CPU (``benchmarks/her2st.py``; `omx.tl`
-    gives the model each section's patient, so retrieval for a C section draws on B4 alone):
-
-    ==============================================  ======  ======  ======  =============
-    model                                           panel   ex50    var50   cross-patient
-    ==============================================  ======  ======  ======  =============
-    ridge (foundation's best on held-out C)         0.165   0.393   0.397   0.131
-    CNN (foundation's best across patients)         0.125   0.292   0.293   0.132
-    this model, defaults (context, 6 neighbours)    0.167   0.400   0.408   0.133
-    its retrieval alone (``mode="retrieval"``)      0.064   0.135   0.135   0.089
-    without context (``neighbors=0``)               0.165   0.392   0.399   0.131
-    without InfoNCE (``contrastive_weight=0``)      0.163   0.384   0.393   0.137
-    ==============================================  ======  ======  ======  =============
-
-    Retrieval from another patient's sections scores low, so ``blend="auto"`` gives it weight 0 here and the
-    default prediction is the regression parts (head 0.5 to 0.7, the linear part the rest), propagated with a
-    neighbours' share of 0.3 or 0.4. With seeds 1 and 2 the defaults score 0.167 / 0.396 / 0.405 / 0.134 and
-    0.169 / 0.404 / 0.412 / 0.135. The InfoNCE loss helps on held-out sections of the training patients (0.163
-    to 0.167 over the panel) but not across patients.
+    How it compares with the other model families on her2st, and what each part and option adds there: see
+    "Model families on her2st" in the guide.
 
     Features (``image="features"``) are standardised per group like `Ridge` (pass whole sections with
     `groups`); patches (``image="patches"``) are normalised per channel and augmented in training (flips,
@@ -160,14 +144,9 @@ class Contrastive(TorchModel):
     ----------
     module_
         The networks: ``image``, ``expression``, ``head``, optional ``context`` and the log temperature.
-    bank_embedding_
-        Expression embeddings of the reference spots ``(n_bank, embed_dim)``.
-    bank_targets_
-        Their targets ``(n_bank, g)``, on the scale given to :meth:`fit`.
-    bank_groups_
-        Their group labels ``(n_bank,)`` (all ``""`` when fitted without groups).
-    bank_patients_
-        Their patients ``(n_bank,)`` (``Context.patients`` at fit), or None when fitted without them.
+    bank_
+        The reference bank (`RetrievalBank`) of the training spots: their expression embeddings, standardised
+        targets, section labels (``""`` when fitted without groups) and patients.
     weights_
         Weight of each part: ``{"retrieval": ..., "head": ..., "linear": ...}`` (summing to 1).
     propagation_
@@ -239,8 +218,6 @@ class Contrastive(TorchModel):
             raise ValueError("epochs must be >= 1 and batch_size >= 2.")
         self.image = image
         self.encoder = get_encoder(encoder) if image == "features" else None
-        if self.encoder is None:
-            encoder = None
         self.patch_px = int(patch_px)
         self.width, self.hidden, self.embed_dim = int(width), int(hidden), int(embed_dim)
         self.dropout, self.temperature = float(dropout), float(temperature)
@@ -254,38 +231,12 @@ class Contrastive(TorchModel):
         self.weight_decay = float(weight_decay)
         self.patience = None if patience is None else int(patience)
         self.val_fraction, self.augment = float(val_fraction), bool(augment)
-        self.standardize = "group"  # read by the shared per-group feature standardisation of Ridge
-        super().__init__(
-            seed=seed,
-            device=device,
-            show_progress_bar=show_progress_bar,
-            image=image,
-            encoder=encoder if isinstance(encoder, str) or self.encoder is None else self.encoder.get_params(),
-            patch_px=self.patch_px,
-            width=self.width,
-            hidden=self.hidden,
-            embed_dim=self.embed_dim,
-            dropout=self.dropout,
-            temperature=self.temperature,
-            learn_temperature=self.learn_temperature,
-            contrastive_weight=self.contrastive_weight,
-            n_components=self.n_components,
-            head=self.head,
-            k=self.k,
-            blend=self.blend,
-            exclude=self.exclude,
-            neighbors=self.neighbors,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            patience=self.patience,
-            val_fraction=self.val_fraction,
-            augment=self.augment,
-        )
+        super().__init__(seed=seed, device=device, show_progress_bar=show_progress_bar)
 
-    def _live_params(self) -> dict[str, Any]:
-        return {"encoder": self.encoder} if self.encoder is not None else {}
+    def _describe_param(self, name: str, value: Any) -> Any:
+        if name == "encoder" and self.encoder is None:  # image="patches" has no encoder
+            return None
+        return super()._describe_param(name, value)
 
     @property
     def input(self) -> str:
@@ -302,45 +253,17 @@ class Contrastive(TorchModel):
         """The coordinates with spot context (``neighbors > 0``), else nothing."""
         return frozenset({"coords"}) if self.neighbors else frozenset()
 
-    _standardise = Ridge._standardise  # per-group z-scores of features (uses x_mean_, x_scale_, standardize)
+    def _standardise(self, X: np.ndarray, groups: np.ndarray | None, group_stats=None) -> np.ndarray:
+        """Per-group z-scores of the features, as `Ridge` standardises them."""
+        return standardize_by_group(X, groups, self.x_mean_, self.x_scale_, group_stats)
 
     # ------------------------------------------------------------------ networks
     def _build(self, d_in: int, n_targets: int, n_out: int) -> torch.nn.Module:
-        import torch
-        from torch import nn
-
-        def mlp(d: int) -> nn.Module:
-            if not self.hidden:  # linear tower
-                return nn.Sequential(nn.Dropout(self.dropout), nn.Linear(d, self.embed_dim))
-            return nn.Sequential(
-                nn.Linear(d, self.hidden),
-                nn.LayerNorm(self.hidden),
-                nn.GELU(),
-                nn.Dropout(self.dropout),
-                nn.Linear(self.hidden, self.embed_dim),
-            )
-
-        if self.image == "patches":
-            from omx.encoders._torch import SmallCNN
-
-            cnn = SmallCNN(None, width=self.width)
-            image = nn.Sequential(cnn, mlp(cnn.dim))
-        else:
-            image = mlp(d_in)
-        module = nn.ModuleDict(
-            {
-                "image": image,
-                "expression": mlp(n_targets),
-                "head": nn.Linear(self.embed_dim, n_out),
-            }
-        )
-        if self.neighbors:
-            module["context"] = _context_layer(self.embed_dim)
-        module.register_parameter(
-            "log_temperature",
-            nn.Parameter(torch.tensor(float(np.log(self.temperature))), requires_grad=self.learn_temperature),
-        )
-        return module
+        return contrastive_module(
+            d_in, n_targets, n_out, image=self.image, width=self.width, hidden=self.hidden,
+            embed_dim=self.embed_dim, dropout=self.dropout, context=bool(self.neighbors),
+            temperature=self.temperature, learn_temperature=self.learn_temperature,
+        )  # fmt: skip
 
     def _image_embed(self, x: torch.Tensor, nbr: torch.Tensor | None = None, nbr_mask=None) -> torch.Tensor:
         """Image embedding (unnormalised) of ``x``; with context, attending to the neighbours' embeddings."""
@@ -401,7 +324,7 @@ class Contrastive(TorchModel):
         if self.k > len(X):
             raise ValueError(f"k={self.k} is larger than the reference bank ({len(X)} training rows); lower `k`.")
         rng = np.random.default_rng(self.seed)
-        nbrs = _neighbours(coords, groups, self.neighbors) if self.neighbors else None
+        nbrs = nearest(coords, groups, self.neighbors) if self.neighbors else None
         folds = self._folds(len(X), groups, rng)
         oof = [self._fit_fold(X, Y, groups, patients, nbrs, train, val) for train, val in folds]
         first = self.history_ if folds else {}
@@ -414,8 +337,7 @@ class Contrastive(TorchModel):
         if self.head != "trained":
             self._fit_ridge_head(Xp, Yz, everything, nbrs, [self.head_alpha_])
         self.linear_ = self._fit_linear(X, Yz, groups) if self.image == "features" else None
-        self._set_bank(Yz, groups if groups is not None else np.full(len(X), ""), patients, self._torch_device())
-        self.bank_targets_ = Y.astype(np.float32)
+        self.bank_ = self._make_bank(Yz, everything, groups, patients, self._torch_device())
         if folds:
             self.history_ = {**first, "refit_train_loss": self.history_["train_loss"], **self.cv_}
         self.best_epoch_ = epochs - 1
@@ -445,10 +367,9 @@ class Contrastive(TorchModel):
             for fitted in self._fit_ridge_head(Xp, Yz, train_idx, nbrs, DEFAULT_ALPHAS):
                 self.head_ridge_ = fitted
                 heads.append(self._regress(h, Xp[val_idx]))
-        bank = groups[train_idx] if groups is not None else np.full(len(train_idx), "")
-        self._set_bank(Yz[train_idx], bank, None if patients is None else patients[train_idx], device)
+        bank = self._make_bank(Yz, train_idx, groups, patients, device)
         try:
-            retrieval = self._retrieve(h, val_groups, None if patients is None else patients[val_idx])[0]
+            retrieval = self._retrieve(bank, h, val_groups, _rows(patients, val_idx))[0]
         except ValueError:  # too few rows of other sections (patients) in this fold's bank
             retrieval = None
         linear = None
@@ -471,10 +392,6 @@ class Contrastive(TorchModel):
 
     def _choose(self, oof: list[dict[str, Any]], nbrs) -> None:
         """Choose the head's penalty, the weights of the parts and the neighbour share on the cross-fitted rows."""
-
-        def score(fold: dict[str, Any], pred: np.ndarray) -> float:
-            return _group_score(fold["truth"], pred, fold["groups"])
-
         self.fold_best_epochs_ = [int(f["best_epoch"]) for f in oof]
         self.head_alpha_, self.weights_, self.propagation_ = 1.0, dict(DEFAULT_WEIGHTS), 0.0
         if self.blend != "auto":
@@ -483,7 +400,7 @@ class Contrastive(TorchModel):
         if not oof:
             return
         if self.head != "trained":
-            head_scores = np.mean([[score(f, p) for p in f["heads"]] for f in oof], axis=0)
+            head_scores = np.mean([[group_score(f["truth"], p, f["groups"]) for p in f["heads"]] for f in oof], axis=0)
             best = int(np.argmax(head_scores))
             self.head_alpha_ = float(DEFAULT_ALPHAS[best])
             self.cv_["head_alpha_score"] = head_scores.tolist()
@@ -496,18 +413,18 @@ class Contrastive(TorchModel):
             parts["linear"] = [f["linear"] for f in oof]
         shares = PROPAGATION_GRID if self.neighbors else (0.0,)
         if self.blend == "auto":
-            grid = _simplex(len(parts), WEIGHT_STEP)
+            grid = simplex(len(parts), WEIGHT_STEP)
         else:  # the fixed weights, over the parts the folds could score
             total = sum(self.weights_[name] for name in parts) or 1.0
             grid = [[self.weights_[name] / total for name in parts]]
-        scores = np.zeros((len(shares), len(grid)))
-        for i, fold in enumerate(oof):
-            adj = _adjacency(nbrs, fold["rows"]) if self.neighbors else None
-            for s, share in enumerate(shares):
-                smoothed = {n: p[i] if share == 0 else propagate(p[i], adj, share) for n, p in parts.items()}
-                for j, w in enumerate(grid):
-                    pred = sum(wk * smoothed[n] for wk, n in zip(w, parts, strict=True))
-                    scores[s, j] += score(fold, pred) / len(oof)
+        scores = blend_scores(
+            parts,
+            [f["truth"] for f in oof],
+            [f["groups"] for f in oof],
+            grid,
+            shares,
+            [neighbour_matrix(*nbrs, f["rows"]) for f in oof] if self.neighbors else None,
+        )
         s, j = np.unravel_index(int(np.argmax(scores)), scores.shape)
         if self.blend == "auto":
             chosen = dict(zip(parts, map(float, grid[j]), strict=True))
@@ -577,20 +494,18 @@ class Contrastive(TorchModel):
                 loss = loss + self.contrastive_weight * nce
             return loss
 
-        bank = groups if groups is not None else np.full(len(X), "", dtype=object)
-        val_groups = bank[val_idx]
+        val_groups, val_patients = _rows(groups, val_idx), _rows(patients, val_idx)
 
         def val_score() -> float:
             # early stopping follows the trained head and retrieval, half and half
-            self._set_bank(Yz[train_idx], bank[train_idx], None if patients is None else patients[train_idx], device)
+            bank = self._make_bank(Yz, train_idx, groups, patients, device)
             q = self._embed(Xp, val_idx, nbrs, device)
             pred = self._regress(q, Xp[val_idx])
             try:
-                val_patients = None if patients is None else patients[val_idx]
-                pred = 0.5 * pred + 0.5 * self._retrieve(q, val_groups if groups is not None else None, val_patients)[0]
+                pred = 0.5 * pred + 0.5 * self._retrieve(bank, q, val_groups, val_patients)[0]
             except ValueError:  # too few rows of other sections (patients) to retrieve from
                 pass
-            return _group_score(Yz[val_idx], pred, val_groups)
+            return group_score(Yz[val_idx], pred, val_groups if groups is not None else np.full(len(val_idx), ""))
 
         self._train(
             batch_loss,
@@ -621,21 +536,39 @@ class Contrastive(TorchModel):
         self.head_ridge_ = fitted[0]
         return fitted
 
-    def _set_bank(self, Yz: np.ndarray, groups: np.ndarray, patients: np.ndarray | None, device: torch.device) -> None:
+    def _make_bank(
+        self,
+        Yz: np.ndarray,
+        rows: np.ndarray,
+        groups: np.ndarray | None,
+        patients: np.ndarray | None,
+        device: torch.device,
+    ) -> RetrievalBank:
+        """The reference bank of ``rows``: their expression embeddings, standardised targets, groups and patients."""
         import torch
 
         self.module_.eval()
+        Yb = Yz[rows]
         out = []
         with torch.inference_mode(), self._autocast(device):
-            for start in range(0, len(Yz), QUERY_CHUNK):
-                e = self.module_["expression"](torch.from_numpy(Yz[start : start + QUERY_CHUNK]).to(device))
+            for start in range(0, len(Yb), QUERY_CHUNK):
+                e = self.module_["expression"](torch.from_numpy(Yb[start : start + QUERY_CHUNK]).to(device))
                 out.append(torch.nn.functional.normalize(e.float(), dim=1).cpu().numpy())
-        self.bank_embedding_ = np.concatenate(out).astype(np.float32)
-        self.bank_groups_ = np.asarray(groups).astype(str)
-        self.bank_patients_ = None if patients is None else np.asarray(patients).astype(str)
-        self._bank_z = Yz.astype(np.float32)
+        labels = groups[rows] if groups is not None else np.full(len(rows), "")
+        return RetrievalBank(np.concatenate(out), Yb, labels, _rows(patients, rows), exclude=self.exclude)
 
-    # ------------------------------------------------------------------ predict
+    def _retrieve(
+        self,
+        bank: RetrievalBank,
+        h: np.ndarray,
+        groups: np.ndarray | None,
+        patients: np.ndarray | None,
+        strict: bool = True,
+    ) -> tuple[np.ndarray, ...]:
+        """Retrieval from image embeddings ``h`` at the learned temperature (see `RetrievalBank.query`)."""
+        tau = float(np.exp(np.clip(float(self.module_.log_temperature.detach()), np.log(0.01), 0.0)))
+        return bank.query(h, k=self.k, temperature=tau, groups=groups, patients=patients, strict=strict)
+
     def _embed(self, Xp: np.ndarray, rows: np.ndarray, nbrs, device) -> np.ndarray:
         """Unnormalised image embeddings of ``rows``, in eval mode."""
         import torch
@@ -663,89 +596,45 @@ class Contrastive(TorchModel):
         out = h @ w.T + b
         return out if self.components_ is None else out @ self.components_
 
-    def _excludes_patients(self, patients: np.ndarray | None) -> bool:
-        """Whether retrieval leaves out the query's patient: asked for, and known for the bank and the queries."""
-        return self.exclude == "patient" and patients is not None and self.bank_patients_ is not None
-
-    def _allowed(self, query_group: str, query_patients: np.ndarray | None = None) -> np.ndarray:
-        """Bank rows a query of ``query_group`` (whose rows are of ``query_patients``) may retrieve."""
-        bank = self.bank_groups_
-        if query_group is None:
-            return np.ones(len(bank), bool)
-        keep = bank != query_group
-        if self._excludes_patients(query_patients):
-            keep &= ~np.isin(self.bank_patients_, np.asarray(query_patients).astype(str))
-        return keep
-
-    def _retrieve(
-        self, h: np.ndarray, groups: np.ndarray | None, patients: np.ndarray | None = None, strict: bool = True
-    ) -> tuple[np.ndarray, ...]:
-        """Retrieval from embeddings: (standardised prediction, bank indices (n, k), weights (n, k), rows retrieved).
-
-        A group with fewer than `k` bank rows it may retrieve raises, or with ``strict=False`` is left out (its
-        rows are False in the last array).
-        """
-        q = h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
-        tau = float(np.exp(np.clip(float(self.module_.log_temperature.detach()), np.log(0.01), 0.0)))
-        n, k = len(q), self.k
-        pred = np.zeros((n, self._bank_z.shape[1]), np.float32)
-        index = np.zeros((n, k), np.int64)
-        weight = np.zeros((n, k), np.float32)
-        retrieved = np.ones(n, bool)
-        labels = [None] if groups is None else np.unique(groups)
-        for g in labels:
-            rows = np.arange(n) if g is None else np.flatnonzero(groups == g)
-            allowed = np.flatnonzero(self._allowed(g, None if patients is None else np.unique(patients[rows])))
-            if len(allowed) < k:
-                message = (
-                    f"Only {len(allowed)} reference spots may be retrieved for group {g!r} (its own section"
-                    f"{' and patient' if self._excludes_patients(patients) else ''} excluded), fewer "
-                    f"than k={k}."
-                )
-                if strict:
-                    raise ValueError(f"{message} Lower `k`, or fit on more sections.")
-                logger.warning("%s Its spots are predicted by the regression parts alone.", message)
-                retrieved[rows] = False
-                continue
-            keys = self.bank_embedding_[allowed]
-            for start in range(0, len(rows), QUERY_CHUNK):
-                r = rows[start : start + QUERY_CHUNK]
-                sim = q[r] @ keys.T
-                top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-                s = np.take_along_axis(sim, top, axis=1)
-                order = np.argsort(-s, axis=1, kind="stable")
-                top, s = np.take_along_axis(top, order, axis=1), np.take_along_axis(s, order, axis=1)
-                w = np.exp((s - s[:, :1]) / tau)
-                w /= w.sum(1, keepdims=True)
-                index[r], weight[r] = allowed[top], w
-                pred[r] = np.einsum("nk,nkg->ng", w, self._bank_z[allowed[top]])
-        return pred, index, weight, retrieved
-
     def _queries(self, X: np.ndarray, context: Context):
         """Image embeddings of the rows of ``X``, the model-ready inputs and the neighbours (None without context)."""
         device = self._torch_device()
         self.module_.to(device)
         groups = context.groups
-        nbrs = _neighbours(context.coords, groups, self.neighbors) if self.neighbors else None
+        nbrs = nearest(context.coords, groups, self.neighbors) if self.neighbors else None
         Xp = self._prepare(X, groups, context.group_stats)
         return self._embed(Xp, np.arange(len(X)), nbrs, device), Xp, nbrs
 
     def _predict(self, X: np.ndarray, context: Context) -> np.ndarray:
+        return self._blend(X, context, self.weights_)
+
+    def _blend(self, X: np.ndarray, context: Context, weights: dict[str, float]) -> np.ndarray:
+        """The parts' predictions weighted by ``weights``, propagated over the neighbours, on the targets' scale."""
         h, Xp, nbrs = self._queries(X, context)
-        weights = self.weights_
         pred = np.zeros((len(X), len(self.target_mean_)), np.float32)
         if weights["head"]:
             pred += weights["head"] * self._regress(h, Xp)
-        if weights["linear"]:  # Xp is standardised as the linear part's own features would be
-            pred += weights["linear"] * self.linear_._predict_standardised(Xp).astype(np.float32)
+        if weights["linear"]:
+            linear = self.linear_.predict(X, Context(groups=context.groups, group_stats=context.group_stats))
+            pred += weights["linear"] * linear
         if weights["retrieval"]:
             regression = weights["head"] + weights["linear"]
-            retrieval, _, _, ok = self._retrieve(h, context.groups, context.patients, strict=regression == 0)
+            retrieval, _, _, ok = self._retrieve(self.bank_, h, context.groups, context.patients, regression == 0)
             pred[ok] += weights["retrieval"] * retrieval[ok]
             pred[~ok] /= regression  # rows with nothing to retrieve: the regression parts, reweighted to sum to 1
         if self.propagation_ and nbrs is not None:
-            pred = propagate(pred, _adjacency(nbrs), self.propagation_)
+            pred = propagate(pred, neighbour_matrix(*nbrs), self.propagation_)
         return pred * self.target_std_ + self.target_mean_
+
+    def _mode_weights(self, mode: str) -> dict[str, float]:
+        """The parts' weights of a prediction mode (see :meth:`predict`)."""
+        if mode == "default":
+            return dict(self.weights_)
+        if mode == "retrieval":
+            return {"retrieval": 1.0, "head": 0.0, "linear": 0.0}
+        total = self.weights_["head"] + self.weights_["linear"]  # the regression parts, in their fitted proportion
+        share = self.weights_["linear"] / total if total > 0 else 0.0
+        return {"retrieval": 0.0, "head": 1.0 - share, "linear": share}
 
     def predict(
         self,
@@ -779,21 +668,15 @@ class Contrastive(TorchModel):
         -------
         Predictions, ``float32`` ``(n, g)`` on the scale of the targets given to :meth:`fit`.
         """
-        if mode not in ("default", "retrieval", "regression"):
+        if mode not in MODES:
             raise ValueError(f"mode must be 'default', 'retrieval' or 'regression', got {mode!r}.")
         if mode == "default":
             return super().predict(X, context, groups=groups, coords=coords)
-        weights = self.weights_
-        if mode == "retrieval":
-            self.weights_ = {"retrieval": 1.0, "head": 0.0, "linear": 0.0}
-        else:  # the regression parts, in their fitted proportion
-            total = weights["head"] + weights["linear"]
-            share = weights["linear"] / total if total > 0 else 0.0
-            self.weights_ = {"retrieval": 0.0, "head": 1.0 - share, "linear": share}
-        try:
-            return super().predict(X, context, groups=groups, coords=coords)
-        finally:
-            self.weights_ = weights
+        self._check_fitted()
+        weights = self._mode_weights(mode)
+        X = self._check_X(X)
+        context = self._context(context, groups, coords, len(X))
+        return self._blend(X, context, weights).astype(np.float32)
 
     def retrieve(
         self,
@@ -813,31 +696,23 @@ class Contrastive(TorchModel):
         Returns
         -------
         The retrieval prediction ``(n, g)`` (on the targets' scale), the bank rows retrieved ``(n, k)`` (indices
-        into `bank_targets_`, most similar first) and their weights ``(n, k)`` (rows sum to 1).
+        of `bank_`, most similar first) and their weights ``(n, k)`` (rows sum to 1).
         """
         self._check_fitted()
         X = self._check_X(X)
         context = self._context(context, groups, coords, len(X))
         h, _, _ = self._queries(X, context)
-        pred, index, weight, _ = self._retrieve(h, context.groups, context.patients)
+        pred, index, weight, _ = self._retrieve(self.bank_, h, context.groups, context.patients)
         return (pred * self.target_std_ + self.target_mean_).astype(np.float32), index, weight
 
     # ------------------------------------------------------------------ state
     def _get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        labels, codes = np.unique(self.bank_groups_, return_inverse=True)
+        bank_state, bank_arrays = self.bank_.get_state()
         arrays = {
             "target_mean": self.target_mean_,
             "target_std": self.target_std_,
-            "bank_embedding": self.bank_embedding_,
-            "bank_targets": self.bank_targets_,
-            "bank_z": self._bank_z,
-            "bank_group_codes": codes.astype(np.int64),
+            **{f"bank_{k}": v for k, v in bank_arrays.items()},
         }
-        patient_labels = None
-        if self.bank_patients_ is not None:
-            patient_labels, patient_codes = np.unique(self.bank_patients_, return_inverse=True)
-            arrays["bank_patient_codes"] = patient_codes.astype(np.int64)
-            patient_labels = patient_labels.tolist()
         if self.components_ is not None:
             arrays["components"] = self.components_
         if self.head_ridge_ is not None:
@@ -856,8 +731,7 @@ class Contrastive(TorchModel):
             "propagation_": self.propagation_,
             "head_alpha_": self.head_alpha_,
             "linear_state": linear_state,
-            "bank_group_labels": labels.tolist(),
-            "bank_patient_labels": patient_labels,
+            "bank": bank_state,
             "n_out": int(self.module_["head"].out_features),
             "d_in": int(self.n_features_in_) if self.image == "features" else 0,
         }
@@ -867,12 +741,9 @@ class Contrastive(TorchModel):
         self.best_epoch_, self.weights_ = state["best_epoch_"], state["weights_"]
         self.propagation_, self.head_alpha_ = state["propagation_"], state["head_alpha_"]
         self.target_mean_, self.target_std_ = arrays["target_mean"], arrays["target_std"]
-        self.bank_embedding_, self.bank_targets_ = arrays["bank_embedding"], arrays["bank_targets"]
-        self._bank_z = arrays["bank_z"]
-        self.bank_groups_ = np.asarray(state["bank_group_labels"], dtype=str)[arrays["bank_group_codes"]]
-        self.bank_patients_ = None
-        if state.get("bank_patient_labels") is not None:
-            self.bank_patients_ = np.asarray(state["bank_patient_labels"], dtype=str)[arrays["bank_patient_codes"]]
+        self.bank_ = RetrievalBank.from_state(
+            state["bank"], {k[len("bank_") :]: v for k, v in arrays.items() if k.startswith("bank_")}
+        )
         self.components_ = arrays.get("components")
         ridge = {k: arrays[f"head_ridge_{k}"] for k in ("mean", "coef", "intercept") if f"head_ridge_{k}" in arrays}
         self.head_ridge_ = ridge or None
@@ -883,6 +754,8 @@ class Contrastive(TorchModel):
             self.linear_._set_state(
                 state["linear_state"], {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
             )
+            self.linear_.n_targets_, self.linear_.n_features_in_ = len(self.target_mean_), self.n_features_in_
+            self.linear_.is_fitted_ = True
         if self.image == "features":
             self.x_mean_, self.x_scale_ = arrays["x_mean"], arrays["x_scale"]
         else:
@@ -890,71 +763,6 @@ class Contrastive(TorchModel):
         self.module_ = self._build(state["d_in"], len(self.target_mean_), state["n_out"])
 
 
-def _neighbours(coords: np.ndarray, groups: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `k` nearest spots of each spot in its group within 2.5 spot spacings: (indices (n, k), valid mask)."""
-    from scipy.spatial import cKDTree
-
-    n = len(coords)
-    index = np.tile(np.arange(n)[:, None], (1, k))
-    mask = np.zeros((n, k), bool)
-    labels = np.zeros(n, int) if groups is None else np.unique(groups, return_inverse=True)[1]
-    for g in np.unique(labels):
-        rows = np.flatnonzero(labels == g)
-        if len(rows) < 2:
-            continue
-        tree = cKDTree(coords[rows])
-        m = min(k + 1, len(rows))
-        dist, nn = tree.query(coords[rows], k=m)
-        spacing = np.median(dist[:, 1])
-        dist, nn = dist[:, 1:], nn[:, 1:]
-        ok = dist <= 2.5 * spacing
-        index[rows, : m - 1] = np.where(ok, rows[nn], rows[:, None])
-        mask[rows, : m - 1] = ok
-    return index, mask
-
-
-def _context_layer(dim: int, heads: int = 4) -> torch.nn.Module:
-    """One attention layer: a spot's embedding attends to itself and its neighbours (residual, layer norm)."""
-    import torch
-    from torch import nn
-
-    class Context(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-            self.norm = nn.LayerNorm(dim)
-
-        def forward(self, h: torch.Tensor, hn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            tokens = torch.cat([h[:, None], hn], dim=1)
-            pad = torch.cat([torch.zeros_like(mask[:, :1]), ~mask], dim=1)
-            out, _ = self.attn(h[:, None], tokens, tokens, key_padding_mask=pad, need_weights=False)
-            return self.norm(h + out[:, 0])
-
-    return Context()
-
-
-def _simplex(n: int, step: float) -> list[tuple[float, ...]]:
-    """Every weight vector of length ``n`` on the grid ``step`` that sums to 1."""
-    m = round(1 / step)
-    points = [c for c in np.ndindex(*(m + 1,) * (n - 1)) if sum(c) <= m]
-    return [tuple(round(x * step, 10) for x in (*c, m - sum(c))) for c in points]
-
-
-def _adjacency(nbrs: tuple[np.ndarray, np.ndarray], rows: np.ndarray | None = None):
-    """Sparse ``(n, n)`` neighbour matrix of ``rows`` (all rows when None) from `_neighbours`' output."""
-    from scipy import sparse
-
-    index, mask = nbrs
-    rows = np.arange(len(index)) if rows is None else np.asarray(rows)
-    local = np.full(len(index), -1)
-    local[rows] = np.arange(len(rows))
-    cols = local[index[rows]]
-    keep = mask[rows] & (cols >= 0)
-    i = np.repeat(np.arange(len(rows)), keep.sum(1))
-    return sparse.csr_matrix((np.ones(len(i)), (i, cols[keep])), shape=(len(rows), len(rows)))
-
-
-def _group_score(truth: np.ndarray, pred: np.ndarray, groups: np.ndarray) -> float:
-    """Mean over groups of the mean per-column Pearson r (-inf when no column has one)."""
-    scores = [np.nanmean(pearson(truth[m], pred[m])) for m in (groups == g for g in np.unique(groups))]
-    return float(np.nanmean(scores)) if np.isfinite(scores).any() else -np.inf
+def _rows(labels: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    """``labels[rows]``, or None without labels."""
+    return None if labels is None else labels[rows]

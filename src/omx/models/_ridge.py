@@ -117,19 +117,7 @@ class Ridge(Model):
         self.n_components = n_components
         self.standardize = standardize
         self.alphas = tuple(float(a) for a in alphas)
-        super().__init__(
-            seed=seed,
-            device=device,
-            show_progress_bar=show_progress_bar,
-            encoder=encoder if isinstance(encoder, str) else self.encoder.get_params(),
-            alpha=self.alpha,
-            n_components=self.n_components,
-            standardize=standardize,
-            alphas=list(self.alphas),
-        )
-
-    def _live_params(self) -> dict[str, Any]:
-        return {"encoder": self.encoder}
+        super().__init__(seed=seed, device=device, show_progress_bar=show_progress_bar)
 
     # ------------------------------------------------------------------ standardisation
     def _standardise(

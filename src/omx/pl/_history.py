@@ -14,8 +14,8 @@ def history(model, *, ax: Axes | None = None, save=None) -> Axes:
     followed (mean per-gene Pearson r, right axis) and the epoch whose weights were kept (for `Contrastive`, those
     of its first cross-fitting fold). Ridge: the
     cross-validated mean Pearson r against alpha, one line per number of target components, with the choice
-    marked. `SpatialGraph` with a ridge predictor: the cross-validated mean Pearson r against the neighbour
-    share of the propagation, with the choice marked.
+    marked. `GraphRidge`: the cross-validated mean Pearson r against the neighbour share of the propagation, with
+    the choice marked.
 
     Parameters
     ----------
@@ -54,7 +54,7 @@ def history(model, *, ax: Axes | None = None, save=None) -> Axes:
         ax.scatter([chosen], [scores[np.argmin(np.abs(share - chosen))]], s=80, facecolors="none", edgecolors="k")
         ax.set_xlabel("neighbour share of the propagated prediction")
         ax.set_ylabel("CV mean Pearson r")
-        ax.set_title("SpatialGraph: cross-validated propagation (circle: chosen)", fontsize=10)
+        ax.set_title("GraphRidge: cross-validated propagation (circle: chosen)", fontsize=10)
     else:
         epochs = np.arange(1, len(hist["train_loss"]) + 1)
         ax.plot(epochs, hist["train_loss"], label="train loss")

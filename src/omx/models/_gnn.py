@@ -1,34 +1,28 @@
-"""Spatial graph model (Hist2ST / THItoGene family): message passing over the spot graph, MSE or count heads."""
+"""Graph neural network over the spot graph (Hist2ST / THItoGene family): message passing, MSE or count heads."""
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from scipy import sparse
 
-from omx._utils import logger, progress, seed_everything
+from omx._utils import logger, seed_everything
 from omx.encoders import Encoder, get_encoder
 from omx.metrics import pearson
 from omx.models._base import TorchModel
 from omx.models._context import Context
+from omx.models._gnn_net import graph_net
+from omx.models._neighbors import check_graph, median_spacing, spatial_graph
 from omx.models._ridge import _safe_scale, standardize_by_group
 
 if TYPE_CHECKING:
     import torch
 
-#: Graph kinds accepted by `SpatialGraph` (`graph=`).
-GRAPHS = ("knn", "radius", "delaunay")
 #: Message passing layers accepted by `SpatialGraph` (`conv=`).
 CONVS = ("gcn", "attention")
 #: Heads accepted by `SpatialGraph` (`likelihood=`).
 LIKELIHOODS = ("mse", "nb", "zinb")
-#: Per-spot predictors accepted by `SpatialGraph` (`predictor=`).
-PREDICTORS = ("auto", "ridge", "mlp")
-#: Shares of a spot's propagated prediction that come from its neighbours, tried with ``predictor="ridge"``.
-PROPAGATION_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 #: Scale of count-model predictions: log1p(counts / library size * TARGET_SUM).
 TARGET_SUM = 1e4
 #: Spots whose predictions are computed together at prediction time (each with its k-hop halo).
@@ -36,17 +30,7 @@ PREDICT_CHUNK = 8192
 
 
 class SpatialGraph(TorchModel):
-    """Message passing over the graph of neighbouring spots, from encoder features to expression.
-
-    Two per-spot predictors (``predictor=``), both followed by message passing over the spot graph:
-
-    - ``"ridge"`` (the default with ``likelihood="mse"``): predict, then propagate (APPNP, Gasteiger et al.,
-      ICLR 2019). A `Ridge` on the features (its penalty and rank chosen by leave-one-section-out CV) predicts
-      every spot; `n_layers` rounds of personalised-PageRank propagation then give each spot
-      ``p <- (1 - a) * p_0 + a * mean of its neighbours' p``, where the neighbour share ``a`` is chosen by
-      leave-one-section-out CV on the training sections from `PROPAGATION_GRID` (0 keeps the ridge alone). On
-      her2st it raised the held-out mean per-gene Pearson r of the same ridge from 0.165 to 0.167 (C sections).
-    - ``"mlp"`` (the default with count likelihoods): the network described below, trained end to end.
+    """A graph neural network over the graph of neighbouring spots, from encoder features to expression.
 
     Each section (group) gets its own graph, built from the spot centres in microns with squidpy
     (`squidpy.gr.spatial_neighbors_knn`, ``_radius`` or ``_delaunay`` on a small AnnData per section), so no
@@ -54,7 +38,9 @@ class SpatialGraph(TorchModel):
     `Ridge`), pass through a two-layer MLP (LayerNorm, GELU, dropout) and then `n_layers` residual graph layers
     ``h <- h + dropout(gelu(norm(W aggregate(h))))``: ``conv="gcn"`` takes the mean over the spot and its
     neighbours, ``conv="attention"`` a single-head GAT-style attention-weighted sum. ``n_layers=0`` gives the
-    same network without the graph (a plain MLP on each spot), the baseline a graph must beat.
+    same network without the graph (a plain MLP on each spot), the baseline a graph must beat. `GraphRidge`
+    propagates a ridge's predictions over the same graph instead of training a network; how the two compare on
+    her2st: see "Model families on her2st" in the guide.
 
     Heads:
 
@@ -103,10 +89,6 @@ class SpatialGraph(TorchModel):
         Dropout after each hidden layer.
     likelihood
         ``"mse"``, ``"nb"`` (negative binomial) or ``"zinb"`` (zero-inflated negative binomial).
-    predictor
-        ``"ridge"`` (predict then propagate; ``likelihood="mse"`` only), ``"mlp"`` (the trained network) or
-        ``"auto"``: ridge for ``"mse"``, the network for the count likelihoods. With ``"ridge"``, `n_layers` is
-        the number of propagation rounds and the network's parameters (`conv`, `hidden`, `epochs`, ...) are unused.
     epochs
         Maximum number of epochs.
     tile_size
@@ -172,7 +154,6 @@ class SpatialGraph(TorchModel):
         hidden: int = 256,
         dropout: float = 0.2,
         likelihood: Literal["mse", "nb", "zinb"] = "mse",
-        predictor: Literal["auto", "ridge", "mlp"] = "auto",
         epochs: int = 100,
         tile_size: int = 16,
         batch_size: int = 16,
@@ -186,24 +167,13 @@ class SpatialGraph(TorchModel):
         device: str = "auto",
         show_progress_bar: bool = True,
     ):
-        if graph not in GRAPHS:
-            raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}.")
-        if graph == "radius" and (radius is None or radius <= 0):
-            raise ValueError("graph='radius' needs `radius=` (microns, > 0), e.g. 1.5 x the spot spacing.")
-        if radius is not None and radius <= 0:
-            raise ValueError(f"radius must be > 0 microns, got {radius}.")
+        check_graph(graph, n_neighbors, radius)
         if conv not in CONVS:
             raise ValueError(f"conv must be one of {CONVS}, got {conv!r}.")
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
-        if predictor not in PREDICTORS:
-            raise ValueError(f"predictor must be one of {PREDICTORS}, got {predictor!r}.")
-        if predictor == "ridge" and likelihood != "mse":
-            raise ValueError("predictor='ridge' fits log-normalised targets: use likelihood='mse', or predictor='mlp'.")
-        if n_neighbors < 1 or n_layers < 0 or hidden < 1 or tile_size < 1 or batch_size < 2 or epochs < 1:
-            raise ValueError(
-                "n_neighbors, hidden, tile_size and epochs must be >= 1, n_layers >= 0 and batch_size >= 2."
-            )
+        if n_layers < 0 or hidden < 1 or tile_size < 1 or batch_size < 2 or epochs < 1:
+            raise ValueError("hidden, tile_size and epochs must be >= 1, n_layers >= 0 and batch_size >= 2.")
         if not 0 <= dropout < 1 or not 0 <= val_fraction < 1:
             raise ValueError("dropout and val_fraction must be in [0, 1).")
         self.encoder = get_encoder(encoder)
@@ -215,7 +185,6 @@ class SpatialGraph(TorchModel):
         self.hidden = int(hidden)
         self.dropout = float(dropout)
         self.likelihood = likelihood
-        self.predictor = predictor
         self.epochs = int(epochs)
         self.tile_size = int(tile_size)
         self.batch_size = int(batch_size)
@@ -225,38 +194,7 @@ class SpatialGraph(TorchModel):
         self.val_fraction = float(val_fraction)
         self.refit = bool(refit)
         self.n_samples = int(n_samples)
-        super().__init__(
-            seed=seed,
-            device=device,
-            show_progress_bar=show_progress_bar,
-            encoder=encoder if isinstance(encoder, str) else self.encoder.get_params(),
-            graph=graph,
-            n_neighbors=self.n_neighbors,
-            radius=self.radius,
-            conv=conv,
-            n_layers=self.n_layers,
-            hidden=self.hidden,
-            dropout=self.dropout,
-            likelihood=likelihood,
-            predictor=predictor,
-            epochs=self.epochs,
-            tile_size=self.tile_size,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            patience=self.patience,
-            val_fraction=self.val_fraction,
-            refit=self.refit,
-            n_samples=self.n_samples,
-        )
-
-    def _live_params(self) -> dict[str, Any]:
-        return {"encoder": self.encoder}
-
-    @property
-    def uses_ridge(self) -> bool:
-        """Whether the per-spot predictor is a ridge regression (predict then propagate)."""
-        return self.predictor == "ridge" or (self.predictor == "auto" and self.likelihood == "mse")
+        super().__init__(seed=seed, device=device, show_progress_bar=show_progress_bar)
 
     @property
     def target(self) -> str:
@@ -274,65 +212,7 @@ class SpatialGraph(TorchModel):
     # ------------------------------------------------------------------ graph
     def _build_graph(self, coords: np.ndarray, groups: np.ndarray | None) -> sparse.csr_matrix:
         """Adjacency (CSR, self loops, symmetric, block diagonal over groups) of the spots."""
-        import warnings
-
-        import anndata as ad
-        import squidpy as sq
-        from spatialdata._logging import logger as sd_logger  # squidpy logs each graph through it
-
-        n = len(coords)
-        labels, inverse = (
-            (np.array(["all"]), np.zeros(n, int)) if groups is None else np.unique(groups, return_inverse=True)
-        )
-        blocks = []
-        for k, label in enumerate(labels):
-            rows = np.flatnonzero(inverse == k)
-            if len(rows) < 2:
-                raise ValueError(
-                    f"Section {str(label)!r} has one spot; a spatial graph needs at least 2 spots per section. "
-                    "Drop that section or pass it together with its neighbours."
-                )
-            adata = ad.AnnData(obs={"i": np.arange(len(rows))})
-            adata.obsm["spatial"] = coords[rows]
-            with warnings.catch_warnings(), _quiet(sd_logger):
-                warnings.simplefilter("ignore")
-                if self.graph == "knn":
-                    sq.gr.spatial_neighbors_knn(adata, n_neighs=min(self.n_neighbors, len(rows) - 1))
-                elif self.graph == "radius":
-                    sq.gr.spatial_neighbors_radius(adata, radius=self.radius)
-                else:
-                    if len(rows) < 3:
-                        raise ValueError(f"Section {str(label)!r} has {len(rows)} spots; Delaunay needs 3 or more.")
-                    try:
-                        sq.gr.spatial_neighbors_delaunay(adata, radius=self.radius)
-                    except Exception as err:  # noqa: BLE001 - qhull raises its own error types
-                        raise ValueError(f"Delaunay triangulation of section {str(label)!r} failed: {err}") from err
-            A = sparse.csr_matrix(adata.obsp["spatial_connectivities"])
-            A = (A + A.T).tocsr()
-            A.setdiag(0)
-            A.eliminate_zeros()
-            isolated = np.flatnonzero(np.diff(A.indptr) == 0)
-            if len(isolated):
-                spacing = _median_spacing(coords[rows])
-                raise ValueError(
-                    f"{len(isolated)} of {len(rows)} spots of section {str(label)!r} have no neighbour "
-                    f"(graph={self.graph!r}, radius={self.radius}), e.g. rows {rows[isolated[:5]].tolist()}. "
-                    f"Use a larger `radius` (the median nearest-neighbour distance is {spacing:.3g} microns) or "
-                    "graph='knn' with `n_neighbors`."
-                )
-            blocks.append((rows, A))
-        data, ri, ci = [], [], []
-        for rows, A in blocks:
-            coo = A.tocoo()
-            ri.append(rows[coo.row])
-            ci.append(rows[coo.col])
-        ri.append(np.arange(n))
-        ci.append(np.arange(n))
-        ri, ci = np.concatenate(ri), np.concatenate(ci)
-        data = np.ones(len(ri), dtype=np.float32)
-        adj = sparse.csr_matrix((data, (ri, ci)), shape=(n, n))
-        adj.data[:] = 1.0
-        return adj
+        return spatial_graph(coords, groups, kind=self.graph, n_neighbors=self.n_neighbors, radius=self.radius)
 
     def _tiles(self, coords: np.ndarray, groups: np.ndarray | None, rows: np.ndarray) -> list[np.ndarray]:
         """Cut ``rows`` into spatial tiles of about `tile_size` spots (square cells, per group)."""
@@ -344,7 +224,7 @@ class SpatialGraph(TorchModel):
         for k in np.unique(g):
             m = g == k
             c = coords[rows[m]]
-            side = np.sqrt(self.tile_size) * _median_spacing(c)
+            side = np.sqrt(self.tile_size) * median_spacing(c)
             keys[m, 1:] = np.floor((c - c.min(0)) / side).astype(np.int64)
         _, tile_of = np.unique(keys, axis=0, return_inverse=True)
         tile_of = tile_of.ravel()
@@ -373,16 +253,13 @@ class SpatialGraph(TorchModel):
         return standardize_by_group(X, groups, self.x_mean_, self.x_scale_).astype(np.float32)
 
     def _build(self, n_features: int, n_targets: int) -> torch.nn.Module:
-        return _GraphNet(
+        return graph_net(
             n_features, n_targets, hidden=self.hidden, n_layers=self.n_layers, conv=self.conv,
             dropout=self.dropout, likelihood=self.likelihood,
         )  # fmt: skip
 
     def _fit(self, X: np.ndarray, Y: np.ndarray, context: Context) -> None:
         groups, coords = context.groups, context.coords
-        if self.uses_ridge:
-            self._fit_ridge(X, Y, groups, coords)
-            return
         import torch
 
         device = self._torch_device()
@@ -498,56 +375,12 @@ class SpatialGraph(TorchModel):
             return np.log1p(TARGET_SUM * np.exp(np.minimum(raw[:, :g], 20.0))).astype(np.float32)
         return raw[:, :g] * self.target_std_ + self.target_mean_
 
-    # ------------------------------------------------------------------ ridge predictor
-    def _ridge(self, **overrides: Any):
-        from omx.models._ridge import Ridge
-
-        return Ridge(encoder=self.encoder, seed=self.seed, show_progress_bar=False, **overrides)
-
-    def _propagate(self, P0: np.ndarray, adj: sparse.csr_matrix, share: float) -> np.ndarray:
-        """`n_layers` rounds of propagation over the graph's neighbours (self loops left out)."""
-        return propagate(P0, adj - sparse.identity(adj.shape[0], format="csr", dtype=adj.dtype), share, self.n_layers)
-
-    def _fit_ridge(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None, coords: np.ndarray) -> None:
-        """Fit the ridge on all rows, then choose the neighbour share by leave-one-section-out CV."""
-        import torch
-
-        self._build_graph(coords, groups)  # the same checks as the network's (isolated spots, one-spot sections)
-        self.ridge_ = self._ridge().fit(X, Y, groups=groups)
-        self.target_mean_, self.target_std_ = Y.mean(0), np.ones(Y.shape[1], np.float32)
-        self.x_mean_, self.x_scale_ = X.mean(0), _safe_scale(X.std(0))
-        self.module_ = torch.nn.Module()  # no trained network: the ridge and the share are the fitted state
-        self.best_epoch_ = 0
-        labels = np.unique(groups) if groups is not None else []
-        scores = np.zeros((len(labels), len(PROPAGATION_GRID)))
-        if len(labels) >= 2 and self.n_layers > 0:
-            fixed = {"alpha": self.ridge_.alpha_, "n_components": self.ridge_.n_components_}
-            for i, label in enumerate(progress(labels, show=self.show_progress_bar, desc="SpatialGraph CV")):
-                held = groups == label
-                fold = self._ridge(**fixed).fit(X[~held], Y[~held], groups=groups[~held])
-                P0 = fold.predict(X[held], groups=groups[held])
-                adj = self._build_graph(coords[held], groups[held])
-                for j, share in enumerate(PROPAGATION_GRID):
-                    scores[i, j] = np.nanmean(pearson(Y[held], self._propagate(P0, adj, share)))
-            self.propagation_ = float(PROPAGATION_GRID[int(np.argmax(scores.mean(0)))])
-        else:
-            self.propagation_ = 0.0
-            logger.info("SpatialGraph: fewer than 2 sections, so no propagation is fitted (the ridge alone).")
-        self.history_ = {"propagation": list(PROPAGATION_GRID), "cv_pearson": scores.mean(0).tolist()}
-        logger.info("SpatialGraph: neighbour share %.2f chosen by leave-one-section-out CV.", self.propagation_)
-
     def _predict(self, X: np.ndarray, context: Context) -> np.ndarray:
-        groups, coords = context.groups, context.coords
-        if self.uses_ridge:
-            return self._propagate(
-                self.ridge_.predict(X, groups=groups), self._build_graph(coords, groups), self.propagation_
-            )
-        return self._to_output(self._raw(X, groups, coords))
+        return self._to_output(self._raw(X, context.groups, context.coords))
 
     def _predict_var(self, X: np.ndarray, context: Context) -> tuple[np.ndarray, np.ndarray]:
         raw = self._raw(X, context.groups, context.coords)
-        var = self._variance(raw, context.library_size)
-        return self._to_output(raw), var
+        return self._to_output(raw), self._variance(raw, context.library_size)
 
     def _raw(self, X: np.ndarray, groups: np.ndarray | None, coords: np.ndarray) -> np.ndarray:
         """Raw network outputs of every row, predicted over the graph of the rows given."""
@@ -568,7 +401,7 @@ class SpatialGraph(TorchModel):
 
         n = len(raw)
         lib = np.full(n, self.library_size_) if library_size is None else np.broadcast_to(library_size, (n,))
-        lib = torch.as_tensor(np.asarray(lib, np.float64))
+        lib = torch.as_tensor(np.array(lib, np.float64))  # a copy: a broadcast view is read-only
         theta = torch.exp(self.module_.log_theta.detach().cpu().double())
         with torch.random.fork_rng(devices=[]):  # seeded draws that leave the caller's random state alone
             torch.manual_seed(self.seed)
@@ -605,10 +438,6 @@ class SpatialGraph(TorchModel):
             "target_std": self.target_std_,
         }
         state = {"best_epoch_": int(self.best_epoch_), "library_size_": getattr(self, "library_size_", None)}
-        if self.uses_ridge:
-            ridge_state, ridge_arrays = self.ridge_._get_state()
-            state.update(propagation_=self.propagation_, ridge=ridge_state)
-            arrays.update({f"ridge.{k}": v for k, v in ridge_arrays.items()})
         return state, arrays
 
     def _set_module_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -616,161 +445,4 @@ class SpatialGraph(TorchModel):
         self.library_size_ = state.get("library_size_")
         self.x_mean_, self.x_scale_ = arrays["x_mean"], arrays["x_scale"]
         self.target_mean_, self.target_std_ = arrays["target_mean"], arrays["target_std"]
-        if self.uses_ridge:
-            import torch
-
-            self.propagation_ = state["propagation_"]
-            self.ridge_ = self._ridge()
-            self.ridge_._set_state(state["ridge"], {k[6:]: v for k, v in arrays.items() if k.startswith("ridge.")})
-            self.ridge_.n_targets_, self.ridge_.n_features_in_ = len(self.target_mean_), self.n_features_in_
-            self.ridge_.is_fitted_ = True
-            self.module_ = torch.nn.Module()
-            return
         self.module_ = self._build(self.n_features_in_, len(self.target_mean_))
-
-
-def propagate(P0: np.ndarray, neighbours: sparse.spmatrix, share: float, n_layers: int = 2) -> np.ndarray:
-    """`n_layers` rounds of ``p <- (1 - share) * p0 + share * (mean of the neighbours' p)`` (personalised PageRank).
-
-    ``neighbours`` is an ``(n, n)`` matrix whose nonzero entries mark each row's neighbours (weights are averaged;
-    rows without neighbours keep ``(1 - share) * p0``).
-    """
-    if share == 0 or n_layers == 0:
-        return P0
-    A = sparse.csr_matrix(neighbours, dtype=np.float64)
-    A = sparse.diags(1.0 / np.maximum(np.asarray(A.sum(1)).ravel(), 1.0)) @ A
-    P = P0
-    for _ in range(n_layers):
-        P = (1.0 - share) * P0 + share * (A @ P)
-    return P
-
-
-@contextmanager
-def _quiet(log: logging.Logger):
-    """Raise a logger's level to WARNING for the duration of the block."""
-    level = log.level
-    log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
-def _median_spacing(coords: np.ndarray) -> float:
-    """Median distance from each spot to its nearest other spot (1 when undefined)."""
-    from scipy.spatial import cKDTree
-
-    if len(coords) < 2:
-        return 1.0
-    dist, _ = cKDTree(coords).query(coords, k=2)
-    spacing = float(np.median(dist[:, 1]))
-    return spacing if spacing > 0 else 1.0
-
-
-def _make_net():
-    """Define the torch modules on first use, so that importing omx does not import torch."""
-    import torch
-    from torch import nn
-    from torch.nn import functional as F
-
-    class GraphLayer(nn.Module):
-        """One residual message-passing update: mean (GCN) or attention aggregation over in-edges."""
-
-        def __init__(self, hidden: int, conv: str, dropout: float):
-            super().__init__()
-            self.conv = conv
-            self.lin = nn.Linear(hidden, hidden)
-            self.norm = nn.LayerNorm(hidden)
-            self.drop = nn.Dropout(dropout)
-            if conv == "attention":
-                self.att_src = nn.Parameter(torch.randn(hidden) / hidden**0.5)
-                self.att_dst = nn.Parameter(torch.randn(hidden) / hidden**0.5)
-
-        def forward(self, h, src, dst, weight):
-            with torch.autocast(device_type=h.device.type, enabled=False):
-                z = self.lin(h.float())
-                if self.conv == "attention":
-                    score = F.leaky_relu((z * self.att_src).sum(-1)[src] + (z * self.att_dst).sum(-1)[dst], 0.2)
-                    top = torch.full((len(z),), -torch.inf, device=z.device).scatter_reduce(
-                        0, dst, score, reduce="amax", include_self=True
-                    )
-                    e = torch.exp(score - top[dst])
-                    denom = _aggregate(dst, src, e, torch.ones(len(z), 1, device=z.device))[:, 0]
-                    weight = e / denom[dst]
-                agg = _aggregate(dst, src, weight, z)
-            return self.drop(F.gelu(self.norm(agg)))
-
-    def _aggregate(dst, src, weight, z):
-        """``out[i] = sum over edges (j -> i) of weight * z[j]``, as a sparse product.
-
-        The sums come out the same whatever the number of threads (an ``index_add_`` of the messages does not,
-        on the CPU).
-        """
-        adj = torch.sparse_coo_tensor(torch.stack([dst, src]), weight.float(), (len(z), len(z)), check_invariants=False)
-        return torch.sparse.mm(adj, z)
-
-    class GraphNet(nn.Module):
-        """MLP on node features, residual graph layers, and a head for the likelihood."""
-
-        def __init__(self, n_in, n_targets, *, hidden, n_layers, conv, dropout, likelihood):
-            super().__init__()
-            self.likelihood = likelihood
-            self.n_targets = n_targets
-            self.n_out = n_targets * (2 if likelihood == "zinb" else 1)
-            self.mlp = nn.Sequential(
-                nn.Linear(n_in, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout),
-                nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout),
-            )  # fmt: skip
-            self.layers = nn.ModuleList([GraphLayer(hidden, conv, dropout) for _ in range(n_layers)])
-            self.head = nn.Linear(hidden, self.n_out)
-            if likelihood != "mse":
-                self.log_theta = nn.Parameter(torch.full((n_targets,), 1.0))
-
-        def init_bias(self, log_rate):
-            if log_rate is not None:
-                with torch.no_grad():
-                    self.head.bias[: self.n_targets] = torch.as_tensor(log_rate)
-                    self.head.weight[: self.n_targets].mul_(0.1)
-                    if self.likelihood == "zinb":
-                        self.head.bias[self.n_targets :] = -3.0
-
-        def forward(self, x, src, dst, weight):
-            h = self.mlp(x)
-            for layer in self.layers:
-                h = h + layer(h, src, dst, weight)
-            return self.head(h)
-
-        def loss(self, out, y, log_lib):
-            out = out.float()
-            g = self.n_targets
-            if self.likelihood == "mse":
-                return F.mse_loss(out, y)
-            log_mu = out[:, :g].clamp(max=20.0) + log_lib[:, None]
-            theta = torch.exp(self.log_theta)
-            log_theta_mu = torch.logaddexp(torch.log(theta), log_mu)
-            # log NB(y; mu, theta)
-            nb = (
-                theta * (torch.log(theta) - log_theta_mu)
-                + y * (log_mu - log_theta_mu)
-                + torch.lgamma(y + theta) - torch.lgamma(theta) - torch.lgamma(y + 1.0)
-            )  # fmt: skip
-            if self.likelihood == "nb":
-                return -nb.mean()
-            logit = out[:, g:]
-            nb_zero = theta * (torch.log(theta) - log_theta_mu)
-            log_zero = torch.logaddexp(logit, nb_zero) - F.softplus(logit)
-            log_pos = nb - F.softplus(logit)
-            return -torch.where(y < 0.5, log_zero, log_pos).mean()
-
-    return GraphNet
-
-
-_NET = None
-
-
-def _GraphNet(*args, **kwargs):
-    """Build the network (the class is defined on first use, with torch)."""
-    global _NET
-    if _NET is None:
-        _NET = _make_net()
-    return _NET(*args, **kwargs)
