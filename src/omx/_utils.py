@@ -11,6 +11,8 @@ from scipy import sparse
 
 if TYPE_CHECKING:
     import torch
+    from anndata import AnnData
+    from spatialdata import SpatialData
 
 logger = logging.getLogger("omx")
 
@@ -41,6 +43,20 @@ def resolve_key(key: str | None, candidates: Iterable[str], *, kind: str, argume
     raise KeyError(
         f"Ambiguous {kind}: the SpatialData object has {len(candidates)} ({candidates}). Pass `{argument}=`."
     )
+
+
+def resolve_table(sdata: SpatialData, table_key: str | None) -> tuple[str, AnnData]:
+    """Return the key and the table; an omitted key resolves to the one table that omx did not make.
+
+    Tables that omx makes (marked by ``uns[OMX_TABLE]``) are candidates only when the object holds no other
+    table; the rule every function with a ``table_key`` follows (``omx.tl``, ``omx.pl``).
+    """
+    candidates = list(sdata.tables.keys())
+    if table_key is None:
+        measured = [k for k in candidates if OMX_TABLE not in sdata.tables[k].uns]
+        candidates = measured or candidates
+    table_key = resolve_key(table_key, candidates, kind="table", argument="table_key")
+    return table_key, sdata.tables[table_key]
 
 
 def check_counts(X: Any, *, name: str = "counts") -> None:

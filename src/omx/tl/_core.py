@@ -11,7 +11,8 @@ from anndata import AnnData
 from scipy import sparse
 from spatialdata import SpatialData
 
-from omx._utils import OMX_TABLE, as_list, check_counts, log_normalize, logger, resolve_key
+from omx._utils import as_list, check_counts, log_normalize, logger
+from omx._utils import resolve_table as resolve_table  # the front doors import it from here
 from omx.pp import Spots, resolve_spots
 from omx.pp._spots import table_regions
 from omx.pp._stream import collect, iter_chunks
@@ -43,16 +44,6 @@ class Section:
         return bool((self.rows >= 0).all())
 
 
-def resolve_table(sdata: SpatialData, table_key: str | None) -> tuple[str, AnnData]:
-    """Return the key and the table; an omitted key resolves to the one table that omx did not make."""
-    candidates = list(sdata.tables.keys())
-    if table_key is None:
-        measured = [k for k in candidates if OMX_TABLE not in sdata.tables[k].uns]
-        candidates = measured or candidates
-    table_key = resolve_key(table_key, candidates, kind="table", argument="table_key")
-    return table_key, sdata.tables[table_key]
-
-
 def resolve_sections(
     sdata: SpatialData,
     names: Sequence[str],
@@ -67,7 +58,7 @@ def resolve_sections(
     table = sdata.tables[table_key]
     _, region_key, _ = table_regions(table)
     if groups_key not in table.obs:
-        raise KeyError(f"Table {table_key!r} has no obs column {groups_key!r}; pass `groups_key=` naming the sections.")
+        raise KeyError(f"Table {table_key!r} has no obs column {groups_key!r}; pass `section_key=` naming sections.")
     labels = table.obs[groups_key].astype(str).to_numpy()
     known = pd.unique(labels).tolist()
     out = {}
