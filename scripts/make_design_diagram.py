@@ -287,8 +287,7 @@ def build_figure():
     ax.text(
         models_x0 + PAD,
         BOT_Y0 + 0.24,
-        "shared: training loop (_training) · GroupStandardizer · "
-        "neighbours / propagation (graphs, Contrastive)",
+        "shared: training loop (_training) · GroupStandardizer · neighbours / propagation (graphs, Contrastive)",
         fontsize=BODY_PT,
         color=INK,
         va="center",

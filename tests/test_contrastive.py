@@ -62,7 +62,7 @@ def test_learns_and_predicts_both_ways(data):
         r[mode] = _mean_r(pred, Y[~train])
     assert _mean_r(trained.predict(X[~train], groups=groups[~train]), Y[~train]) > before + 0.2  # training helps
     assert r["default"] > 0.5
-    ax = omx.pl.history(model)  # the first cross-fitting fold's curves, its best epoch marked
+    ax = omx.pl.history(model, show=False)  # the first cross-fitting fold's curves, its best epoch marked
     assert "first cross-fitting fold" in ax.get_title()
     assert ax.lines[-1].get_xdata()[0] == model.fold_best_epochs_[0] + 1
     assert r["retrieval"] > 0.4 and r["regression"] > 0.3

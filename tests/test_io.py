@@ -14,6 +14,7 @@ from PIL import Image
 from scipy import sparse
 from spatialdata.transformations import Identity, Scale
 
+import omx
 from omx.datasets._her2st import _SAMPLE_DIR
 from omx.io import read_st
 
@@ -104,7 +105,7 @@ def test_read_st_synthetic_layout(tmp_path, caplog):
     assert sdata.attrs["omx"] == {"units": {"X1": "um"}}
 
 
-def test_read_st_gene_union_and_subset(tmp_path, caplog):
+def test_read_st_gene_union_and_subset(tmp_path):
     _write_study(tmp_path, "X1")
     _write_study(tmp_path, "Y1")
     sdata = read_st(tmp_path, ["Y1", "X1"])
@@ -114,10 +115,9 @@ def test_read_st_gene_union_and_subset(tmp_path, caplog):
     x1 = table[table.obs["section"] == "X1"]
     assert x1.X[:, table.var_names.get_loc("Y1_only")].nnz == 0  # absent gene -> 0
 
-    with caplog.at_level(logging.WARNING, logger="omx"):
+    with pytest.warns(omx.OmxWarning, match=r"1 of 3 requested genes were measured in no section.*NOPE"):
         sub = read_st(tmp_path, "X1", genes=["G3", "NOPE", "G1"])
     assert list(sub.tables["table"].var_names) == ["G3", "G1"]
-    assert "NOPE" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -144,14 +144,57 @@ def test_read_st_rejects_unconvertible_image(tmp_path):
         read_st(tmp_path)
 
 
-def test_read_st_overrides(tmp_path, caplog):
+def test_read_st_overrides(tmp_path):
     _write_study(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="omx"):
+    with pytest.warns(omx.OmxWarning, match="using mpp=5.000 um per pixel; the spot grid suggests 10.000") as record:
         sdata = read_st(tmp_path, mpp={"X1": 5.0}, spot_radius=27.5)
-    assert "suggests 10.000" in caplog.text
+    assert record[0].filename == __file__  # the warning names the caller's line, not omx's
     t = sd.transformations.get_transformation(sdata.images["X1_he"], to_coordinate_system="X1")
     np.testing.assert_allclose(t.scale[-2:], [5.0, 5.0])
     assert (sdata.shapes["X1_spots"]["radius"] == 27.5).all()
+
+
+def _two_counts_files(root):
+    src = root / "data" / "ST-cnts" / "X1.tsv.gz"
+    (root / "data" / "ST-cnts" / "X1.tsv").write_bytes(gzip.decompress(src.read_bytes()))
+
+
+def _jittered_grid(root):
+    path = root / "data" / "ST-spotfiles" / "X1_selection.tsv"
+    spots = pd.read_csv(path, sep="\t")
+    spots["pixel_x"] = np.clip(spots["pixel_x"] + np.random.default_rng(0).normal(0, 15, len(spots)), 0, 100)
+    spots.to_csv(path, sep="\t", index=False)
+
+
+def _duplicated_gene(root):
+    path = root / "data" / "ST-cnts" / "X1.tsv.gz"
+    counts = pd.read_csv(path, sep="\t", index_col=0)
+    counts.columns = ["G1", "G1", "G3", "X1_only"]
+    with gzip.open(path, "wt") as fh:
+        counts.to_csv(fh, sep="\t")
+
+
+def _odd_cluster_names(root):
+    (root / "res" / "ST-cluster").mkdir(parents=True)
+    (root / "res" / "ST-cluster" / "motivation.csv").write_text("a,b,c\nX,1,tumour\n")
+
+
+@pytest.mark.parametrize(
+    ("change", "kwargs", "message"),
+    [
+        (_two_counts_files, {}, r"X1: 2 counts files found"),
+        (_jittered_grid, {}, r"X1: the spot grid fits poorly"),
+        (_duplicated_gene, {}, r"X1: 1 duplicated gene names \(e.g. \['G1'\]\); summing them"),
+        (_odd_cluster_names, {}, r"unexpected header \['a', 'b', 'c'\]; cluster names are not added"),
+        (None, {"image": np.full((30, 30, 3), 200, dtype=np.uint8)}, r"X1: 11 spot centres lie outside the 30 x 30"),
+    ],
+)
+def test_read_st_warns_about_what_to_check(tmp_path, change, kwargs, message):
+    _write_study(tmp_path, **kwargs)
+    if change is not None:
+        change(tmp_path)
+    with pytest.warns(omx.OmxWarning, match=message):
+        read_st(tmp_path)
 
 
 def test_read_st_downscaled_app_image(tmp_path):

@@ -115,7 +115,9 @@ def _spot_panels(fig):
 
 def test_expression_draws_shared_scales_and_saves(sdata, tmp_path):
     path = tmp_path / "expr.png"
-    fig = omx.pl.expression(sdata, ["GRAD_X", "PATCHY"], save=path)
+    axes = omx.pl.expression(sdata, ["GRAD_X", "PATCHY"], save=path, show=False)
+    assert len(axes) == 4
+    fig = axes[0].figure
     assert path.stat().st_size > 10_000
     panels = _spot_panels(fig)
     assert len(panels) == 4
@@ -138,7 +140,7 @@ def test_expression_values_and_correlation(sdata):
     X = table.X.toarray()
     expected_obs = np.log1p(X[rows, 0] / X[rows].sum(1) * 1e4)
     expected_pred = table.layers["omx_pred"][rows, 0]
-    fig = omx.pl.expression(sdata, "GRAD_X", section="B")
+    fig = omx.pl.expression(sdata, "GRAD_X", section="B", show=False)[0].figure
     (a_obs, _, c_obs), (a_pred, _, c_pred) = _spot_panels(fig)
     # the spots are drawn in the shapes' order, which here equals the table's order
     np.testing.assert_allclose(np.sort(c_obs.get_array()), np.sort(expected_obs), rtol=1e-5)
@@ -153,7 +155,7 @@ def test_expression_values_and_correlation(sdata):
 
 def test_expression_spots_lie_on_tissue(sdata):
     """Every spot centre falls on a tissue pixel of the background image, at the spot's true radius."""
-    fig = omx.pl.expression(sdata, "GRAD_Y")
+    fig = omx.pl.expression(sdata, "GRAD_Y", show=False)[0].figure
     a, im, coll = _spot_panels(fig)[0]
     rgb = np.asarray(im.get_array())
     left, right, bottom, top = im.get_extent()
@@ -171,8 +173,8 @@ def test_expression_spots_lie_on_tissue(sdata):
 
 def test_expression_into_given_axes_observed_layer_and_spot_size(sdata, tmp_path):
     fig, axes = plt.subplots(2, 2, figsize=(6, 6))
-    out = omx.pl.expression(sdata, ["GRAD_X", "GRAD_Y"], ax=axes, observed_layer="lognorm", spot_size=10)
-    assert out is fig
+    out = omx.pl.expression(sdata, ["GRAD_X", "GRAD_Y"], ax=axes, observed_layer="lognorm", spot_size=10, show=False)
+    assert out == list(axes.ravel())
     (_, _, c_obs), _, _, _ = _spot_panels(fig)
     table = sdata.tables["table"]
     rows = np.flatnonzero((table.obs["section"] == "B").to_numpy())[1:]
@@ -180,7 +182,7 @@ def test_expression_into_given_axes_observed_layer_and_spot_size(sdata, tmp_path
     np.testing.assert_allclose(c_obs.get_widths(), 10.0, rtol=1e-6)
     fig.savefig(tmp_path / "given_axes.png")
     with pytest.raises(ValueError, match="Pass 4 axes"):
-        omx.pl.expression(sdata, ["GRAD_X", "GRAD_Y"], ax=axes.ravel()[:3])
+        omx.pl.expression(sdata, ["GRAD_X", "GRAD_Y"], ax=axes.ravel()[:3], show=False)
     plt.close("all")
 
 
@@ -205,7 +207,7 @@ def test_expression_errors(sdata):
     table.layers["omx_pred"] = np.nan_to_num(table.layers["omx_pred"])
     with pytest.raises(ValueError, match=r"Ambiguous section.*\['A', 'B'\].*section="):
         omx.pl.expression(sdata, "GRAD_X")
-    fig = omx.pl.expression(sdata, "GRAD_X", section="A")  # now A has predictions
+    fig = omx.pl.expression(sdata, "GRAD_X", section="A", show=False)[0].figure  # now A has predictions
     assert "Section A" in fig.get_suptitle()
     plt.close(fig)
 
@@ -220,9 +222,9 @@ def scores():
 
 
 def test_gene_scores_from_frame(scores, tmp_path):
-    fig = omx.pl.gene_scores(scores, n_label=4)
-    fig.savefig(tmp_path / "scores.png")
-    ax_hist, ax_bar = fig.axes
+    ax_hist, ax_bar = omx.pl.gene_scores(scores, n_label=4, show=False, save=tmp_path / "scores.png")
+    fig = ax_hist.figure
+    assert fig.axes == [ax_hist, ax_bar] and (tmp_path / "scores.png").stat().st_size > 10_000
     mean = scores["pearson"].mean()
     assert any(np.allclose(line.get_xdata(), mean) for line in ax_hist.get_lines())
     assert "39 genes" in ax_hist.get_title() and "1 NaN" in ax_hist.get_title()
@@ -233,8 +235,9 @@ def test_gene_scores_from_frame(scores, tmp_path):
 
 
 def test_gene_scores_mse_lower_is_better(scores):
-    fig = omx.pl.gene_scores(scores, metric="mse", n_label=2)
-    names = [t.get_text() for t in fig.axes[1].get_yticklabels()]
+    _, ax_bar = omx.pl.gene_scores(scores, metric="mse", n_label=2, show=False)
+    names = [t.get_text() for t in ax_bar.get_yticklabels()]
+    fig = ax_bar.figure
     order = scores["mse"].sort_values().index
     assert names[:2] == list(order[:2])
     plt.close(fig)
@@ -246,15 +249,15 @@ def test_gene_scores_from_table_uns_and_single_axes(scores):
     table = ad.AnnData(np.zeros((2, 2)))
     table.uns["omx"] = {"omx_pred": {"scores": scores_columns({"S2": scores})}}
     fig, ax = plt.subplots()
-    out = omx.pl.gene_scores(table, metric="ccc", ax=ax, n_label=3)
-    assert out is fig
+    out = omx.pl.gene_scores(table, metric="ccc", ax=ax, n_label=3, show=False)
+    assert out == [ax] and ax.figure is fig
     text = " ".join(t.get_text() for t in ax.texts)
     best = scores["ccc"].dropna().sort_values(ascending=False).index[:3]
     assert all(g in text for g in best)
     with pytest.raises(KeyError, match="no omx result 'other'"):
-        omx.pl.gene_scores(table, key="other")
+        omx.pl.gene_scores(table, key="other", show=False)
     with pytest.raises(KeyError, match="No score 'r2'"):
-        omx.pl.gene_scores(scores, metric="r2")
+        omx.pl.gene_scores(scores, metric="r2", show=False)
     plt.close("all")
 
 
@@ -267,18 +270,18 @@ def test_gene_scores_per_section(scores):
         "fit": {"scores": scores_columns({"S2": scores})},  # one scored section (omx.tl.fit_predict)
         "cv": {"scores": scores_columns({"S1": scores, "S2": shifted}, fold={"S1": "a", "S2": "b"})},
     }
-    fig = omx.pl.gene_scores(table, key="fit")
-    assert "section S2" in fig.axes[0].get_title()
-    fig = omx.pl.gene_scores(table, key="cv", section="S2")
-    mean_line = fig.axes[0].get_lines()[0].get_xdata()[0]
+    ax_hist, _ = omx.pl.gene_scores(table, key="fit", show=False)
+    assert "section S2" in ax_hist.get_title()
+    ax_hist, _ = omx.pl.gene_scores(table, key="cv", section="S2", show=False)
+    mean_line = ax_hist.get_lines()[0].get_xdata()[0]
     assert mean_line == pytest.approx(scores["pearson"].mean() + 0.1)
-    fig = omx.pl.gene_scores(table, key="cv")  # averaged over the two sections, gene by gene
-    assert "mean over 2 sections" in fig.axes[0].get_title()
-    assert fig.axes[0].get_lines()[0].get_xdata()[0] == pytest.approx(scores["pearson"].mean() + 0.05)
+    ax_hist, _ = omx.pl.gene_scores(table, key="cv", show=False)  # averaged over the two sections, gene by gene
+    assert "mean over 2 sections" in ax_hist.get_title()
+    assert ax_hist.get_lines()[0].get_xdata()[0] == pytest.approx(scores["pearson"].mean() + 0.05)
     with pytest.raises(KeyError, match=r"No scores for sections \['S9'\].*\['S1', 'S2'\]"):
-        omx.pl.gene_scores(table, key="cv", section="S9")
+        omx.pl.gene_scores(table, key="cv", section="S9", show=False)
     with pytest.raises(ValueError, match="only applies when `scores` is a table"):
-        omx.pl.gene_scores(scores, section="S1")
+        omx.pl.gene_scores(scores, section="S1", show=False)
     plt.close("all")
 
 
@@ -289,13 +292,12 @@ def test_plots_after_fit_predict_on_toy_data(tmp_path):
     sdata = omx.datasets.toy_sdata(seed=0)
     omx.tl.fit_predict(sdata, train="S1", predict="S2", show_progress_bar=False)
     table = sdata.tables["table"]
-    fig = omx.pl.expression(sdata, ["gene_0", "gene_1"], save=tmp_path / "toy.png")
+    fig = omx.pl.expression(sdata, ["gene_0", "gene_1"], save=tmp_path / "toy.png", show=False)[0].figure
     assert "Section S2" in fig.get_suptitle()
     (_, im, coll), *_ = _spot_panels(fig)
     assert im is not None and len(coll.get_array()) == int((table.obs["section"] == "S2").sum())
-    fig = omx.pl.gene_scores(table)
-    assert "section S2" in fig.axes[0].get_title()
-    fig.savefig(tmp_path / "toy_scores.png")
+    (ax_hist, _) = omx.pl.gene_scores(table, show=False, save=tmp_path / "toy_scores.png")
+    assert "section S2" in ax_hist.get_title()
     plt.close("all")
 
 
@@ -305,11 +307,12 @@ def sample():
 
 
 def test_cell_types_dominant_and_panels(sample, tmp_path):
-    fig = omx.pl.cell_types(sample, key="stereoscope_major", section="C3", save=tmp_path / "ct.png")
+    axes = omx.pl.cell_types(sample, key="stereoscope_major", section="C3", save=tmp_path / "ct.png", show=False)
+    fig = axes[0].figure
     table = sample.tables["table"]
     n_types = table.obsm["stereoscope_major"].shape[1]
     drawn = [a for a in fig.axes if a.get_title()]  # colourbars have no title
-    assert len(drawn) == 1 + n_types
+    assert len(drawn) == 1 + n_types and axes == drawn
     c3 = (table.obs["section"] == "C3").to_numpy()
     dominant = drawn[0].collections[0].get_array()
     assert len(dominant) == c3.sum()
@@ -319,9 +322,9 @@ def test_cell_types_dominant_and_panels(sample, tmp_path):
     )
     assert (tmp_path / "ct.png").stat().st_size > 10_000
     with pytest.raises(KeyError, match="obsm has no 'nope'"):
-        omx.pl.cell_types(sample, key="nope")
+        omx.pl.cell_types(sample, key="nope", show=False)
     with pytest.raises(KeyError, match="are not columns"):
-        omx.pl.cell_types(sample, key="stereoscope_major", section="C3", cell_types=["Neurons"])
+        omx.pl.cell_types(sample, key="stereoscope_major", section="C3", cell_types=["Neurons"], show=False)
 
 
 def test_history_of_ridge_and_cnn():
@@ -330,19 +333,19 @@ def test_history_of_ridge_and_cnn():
     Y = X[:, :2] + 0.1 * rng.normal(size=(90, 2))
     groups = np.repeat(["a", "b", "c"], 30)
     ridge = omx.models.Ridge(show_progress_bar=False).fit(X, Y, groups=groups)
-    ax = omx.pl.history(ridge)
+    ax = omx.pl.history(ridge, show=False)
     assert len(ax.lines) == len(ridge.history_["n_components"]) and ax.get_xscale() == "log"
     patches = rng.integers(0, 256, size=(60, 16, 16, 3), dtype=np.uint8)
     cnn = omx.models.CNNRegressor(patch_px=16, epochs=3, patience=None, show_progress_bar=False)
     cnn.fit(patches, patches.mean(axis=(1, 2))[:, :2].astype(np.float32), groups=groups[:60].copy())
-    ax = omx.pl.history(cnn)
+    ax = omx.pl.history(cnn, show=False)
     assert len(ax.lines[0].get_xdata()) == 3
     with pytest.raises(ValueError, match="no training history"):
-        omx.pl.history(omx.models.Ridge(alpha=1.0, n_components=None))
+        omx.pl.history(omx.models.Ridge(alpha=1.0, n_components=None), show=False)
     coords = np.stack(np.meshgrid(np.arange(6), np.arange(5)), -1).reshape(-1, 2) * 100.0
     graph = omx.models.GraphRidge(show_progress_bar=False)
     graph.fit(X, Y, groups=groups, coords=np.concatenate([coords] * 3))
-    ax = omx.pl.history(graph)
+    ax = omx.pl.history(graph, show=False)
     assert len(ax.lines[0].get_xdata()) == len(graph.history_["propagation"]) and "propagation" in ax.get_title()
 
 
@@ -352,11 +355,11 @@ def test_uncertainty_panels_and_errors(sample):
     rng = np.random.default_rng(0)
     table.layers["p"] = rng.normal(2, 1, size=table.shape).astype(np.float32)
     with pytest.raises(KeyError, match="no layer 'p_var'"):
-        omx.pl.uncertainty(sdata, ["GNAS"], layer="p")
+        omx.pl.uncertainty(sdata, ["GNAS"], layer="p", show=False)
     table.layers["p_var"] = rng.uniform(0.1, 1, size=table.shape).astype(np.float32)
-    fig = omx.pl.uncertainty(sdata, ["GNAS", "SCD"], layer="p")
-    drawn = [a for a in fig.axes if a.get_title()]  # colourbars have no title
-    assert len(drawn) == 6  # prediction, SD and |error| for each gene
+    axes = omx.pl.uncertainty(sdata, ["GNAS", "SCD"], layer="p", show=False)
+    drawn = [a for a in axes[0].figure.axes if a.get_title()]  # colourbars have no title
+    assert len(drawn) == 6 and axes == drawn  # prediction, SD and |error| for each gene
     sd_values = np.asarray(drawn[1].collections[0].get_array())
     col = table.var_names.get_loc("GNAS")
     np.testing.assert_allclose(np.sort(sd_values), np.sort(np.sqrt(table.layers["p_var"][:, col])), rtol=1e-6)
@@ -368,11 +371,109 @@ def test_cell_types_draws_typed_nuclei():
     omx.pp.segment_nuclei(sdata, image_key="C4_he", show_progress_bar=False)
     omx.tl.deconvolve(sdata, reference, sections="C4", n_steps=200, show_progress_bar=False)
     omx.tl.assign_cells(sdata)
-    fig = omx.pl.cell_types(sdata, section="C4", cell_types=["Epithelial"])
-    drawn = {a.get_title(): a for a in fig.axes if a.get_title()}
+    axes = omx.pl.cell_types(sdata, section="C4", cell_types=["Epithelial"], show=False)
+    drawn = {a.get_title(): a for a in axes}
     nuclei_panel = next(a for t, a in drawn.items() if t.startswith("nuclei by type"))
     n_cells = sdata.tables["omx_cells"].n_obs
     assert len(nuclei_panel.collections[0].get_array()) == n_cells
     assert len(drawn) == 3  # most abundant type, nuclei, Epithelial
-    no_nuclei = omx.pl.cell_types(sdata, section="C4", cell_types=["Epithelial"], cells_key=None)
-    assert len([a for a in no_nuclei.axes if a.get_title()]) == 2
+    no_nuclei = omx.pl.cell_types(sdata, section="C4", cell_types=["Epithelial"], cells_key=None, show=False)
+    assert len(no_nuclei) == 2
+
+
+# ------------------------------------------------------------------------------------- one way for every plot
+def _history_model():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 4))
+    Y = X[:, :2] + 0.1 * rng.normal(size=(60, 2))
+    return omx.models.Ridge(show_progress_bar=False).fit(X, Y, groups=np.repeat(["a", "b", "c"], 20))
+
+
+@pytest.fixture(scope="module")
+def every_plot():
+    """Each public plot as a call ``draw(**kwargs)``, on data it can draw."""
+    import omx
+
+    uncertain = omx.datasets.her2st_sample("C4")
+    table = uncertain.tables["table"]
+    rng = np.random.default_rng(0)
+    table.layers["p"] = rng.normal(2, 1, size=table.shape).astype(np.float32)
+    table.layers["p_var"] = rng.uniform(0.1, 1, size=table.shape).astype(np.float32)
+    scores = metrics.gene_scores(rng.normal(size=(30, 8)), rng.normal(size=(30, 8)), [f"g{i}" for i in range(8)])
+    sample = omx.datasets.her2st_sample("C3")
+    model = _history_model()
+    return {
+        "expression": lambda sdata, **kw: omx.pl.expression(sdata, ["GRAD_X", "GRAD_Y"], **kw),
+        "gene_scores": lambda sdata, **kw: omx.pl.gene_scores(scores, **kw),
+        "cell_types": lambda sdata, **kw: omx.pl.cell_types(
+            sample, key="stereoscope_major", cell_types=["B-cells"], **kw
+        ),
+        "uncertainty": lambda sdata, **kw: omx.pl.uncertainty(uncertain, "GNAS", layer="p", **kw),
+        "history": lambda sdata, **kw: omx.pl.history(model, **kw),
+    }
+
+
+def test_every_public_plot_is_listed(every_plot):
+    assert set(every_plot) == set(omx.pl.__all__)
+
+
+@pytest.mark.parametrize("name", ["expression", "gene_scores", "cell_types", "uncertainty", "history"])
+def test_plots_return_axes_save_and_show(every_plot, sdata, tmp_path, name):
+    from matplotlib.axes import Axes
+
+    draw = every_plot[name]
+    path = tmp_path / "sub" / f"{name}.pdf"
+    out = draw(sdata, show=False, save=path)
+    axes = [out] if name == "history" else out
+    assert isinstance(out, Axes) if name == "history" else isinstance(out, list)
+    assert axes and all(isinstance(a, Axes) for a in axes)
+    assert len({a.figure for a in axes}) == 1 and all(a.has_data() or a.images or a.collections for a in axes)
+    assert path.read_bytes()[:4] == b"%PDF"  # the suffix picks the format; the folder was made
+    with omx.settings.override(figdir=tmp_path / "figs"):
+        draw(sdata, show=False, save=True)
+    assert (tmp_path / "figs" / f"{name}.png").stat().st_size > 5_000
+    assert draw(sdata, show=True) is None  # shown: nothing returned (Agg shows nothing)
+    with omx.settings.override(autoshow=False):
+        assert draw(sdata) is not None  # show omitted: omx.settings.autoshow decides
+    with omx.settings.override(autoshow=True):
+        assert draw(sdata) is None
+    plt.close("all")
+
+
+def test_plots_into_given_axes(every_plot, sdata):
+    fig, axes = plt.subplots(1, 2)
+    assert omx.pl.history(_history_model(), ax=axes[0], show=False) is axes[0]
+    assert omx.pl.gene_scores(metrics.gene_scores(np.eye(5), np.eye(5), list("abcde")), ax=axes, show=False) == list(
+        axes
+    )
+    plt.close("all")
+
+
+def test_section_key_and_table_key(sdata):
+    table = sdata.tables["table"]
+    table.obs["slide"] = table.obs["section"]
+    del table.obs["section"]
+    with pytest.raises(KeyError, match="no obs column 'sektion'"):
+        omx.pl.expression(sdata, "GRAD_X", section_key="sektion", show=False)
+    axes = omx.pl.expression(sdata, "GRAD_X", section_key="slide", show=False)
+    assert "Section B" in axes[0].figure.get_suptitle()
+    # without a "section" column, the default falls back to the region column: one section per shapes element
+    axes = omx.pl.expression(sdata, "GRAD_X", section="B_spots", show=False)
+    assert "Section B_spots" in axes[0].figure.get_suptitle()
+    # table_key=None: the measured table, as in omx.tl, even beside a table that omx made
+    made = ad.AnnData(np.zeros((1, 1), np.float32), obs=pd.DataFrame({"region": ["A_spots"], "spot_id": [0]}))
+    made.obs["region"] = made.obs["region"].astype("category")
+    made.uns["omx_table"] = "predictions"
+    sdata.tables["omx_pred"] = TableModel.parse(made, region="A_spots", region_key="region", instance_key="spot_id")
+    axes = omx.pl.expression(sdata, "GRAD_X", section_key="slide", show=False)
+    assert len(axes) == 2
+    plt.close("all")
+
+
+def test_expression_warns_on_non_integer_counts(sdata):
+    table = sdata.tables["table"]
+    table.X = table.X * 0.5
+    with pytest.warns(omx.OmxWarning, match="table.X does not hold integer counts") as record:
+        omx.pl.expression(sdata, "GRAD_X", show=False)
+    assert record[0].filename == __file__
+    plt.close("all")

@@ -13,6 +13,8 @@ from omx._schema import Key
 
 if TYPE_CHECKING:
     import torch
+    from anndata import AnnData
+    from spatialdata import SpatialData
 
 logger = logging.getLogger("omx")
 
@@ -39,8 +41,12 @@ def resolve_key(key: str | None, candidates: Iterable[str], *, kind: str, argume
     )
 
 
-def resolve_table(sdata, table_key: str | None):
-    """Return ``(key, table)``; an omitted key resolves to the one table that omx did not make."""
+def resolve_table(sdata: SpatialData, table_key: str | None) -> tuple[str, AnnData]:
+    """Return the key and the table; an omitted key resolves to the one table that omx did not make.
+
+    Tables that omx makes (marked by ``uns[Key.TABLE_MARK]``) are candidates only when the object holds no other
+    table; the rule every function with a ``table_key`` follows (``omx.tl``, ``omx.pl``).
+    """
     candidates = list(sdata.tables.keys())
     if table_key is None:
         measured = [k for k in candidates if Key.TABLE_MARK not in sdata.tables[k].uns]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 import warnings
@@ -45,11 +44,12 @@ def demo(out: Path, model: str = "ridge", seed: int = 0) -> int:
     best = scores.sort_values("pearson", ascending=False).head(5)
     print("  best genes: " + ", ".join(f"{g} ({r:.2f})" for g, r in zip(best.index, best["pearson"], strict=True)))
     genes = [g for g in DEMO_GENES if g in scores.index][:2] + list(best.index[:2])
-    fig = omx.pl.expression(sdata, genes=list(dict.fromkeys(genes)), section=predict)
     png = out / "observed_vs_predicted.png"
-    fig.savefig(png, dpi=110, bbox_inches="tight")
-    fig_scores = omx.pl.gene_scores(sdata.tables["table"], key="omx_pred", section=predict)
-    fig_scores.savefig(out / "gene_scores.png", dpi=110, bbox_inches="tight")
+    omx.pl.expression(sdata, genes=list(dict.fromkeys(genes)), section=predict, show=False, save=png)
+    omx.pl.gene_scores(sdata.tables["table"], key="omx_pred", section=predict, show=False, save=out / "gene_scores.png")
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
     model_dir = out / "model"
     fitted.save(model_dir)
     zarr_path = out / "her2st_sample_pred.zarr"
@@ -81,7 +81,14 @@ def predict(sdata_path: Path, model_path: Path, shapes_key: str | None, key_adde
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``omx`` command."""
     parser = argparse.ArgumentParser(prog="omx", description="Predict molecular profiles from histology.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what is written")
+    parser.add_argument(
+        "-v",
+        "--verbosity",
+        default="warning",
+        choices=["error", "warning", "info", "debug", "0", "1", "2", "3"],
+        help="what omx logs to stderr (omx.settings.verbosity; default: warning, the command prints its own "
+        "summary); info adds what is read, chosen and written, debug the details",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="fit and predict on the packaged her2st sample (offline)")
     p_demo.add_argument("--out", type=Path, default=Path("omx_demo"), help="output folder")
@@ -94,8 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     p_pred.add_argument("--key-added", default="omx_pred")
     sub.add_parser("bench", help="run benchmarks/her2st.py (needs the her2st data)")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore", message="zarr v3 autosharding")  # zarr's notice on every write, not ours
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from omx._settings import settings
+
+    # omx's own logger only, and only for this command: the root logger and other libraries' logging are left as
+    # they are
+    with settings.override(verbosity=args.verbosity), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="zarr v3 autosharding")  # zarr's notice on every write, not ours
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         return demo(args.out, model=args.model, seed=args.seed)
     if args.command == "predict":

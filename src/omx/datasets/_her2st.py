@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from omx._docs import doc_params
 from omx._utils import logger
 from omx.io import read_st
 
@@ -65,6 +66,7 @@ def _find_her2st_dir(path: str | Path | None = None) -> Path | None:
     return None
 
 
+@doc_params()
 def her2st(
     path: str | Path | None = None,
     sections: str | Sequence[str] | None = None,
@@ -81,11 +83,8 @@ def her2st(
     path
         Folder of the study (the one that holds ``data/ST-cnts``). None looks at ``$OMX_HER2ST_DIR``, then for
         ``shared/data/her2st`` in the current folder and its parents, then beside the omx source tree.
-    sections
-        Sections to read, e.g. ``["C2", "C3"]``; None reads all sections found.
-    genes
-        Keep only these genes, e.g. ``omx.datasets.her2st_genes()`` (the 785-gene panel of the published
-        image-to-expression benchmarks). None keeps all genes.
+    {sections}
+    {genes_read}
 
     Returns
     -------

@@ -24,7 +24,9 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from omx._docs import doc_params
 from omx._schema import Key
+from omx._settings import warn
 from omx._utils import as_list, logger
 
 if TYPE_CHECKING:
@@ -63,6 +65,7 @@ class SectionParts:
     obsm: dict[str, pd.DataFrame | np.ndarray] = field(default_factory=dict)
 
 
+@doc_params()
 def read_st(
     path: str | Path,
     sections: str | Sequence[str] | None = None,
@@ -83,11 +86,8 @@ def read_st(
     ----------
     path
         Root of the study folder (the one that holds ``data/ST-cnts``).
-    sections
-        Section names such as ``"C2"`` or ``["C2", "C3"]``; None reads every section with a counts file.
-    genes
-        Keep only these genes, in this order. Genes that no section measured are dropped with a warning.
-        None keeps the union of the genes of all sections (a gene absent from a section counts 0 there).
+    {sections}
+    {genes_read}
     mpp
         Microns per pixel of each section's image, one number or ``{section: mpp}``. By default it is
         estimated from the spot grid: a least-squares fit of the spots' pixel coordinates against their
@@ -158,7 +158,7 @@ def _find_sections(root: Path) -> list[str]:
 def _first(paths, what: str, section: str) -> Path | None:
     paths = sorted(p for p in paths if p.is_file())
     if len(paths) > 1:
-        logger.warning(f"{section}: {len(paths)} {what} files found ({[p.name for p in paths]}); using {paths[0]}.")
+        warn(f"{section}: {len(paths)} {what} files found ({[p.name for p in paths]}); using {paths[0]}.")
     return paths[0] if paths else None
 
 
@@ -276,7 +276,7 @@ def _estimate_mpp(array_xy: np.ndarray, pixel_xy: np.ndarray, *, pitch: float, s
     rms = float(np.sqrt(np.mean(np.sum((design @ coef - pixel_xy) ** 2, axis=1))))
     px_per_step = float(step.mean())
     if rms > 0.25 * px_per_step:
-        logger.warning(
+        warn(
             f"{section}: the spot grid fits poorly (rms {rms:.1f} px for a step of {px_per_step:.1f} px); "
             "check the spotfile or pass `mpp=`."
         )
@@ -286,12 +286,14 @@ def _estimate_mpp(array_xy: np.ndarray, pixel_xy: np.ndarray, *, pitch: float, s
 # --------------------------------------------------------------------------------------------------------- tables
 def _read_counts(path: Path, section: str) -> pd.DataFrame:
     df = pd.read_csv(path, sep="\t", index_col=0)
+    header = pd.read_csv(path, sep="\t", index_col=0, header=None, nrows=1)  # names as written, not "G.1"
+    df.columns = header.iloc[0].astype(str).to_numpy()
     df.index = df.index.astype(str)
     if df.index.duplicated().any():
         raise ValueError(f"{path}: duplicated spot ids {df.index[df.index.duplicated()][:5].tolist()}.")
     if df.columns.duplicated().any():
         dup = df.columns[df.columns.duplicated()]
-        logger.warning(f"{section}: {len(dup)} duplicated gene names (e.g. {dup[:3].tolist()}); summing them.")
+        warn(f"{section}: {len(dup)} duplicated gene names (e.g. {dup[:3].tolist()}); summing them.")
         df = df.T.groupby(level=0, sort=False).sum().T
     return df
 
@@ -317,7 +319,7 @@ def _read_spotfile(path: Path, section: str) -> pd.DataFrame:
     if "selected" in spots.columns:
         keep = spots["selected"].astype(float) == 1
         if not keep.all():
-            logger.info(f"{section}: keeping {int(keep.sum())} of {len(spots)} spotfile rows marked selected.")
+            logger.debug(f"{section}: keeping {int(keep.sum())} of {len(spots)} spotfile rows marked selected.")
         spots = spots[keep]
     spots = spots.assign(x=spots["x"].round().astype(int), y=spots["y"].round().astype(int))
     spots.index = spots["x"].astype(str) + "x" + spots["y"].astype(str)
@@ -332,7 +334,7 @@ def _read_labels(root: Path, section: str, ids: pd.Index) -> pd.Series | None:
     key = lbl["x"].round().astype(int).astype(str) + "x" + lbl["y"].round().astype(int).astype(str)
     labels = pd.Series(lbl["label"].astype(str).str.strip().to_numpy(), index=key)
     labels = labels[~labels.index.duplicated()].reindex(ids)
-    logger.info(f"{section}: pathologist labels for {int(labels.notna().sum())} of {len(ids)} spots.")
+    logger.debug(f"{section}: pathologist labels for {int(labels.notna().sum())} of {len(ids)} spots.")
     return labels
 
 
@@ -344,7 +346,7 @@ def _read_cluster_names(root: Path) -> dict[tuple[str, str], str]:
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     header = [h.strip() for h in lines[0].split(",")[:3]] if lines else []
     if header != ["patient", "cluster", "annotated as"]:
-        logger.warning(f"{path}: unexpected header {header}; cluster names are not added.")
+        warn(f"{path}: unexpected header {header}; cluster names are not added.")
         return {}
     names = {}
     for line in lines[1:]:
@@ -362,7 +364,7 @@ def _read_clusters(root: Path, section: str, ids: pd.Index) -> pd.Series | None:
     key = cl["x"].round().astype(int).astype(str) + "x" + cl["y"].round().astype(int).astype(str)
     clusters = pd.Series(cl["label"].astype(str).to_numpy(), index=key)
     clusters = clusters[~clusters.index.duplicated()].reindex(ids)
-    logger.info(f"{section}: clusters for {int(clusters.notna().sum())} of {len(ids)} spots.")
+    logger.debug(f"{section}: clusters for {int(clusters.notna().sum())} of {len(ids)} spots.")
     return clusters
 
 
@@ -380,7 +382,7 @@ def _read_proportions(root: Path, section: str, tier: str, ids: pd.Index) -> pd.
     props = props[~props.index.duplicated()].reindex(ids).astype(np.float64)
     n_missing = int(props.isna().any(axis=1).sum())
     if n_missing:
-        logger.info(f"{section}: no {tier} proportions for {n_missing} of {len(ids)} spots (NaN rows).")
+        logger.debug(f"{section}: no {tier} proportions for {n_missing} of {len(ids)} spots (NaN rows).")
     return props
 
 
@@ -434,13 +436,16 @@ def _read_section(
         mpp = estimate
         logger.info(f"{section}: {mpp:.3f} um per pixel estimated from the spot grid ({img_path.name}).")
     else:
-        level = "warning" if abs(mpp / estimate - 1) > 0.1 else "info"
-        getattr(logger, level)(f"{section}: using mpp={mpp:.3f} um per pixel; the spot grid suggests {estimate:.3f}.")
+        message = f"{section}: using mpp={mpp:.3f} um per pixel; the spot grid suggests {estimate:.3f}."
+        if abs(mpp / estimate - 1) > 0.1:
+            warn(message)
+        else:
+            logger.info(message)
 
     h, w = image.shape[:2]
     outside = (centres[:, 0] < 0) | (centres[:, 0] >= w) | (centres[:, 1] < 0) | (centres[:, 1] >= h)
     if outside.any():
-        logger.warning(f"{section}: {int(outside.sum())} spot centres lie outside the {w} x {h} image.")
+        warn(f"{section}: {int(outside.sum())} spot centres lie outside the {w} x {h} image.")
 
     extra = pd.DataFrame(index=ids)
     labels = _read_labels(root, section, ids)
@@ -483,9 +488,7 @@ def _gene_index(parts: Sequence[SectionParts], genes: Sequence[str] | None) -> l
     known = set(union)
     absent = [g for g in genes if g not in known]
     if absent:
-        logger.warning(
-            f"{len(absent)} of {len(genes)} requested genes were measured in no section, dropped: {absent[:10]}"
-        )
+        warn(f"{len(absent)} of {len(genes)} requested genes were measured in no section, dropped: {absent[:10]}")
     return [g for g in genes if g in known]
 
 

@@ -17,9 +17,12 @@ from matplotlib.figure import Figure
 from scipy import sparse
 from spatialdata import SpatialData
 
-from omx._utils import as_list, check_counts, log_normalize, logger, resolve_key
+from omx._docs import doc_params
+from omx._settings import warn
+from omx._utils import as_list, check_counts, log_normalize, logger, resolve_table
 from omx.metrics import pearson
 from omx.pl._tissue import canvas, robust_norm, section_column
+from omx.pl._utils import axes_list, finish
 
 _PANEL_IN = 3.6
 
@@ -44,7 +47,7 @@ def _observed(table: AnnData, rows: np.ndarray, cols: np.ndarray, observed_layer
     check_counts(X, name="counts in table.X")
     data = X.data if sparse.issparse(X) else np.asarray(X)
     if data.size and not np.allclose(data, np.round(data)):
-        logger.warning("table.X does not hold integer counts; pass `observed_layer=` if it is already normalised.")
+        warn("table.X does not hold integer counts; pass `observed_layer=` if it is already normalised.")
     return log_normalize(X, columns=cols).astype(np.float64)  # totals over all genes; plotted genes made dense
 
 
@@ -93,22 +96,25 @@ def _layout(n_genes: int, ncols: int, aspect: float) -> tuple[Figure, list[Axes]
     return fig, axes[: 2 * n_genes]
 
 
+@doc_params()
 def expression(
     sdata: SpatialData,
     genes: str | Sequence[str],
     *,
-    table_key: str = "table",
+    table_key: str | None = None,
+    section_key: str = "section",
     section: str | None = None,
     layer: str = "omx_pred",
     image_key: str | None = None,
     shapes_key: str | None = None,
     observed_layer: str | None = None,
     ncols: int = 1,
-    ax: Sequence[Axes] | None = None,
     cmap: str | Colormap = "viridis",
     spot_size: float | None = None,
-    save: str | PathLike | None = None,
-) -> Figure:
+    ax: Sequence[Axes] | None = None,
+    show: bool | None = None,
+    save: str | PathLike | bool | None = None,
+) -> list[Axes] | None:
     """Plot observed and predicted expression side by side over the H&E of one section.
 
     For each gene, two panels show the spots of the section as circles of their true size over a
@@ -124,16 +130,13 @@ def expression(
         :func:`omx.tl.fit_predict`).
     genes
         One gene name or a list of them.
-    table_key
-        The table holding the counts and the predictions.
-    section
-        The section to draw (a value of ``table.obs["section"]``, or of the table's region column when there
-        is no ``"section"`` column). May be omitted when the predictions cover exactly one section.
+    {table_key}
+    {section_key_pl}
+    {section_pl}
     layer
         The table layer with the predictions. Rows that are NaN (spots of sections that were not
         predicted) are skipped.
-    image_key
-        The H&E image; omitted, the one image that shares a coordinate system with the spots.
+    {image_key}
     shapes_key
         The spots of the section; omitted, the shapes element the table annotates for these rows.
     observed_layer
@@ -142,20 +145,21 @@ def expression(
         the usual target of omx models.
     ncols
         Genes per row of the figure (each gene takes two panels).
-    ax
-        ``2 * len(genes)`` axes to draw into, observed and predicted for each gene in turn. Omitted, a new
-        figure is made.
     cmap
         Colour map of the expression.
     spot_size
         Spot diameter in the units of the plot (microns when the coordinate system is in microns),
         overriding the true size.
-    save
-        Path to save the figure to (150 dpi).
+    ax
+        ``2 * len(genes)`` axes to draw into, observed and predicted for each gene in turn. Omitted, a new
+        figure is made.
+    {show}
+    {save}
 
     Returns
     -------
-    The matplotlib figure.
+    With ``show=False``, the ``2 * len(genes)`` panel axes (observed and predicted for each gene in turn; the
+    figure is ``axes[0].figure``); otherwise None.
 
     Examples
     --------
@@ -165,8 +169,7 @@ def expression(
     genes = as_list(genes)
     if not genes:
         raise ValueError("Pass at least one gene.")
-    table_key = resolve_key(table_key, sdata.tables.keys(), kind="table", argument="table_key")
-    table = sdata.tables[table_key]
+    table_key, table = resolve_table(sdata, table_key)
     cols = _check_genes(table, genes)
     if layer not in table.layers:
         raise KeyError(
@@ -176,13 +179,13 @@ def expression(
         )
     if ncols < 1:
         raise ValueError(f"`ncols` must be at least 1, got {ncols}.")
+    ax = axes_list(ax)
     if ax is not None:
-        ax = [ax] if isinstance(ax, Axes) else list(np.ravel(ax))
         if len(ax) != 2 * len(genes):
             n = 2 * len(genes)
             raise ValueError(f"Pass {n} axes as `ax=` (observed and predicted for each gene), got {len(ax)}.")
 
-    column = section_column(table)
+    column = section_column(table, section_key)
     section_values = table.obs[column].astype(str).to_numpy()
     pred_all = _dense_columns(table.layers[layer], np.arange(table.n_obs), cols)
     has_pred = ~np.isnan(pred_all).all(axis=1)
@@ -228,7 +231,5 @@ def expression(
         cbar.ax.tick_params(labelsize=8)
     if made_figure:
         fig.suptitle(f"Section {section}: observed vs predicted ({layer!r}), {len(rows)} spots", fontsize=11)
-    logger.info("Plotted %d genes over %d spots of section %r.", len(genes), len(rows), section)
-    if save is not None:
-        fig.savefig(save, dpi=150, bbox_inches="tight")
-    return fig
+    logger.debug("Plotted %d genes over %d spots of section %r.", len(genes), len(rows), section)
+    return finish(list(ax), show=show, save=save, name="expression")

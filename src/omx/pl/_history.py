@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from os import PathLike
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 
+from omx._docs import doc_params
+from omx.pl._utils import finish
 
-def history(model, *, ax: Axes | None = None, save=None) -> Axes:
+
+@doc_params()
+def history(
+    model, *, ax: Axes | None = None, show: bool | None = None, save: str | PathLike | bool | None = None
+) -> Axes | None:
     """Plot how a model was fitted: losses per epoch, or a cross-validation curve.
 
     Torch models: training and validation loss per epoch (left axis), the validation score that early stopping
@@ -23,12 +31,13 @@ def history(model, *, ax: Axes | None = None, save=None) -> Axes:
         A fitted :class:`omx.models.Model` (or its ``history_`` dict).
     ax
         Axes to draw into; a new figure when omitted.
-    save
-        Path to save the figure to (150 dpi).
+    {show}
+    {save}
 
     Returns
     -------
-    The axes.
+    With ``show=False``, the axes (one panel; a torch model's validation score is on its twin axes, in
+    ``ax.figure.axes``); otherwise None.
     """
     hist = model if isinstance(model, dict) else getattr(model, "history_", None)
     if not hist:
@@ -76,6 +85,4 @@ def history(model, *, ax: Axes | None = None, save=None) -> Axes:
             labels.append("kept weights")
         ax.legend(handles, labels, fontsize=8, frameon=False)
         ax.set_title(f"{type(model).__name__}: training{' (first cross-fitting fold)' if folds else ''}", fontsize=10)
-    if save is not None:
-        ax.figure.savefig(save, dpi=150, bbox_inches="tight")
-    return ax
+    return finish(ax, show=show, save=save, name="history")

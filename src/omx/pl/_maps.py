@@ -5,26 +5,30 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from os import PathLike
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import BoundaryNorm, ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from spatialdata import SpatialData
 
-from omx._utils import as_list, resolve_key
+from omx._docs import doc_params
+from omx._utils import as_list, resolve_table
 from omx.pl._expression import _check_genes, _dense_columns, _observed, _pick_section
 from omx.pl._tissue import canvas, robust_norm, section_column
+from omx.pl._utils import axes_list, finish
 
 _PANEL_IN = 3.2
 
 
 def _grid(n: int, ncols: int, aspect: float, axes) -> tuple[Figure, list]:
+    axes = axes_list(axes)
     if axes is not None:
-        axes = list(np.ravel(axes))
         if len(axes) != n:
             raise ValueError(f"Pass {n} axes as `ax=`, got {len(axes)}.")
         return axes[0].figure, axes
@@ -38,21 +42,24 @@ def _grid(n: int, ncols: int, aspect: float, axes) -> tuple[Figure, list]:
     return fig, grid[:n]
 
 
+@doc_params()
 def cell_types(
     sdata: SpatialData,
     *,
     key: str = "omx_proportions",
-    table_key: str = "table",
+    table_key: str | None = None,
+    section_key: str = "section",
     section: str | None = None,
     cell_types: Sequence[str] | None = None,
     cells_key: str | None = "omx_cells",
     image_key: str | None = None,
     shapes_key: str | None = None,
     ncols: int = 4,
-    ax=None,
     cmap: str = "magma",
-    save=None,
-) -> Figure:
+    ax: Sequence[Axes] | None = None,
+    show: bool | None = None,
+    save: str | PathLike | bool | None = None,
+) -> list[Axes] | None:
     """Plot cell-type proportions per spot over the H&E of one section.
 
     The first panel colours each spot by its most abundant cell type; when the nuclei of the section's image
@@ -62,37 +69,37 @@ def cell_types(
 
     Parameters
     ----------
-    sdata
-        The SpatialData object.
+    {sdata}
     key
         ``table.obsm`` entry with the proportions, a DataFrame with one column per cell type (e.g.
         ``"omx_proportions"`` written by omx, or ``"stereoscope_major"`` of the her2st data).
-    table_key
-        The table.
-    section
-        The section to draw; may be omitted when only one section has proportions.
+    {table_key}
+    {section_key_pl}
+    {section_pl}
     cell_types
         Cell types to draw a panel for; all when omitted.
     cells_key
         Table of nuclei with ``obs["cell_type"]`` (written by :func:`omx.tl.assign_cells`); its panel is drawn
         when it holds nuclei of this section's image. None leaves it out.
-    image_key, shapes_key
-        The image and spots, when they cannot be found from the table.
+    {image_key}
+    shapes_key
+        The spots of the section; omitted, the shapes element the table annotates for these rows.
     ncols
         Panels per row.
-    ax
-        ``1 + len(cell_types)`` axes to draw into; a new figure when omitted.
     cmap
         Colour map of the proportions.
-    save
-        Path to save the figure to (150 dpi).
+    ax
+        As many axes as panels (``1 + len(cell_types)``, plus one for the nuclei when they are drawn) to draw
+        into; a new figure when omitted.
+    {show}
+    {save}
 
     Returns
     -------
-    The matplotlib figure.
+    With ``show=False``, the panel axes in drawing order (most abundant type, nuclei when drawn, then one per
+    cell type; the figure is ``axes[0].figure``); otherwise None.
     """
-    table_key = resolve_key(table_key, sdata.tables.keys(), kind="table", argument="table_key")
-    table = sdata.tables[table_key]
+    table_key, table = resolve_table(sdata, table_key)
     if key not in table.obsm:
         raise KeyError(
             f"table.obsm has no {key!r} (entries: {list(table.obsm.keys())}). Pass the key of a DataFrame of "
@@ -105,7 +112,7 @@ def cell_types(
     if missing := [t for t in types if t not in props.columns]:
         raise KeyError(f"Cell types {missing} are not columns of table.obsm[{key!r}]: {list(props.columns)}.")
     values = props.to_numpy(dtype=np.float64)
-    column = section_column(table)
+    column = section_column(table, section_key)
     sections = table.obs[column].astype(str).to_numpy()
     has = np.isfinite(values).all(axis=1)
     section = _pick_section(sections, has, section, f"obsm[{key!r}]", column)
@@ -148,9 +155,7 @@ def cell_types(
         fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[n_first:], shrink=0.6, label="proportion")
     if ax is None:
         fig.suptitle(f"Section {section}: cell-type proportions ({key!r}), {len(frame.rows)} spots", fontsize=11)
-    if save is not None:
-        fig.savefig(save, dpi=150, bbox_inches="tight")
-    return fig
+    return finish(list(axes), show=show, save=save, name="cell_types")
 
 
 def _typed_nuclei(sdata: SpatialData, cells_key: str | None, image_key: str):
@@ -168,20 +173,23 @@ def _typed_nuclei(sdata: SpatialData, cells_key: str | None, image_key: str):
     return nuclei.centers * nuclei.mpp, nuclei.radius_px * nuclei.mpp, labels
 
 
+@doc_params()
 def uncertainty(
     sdata: SpatialData,
     genes: str | Sequence[str],
     *,
     layer: str = "omx_pred",
     var_layer: str | None = None,
-    table_key: str = "table",
+    table_key: str | None = None,
+    section_key: str = "section",
     section: str | None = None,
     image_key: str | None = None,
     shapes_key: str | None = None,
-    ax=None,
     cmap: str = "viridis",
-    save=None,
-) -> Figure:
+    ax: Sequence[Axes] | None = None,
+    show: bool | None = None,
+    save: str | PathLike | bool | None = None,
+) -> list[Axes] | None:
     """Plot predictions next to their uncertainty, and their error where expression was measured.
 
     For each gene: the prediction, its predictive standard deviation (the square root of ``var_layer``) and,
@@ -190,34 +198,34 @@ def uncertainty(
 
     Parameters
     ----------
-    sdata
-        The SpatialData object.
+    {sdata}
     genes
         One gene or a list of them.
     layer
         Table layer with the predictions.
     var_layer
         Table layer with the predictive variance; ``layer + "_var"`` when omitted.
-    table_key
-        The table.
-    section
-        The section to draw; may be omitted when the predictions cover one section.
-    image_key, shapes_key
-        The image and spots, when they cannot be found from the table.
-    ax
-        ``3 * len(genes)`` axes to draw into; a new figure when omitted.
+    {table_key}
+    {section_key_pl}
+    {section_pl}
+    {image_key}
+    shapes_key
+        The spots of the section; omitted, the shapes element the table annotates for these rows.
     cmap
         Colour map.
-    save
-        Path to save the figure to (150 dpi).
+    ax
+        ``3 * len(genes)`` axes to draw into (``2 * len(genes)`` when the section has no counts); a new figure
+        when omitted.
+    {show}
+    {save}
 
     Returns
     -------
-    The matplotlib figure.
+    With ``show=False``, the panel axes (prediction, SD and, with counts, the error for each gene in turn; the
+    figure is ``axes[0].figure``); otherwise None.
     """
     genes = as_list(genes)
-    table_key = resolve_key(table_key, sdata.tables.keys(), kind="table", argument="table_key")
-    table = sdata.tables[table_key]
+    table_key, table = resolve_table(sdata, table_key)
     var_layer = f"{layer}_var" if var_layer is None else var_layer
     for name, what in ((layer, "predictions"), (var_layer, "predictive variances")):
         if name not in table.layers:
@@ -226,7 +234,7 @@ def uncertainty(
                 "with a count likelihood write `key_added` and `key_added + '_var'`."
             )
     cols = _check_genes(table, genes)
-    column = section_column(table)
+    column = section_column(table, section_key)
     sections = table.obs[column].astype(str).to_numpy()
     pred_all = _dense_columns(table.layers[layer], np.arange(table.n_obs), cols)
     has = ~np.isnan(pred_all).all(axis=1)
@@ -258,6 +266,4 @@ def uncertainty(
             fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=a, shrink=0.7)
     if ax is None:
         fig.suptitle(f"Section {section}: prediction and uncertainty ({layer!r}, {var_layer!r})", fontsize=11)
-    if save is not None:
-        fig.savefig(save, dpi=150, bbox_inches="tight")
-    return fig
+    return finish(list(axes), show=show, save=save, name="uncertainty")

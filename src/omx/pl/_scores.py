@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from os import PathLike
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 
 import omx
+from omx._docs import doc_params
+from omx.pl._utils import axes_list, finish
 
 _LABELS = {"pearson": "Pearson r", "spearman": "Spearman ρ", "mse": "mean squared error", "ccc": "Lin's CCC"}
 _BEST, _WORST, _MEAN = "#2a7ab0", "#c8553d", "#222222"
@@ -43,6 +45,7 @@ def _split(values: pd.Series, n_label: int, higher_is_better: bool) -> tuple[pd.
     return order.iloc[:n_best], order.iloc[len(order) - n_worst :]
 
 
+@doc_params()
 def gene_scores(
     scores: pd.DataFrame | AnnData,
     *,
@@ -51,7 +54,9 @@ def gene_scores(
     section: str | None = None,
     n_label: int = 5,
     ax: Axes | Sequence[Axes] | None = None,
-) -> Figure:
+    show: bool | None = None,
+    save: str | PathLike | bool | None = None,
+) -> list[Axes] | None:
     """Plot the distribution of a per-gene score and name the best and worst genes.
 
     A histogram of the score over the genes marks the mean; a bar chart beside it names the
@@ -78,10 +83,13 @@ def gene_scores(
     ax
         One axes for the histogram (the best and worst genes are then listed inside it), or two axes for
         the histogram and the bar chart. Omitted, a new figure is made.
+    {show}
+    {save}
 
     Returns
     -------
-    The matplotlib figure.
+    With ``show=False``, the axes drawn into: ``[histogram, bar chart]``, or ``[histogram]`` when one axes was
+    given or ``n_label=0`` (the figure is ``axes[0].figure``); otherwise None.
 
     Examples
     --------
@@ -104,7 +112,7 @@ def gene_scores(
 
     if ax is None:
         bars = n_label > 0
-        fig, axes = plt.subplots(
+        _, axes = plt.subplots(
             1,
             2 if bars else 1,
             figsize=(9.5 if bars else 5.5, 3.8),
@@ -114,11 +122,10 @@ def gene_scores(
         )
         ax_hist, ax_bar = axes[0, 0], (axes[0, 1] if bars else None)
     else:
-        axs = [ax] if isinstance(ax, Axes) else list(np.ravel(ax))
+        axs = axes_list(ax)
         if len(axs) not in (1, 2):
             raise ValueError(f"Pass one or two axes as `ax=`, got {len(axs)}.")
         ax_hist, ax_bar = axs[0], (axs[1] if len(axs) == 2 else None)
-        fig = ax_hist.figure
 
     mean = float(values.mean())
     n_bins = int(np.clip(np.sqrt(len(values)) * 1.5, 10, 50))
@@ -164,4 +171,4 @@ def gene_scores(
         )
     for side in ("top", "right"):
         ax_hist.spines[side].set_visible(False)
-    return fig
+    return finish([a for a in (ax_hist, ax_bar) if a is not None], show=show, save=save, name="gene_scores")

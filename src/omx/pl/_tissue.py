@@ -18,10 +18,21 @@ from spatialdata.models import get_table_keys
 _TARGET_PX = 800
 
 
-def section_column(table: AnnData) -> str:
-    """The obs column that names sections: ``"section"`` when present, else the table's region column."""
+def section_column(table: AnnData, section_key: str = "section") -> str:
+    """The obs column that names sections: ``section_key``; without a ``"section"`` column, the region column.
+
+    The fallback applies to the default name only, so that a mistyped ``section_key`` is an error, not a silent
+    switch to the region column.
+    """
+    if section_key in table.obs.columns:
+        return section_key
     _, region_key, _ = get_table_keys(table)
-    return "section" if "section" in table.obs.columns else region_key
+    if section_key == "section":
+        return region_key
+    raise KeyError(
+        f"The table has no obs column {section_key!r} (columns: {list(table.obs.columns)}). "
+        "Pass `section_key=` naming each spot's section."
+    )
 
 
 @dataclass

@@ -13,6 +13,7 @@ import pandas as pd
 from anndata import AnnData
 from spatialdata import SpatialData
 
+from omx._docs import doc_params
 from omx._schema import Key, add_table, base_entry, check_free_elements, entries, fill_column
 from omx._utils import logger, progress, resolve_key
 from omx.pp._patches import _read_region
@@ -179,6 +180,7 @@ def _pick_spots(sdata: SpatialData, image_key: str, shapes_key: str | None, tabl
     return resolve_spots(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp)
 
 
+@doc_params()
 def segment_nuclei(
     sdata: SpatialData,
     *,
@@ -226,10 +228,8 @@ def segment_nuclei(
     shapes_key
         The spots whose nuclei are counted; omitted, the one shapes element that shares the image's coordinate
         system (none: nuclei are not assigned to spots).
-    table_key
-        The table annotating the spots; omitted, the one that does.
-    mpp
-        Microns per pixel of the image's finest level, when its coordinate system is not in microns.
+    {table_key_spots}
+    {mpp}
     chunk_px
         Side of the square chunk of the full-resolution image processed at once.
     overlap_px
@@ -248,8 +248,7 @@ def segment_nuclei(
         Path of a new zarr array for the labels (it must not exist); a temporary directory when omitted.
     overwrite
         Replace existing labels, shapes and table rows of this image's nuclei.
-    show_progress_bar
-        Show a progress bar over chunks.
+    {show_progress_bar}
 
     Returns
     -------

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 from spatialdata import SpatialData
 
+from omx._docs import doc_params
 from omx._utils import progress
 from omx.pp._spots import Spots, resolve_spots
 
@@ -87,6 +88,7 @@ def patch_tiles(corners: np.ndarray, size_px: int, tile_px: int) -> tuple[np.nda
     return np.floor_divide(corners, step), step
 
 
+@doc_params()
 def iter_patches(
     data: SpatialData | Spots,
     *,
@@ -101,10 +103,8 @@ def iter_patches(
 
     Parameters
     ----------
-    data
-        A SpatialData object (then ``resolve_kwargs`` go to :func:`omx.pp.resolve_spots`) or resolved spots.
-    size_um
-        Side of the square patch in microns; the spot diameter when omitted.
+    {data_spots}
+    {size_um}
     size_px
         Side of the patch in pixels: patches are resampled to ``size_um / size_px`` microns per pixel.
     batch_size
@@ -112,10 +112,8 @@ def iter_patches(
     tile_px
         Side in output pixels of the image tiles read and resampled at once (plus one patch of overlap);
         bounds memory.
-    show_progress_bar
-        Show a progress bar over spots.
-    **resolve_kwargs
-        ``image_key``, ``shapes_key``, ``table_key``, ``mpp``, ... for :func:`omx.pp.resolve_spots`.
+    {show_progress_bar}
+    {resolve_kwargs}
 
     Yields
     ------

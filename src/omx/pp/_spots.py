@@ -11,6 +11,7 @@ from spatialdata import SpatialData, get_pyramid_levels
 from spatialdata.models import get_table_keys
 from spatialdata.transformations import get_transformation
 
+from omx._docs import doc_params
 from omx._schema import Key
 from omx._utils import logger, resolve_key
 
@@ -120,6 +121,7 @@ def _pick_table(sdata: SpatialData, table_key: str | None, shapes_key: str | Non
     return annotating[0] if annotating else None
 
 
+@doc_params()
 def resolve_spots(
     sdata: SpatialData,
     *,
@@ -134,19 +136,13 @@ def resolve_spots(
 
     Parameters
     ----------
-    sdata
-        The SpatialData object.
-    image_key
-        The H&E image; may be omitted when exactly one image shares a coordinate system with the shapes.
-    shapes_key
-        The spots (circles with a ``radius`` column, or polygons); may be omitted when the table annotates
-        exactly one shapes element, or the object has exactly one.
-    table_key
-        The table annotating the spots; omitted, the one table that annotates ``shapes_key`` (or none).
+    {sdata}
+    {image_key}
+    {shapes_key}
+    {table_key_spots}
     coordinate_system
         The coordinate system that links image and shapes; omitted, one they share.
-    mpp
-        Microns per pixel of the image's finest level, when the data do not say it.
+    {mpp}
     spot_diameter_um
         The true spot diameter (ST v1: 100, Visium: 55), used to derive ``mpp`` from the spots' radius
         in pixels when the coordinate system is not in microns.

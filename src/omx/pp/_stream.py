@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from spatialdata import SpatialData
 
+from omx._docs import doc_params
 from omx._utils import logger, progress
 from omx.pp._patches import TILE_PX, _as_spots, iter_patches, patch_corners, patch_geometry, patch_tiles
 from omx.pp._spots import Spots
@@ -218,6 +219,7 @@ def _iter_distributed(client, chunks: list[Chunk], args, encoder, update) -> Ite
         update(len(positions))
 
 
+@doc_params()
 def encode(
     data: SpatialData | Spots,
     encoder,
@@ -233,12 +235,10 @@ def encode(
 
     Parameters
     ----------
-    data
-        A SpatialData object (then ``resolve_kwargs`` go to :func:`omx.pp.resolve_spots`) or resolved spots.
+    {data_spots}
     encoder
         An `omx.encoders.Encoder` (e.g. ``HandcraftedEncoder()``); it is sent once to each worker.
-    size_um
-        Side of the patch in microns; the spot diameter when omitted.
+    {size_um}
     context
         Patch sizes as multiples of ``size_um``; the features of each are concatenated, in this order.
     chunk_spots
@@ -246,10 +246,8 @@ def encode(
     out
         A numpy array (or `numpy.memmap`) of shape ``(n_spots, encoder.dim * len(context))`` to write the
         features into as they come.
-    show_progress_bar
-        Show a progress bar over spots.
-    **resolve_kwargs
-        ``image_key``, ``shapes_key``, ``table_key``, ``mpp``, ... for :func:`omx.pp.resolve_spots`.
+    {show_progress_bar}
+    {resolve_kwargs}
 
     Returns
     -------

@@ -20,6 +20,7 @@ from omx._schema import (
     padded_rows,
     write_results,
 )
+from omx._settings import warn
 from omx._utils import as_list, logger, resolve_table
 from omx.pp._spots import table_regions
 from omx.tl._engine import (
@@ -52,16 +53,16 @@ def _top_type(n_obs: int, rows: np.ndarray, proportions: np.ndarray, types: list
     return pd.Categorical(top, categories=types)
 
 
-def _section_rows(table: AnnData, sections: Sequence[str] | None, groups_key: str) -> np.ndarray:
+def _section_rows(table: AnnData, sections: Sequence[str] | None, section_key: str) -> np.ndarray:
     if sections is None:
         return np.arange(table.n_obs)
-    if groups_key not in table.obs:
-        raise KeyError(f"The table has no obs column {groups_key!r}; pass `groups_key=` naming the sections.")
-    labels = table.obs[groups_key].astype(str)
+    if section_key not in table.obs:
+        raise KeyError(f"The table has no obs column {section_key!r}; pass `section_key=` naming the sections.")
+    labels = table.obs[section_key].astype(str)
     known = set(labels)
     missing = [s for s in sections if s not in known]
     if missing:
-        raise KeyError(f"Sections {missing} are not values of table.obs[{groups_key!r}] ({sorted(known)}).")
+        raise KeyError(f"Sections {missing} are not values of table.obs[{section_key!r}] ({sorted(known)}).")
     return np.flatnonzero(labels.isin(sections).to_numpy())
 
 
@@ -80,7 +81,7 @@ def deconvolve(
     table_key: str | None = None,
     layer: str | None = None,
     reference_layer: str | None = None,
-    groups_key: str = "section",
+    section_key: str = "section",
     sections: str | Sequence[str] | None = None,
     genes: Sequence[str] | None = None,
     n_cells_key: str | None = Key.N_NUCLEI,
@@ -117,10 +118,10 @@ def deconvolve(
         Layer of the spots' raw counts; ``X`` when omitted.
     reference_layer
         Layer of the reference's raw counts; ``X`` when omitted.
-    groups_key
+    section_key
         The obs column naming each spot's section.
     sections
-        Sections to deconvolve (values of ``obs[groups_key]``); all spots when omitted.
+        Sections to deconvolve (values of ``obs[section_key]``); all spots when omitted.
     genes
         Genes to use; all genes shared by spots and reference when omitted.
     n_cells_key
@@ -168,7 +169,7 @@ def deconvolve(
     check_free(
         table, key=key_added, overwrite=overwrite, where=where, **_proportion_keys(key_added, deconvolution=True)
     )
-    rows = _section_rows(table, sections, groups_key)
+    rows = _section_rows(table, sections, section_key)
     S, types = signatures_from_reference(
         reference, labels_key, min_cells_per_type=min_cells_per_type, layer=reference_layer
     )
@@ -203,7 +204,10 @@ def deconvolve(
         if np.all(np.isfinite(nc)):
             n_cells = nc
         else:
-            logger.info("obs[%r] is missing for some spots; cells per spot get a vague prior.", n_cells_key)
+            warn(
+                f"obs[{n_cells_key!r}] is missing for some spots; cells per spot get a vague prior "
+                "(segment the nuclei of every image, or pass n_cells_key=None)."
+            )
     model = DeconvolutionModel(
         alpha=alpha,
         platform_sd=platform_sd,
@@ -222,7 +226,7 @@ def deconvolve(
         "deconvolve",
         {
             "labels_key": labels_key, "sections": sections, "genes": genes, "table_key": table_key,
-            "section_key": groups_key, "layer": layer, "n_cells_key": n_cells_key, "seed": seed,
+            "section_key": section_key, "layer": layer, "n_cells_key": n_cells_key, "seed": seed,
         },
         model={"class": "DeconvolutionModel", "params": dict(model.init_params_)},
         cell_types=types,
@@ -259,7 +263,7 @@ def signatures_from_proportions(
     sections: str | Sequence[str] | None = None,
     genes: Sequence[str] | None = None,
     table_key: str | None = None,
-    groups_key: str = "section",
+    section_key: str = "section",
 ) -> AnnData:
     """Cell-type signatures estimated from spots with known proportions, for use as a `deconvolve` reference.
 
@@ -273,13 +277,13 @@ def signatures_from_proportions(
     key
         ``obsm`` entry with the proportions (a DataFrame, one column per cell type).
     sections
-        Sections (values of ``obs[groups_key]``) to estimate from; all when omitted. Leave out the sections
+        Sections (values of ``obs[section_key]``) to estimate from; all when omitted. Leave out the sections
         you will deconvolve.
     genes
         Genes to keep; all genes of the table when omitted.
     table_key
         The table; may be omitted when there is one (besides tables omx made).
-    groups_key
+    section_key
         The obs column naming each spot's section.
 
     Returns
@@ -292,7 +296,7 @@ def signatures_from_proportions(
     table_key, table = resolve_table(sdata, table_key)
     if key not in table.obsm:
         raise KeyError(f"table.obsm has no {key!r} (entries: {list(table.obsm.keys())}).")
-    rows = _section_rows(table, as_list(sections), groups_key)
+    rows = _section_rows(table, as_list(sections), section_key)
     P = np.asarray(table.obsm[key], dtype=np.float64)[rows]
     ok = np.isfinite(P).all(axis=1)
     X = counts(table, rows[ok])
@@ -481,7 +485,7 @@ def predict_proportions(
     predict: str | Sequence[str],
     key: str = "stereoscope_major",
     table_key: str | None = None,
-    groups_key: str = "section",
+    section_key: str = "section",
     image_key: str | None = None,
     mpp: float | None = None,
     size_um: float | None = None,
@@ -503,14 +507,14 @@ def predict_proportions(
     sdata
         SpatialData with H&E images, spots and a table with proportions in ``obsm[key]``.
     train
-        Sections to fit on (values of ``obs[groups_key]``) whose spots have proportions.
+        Sections to fit on (values of ``obs[section_key]``) whose spots have proportions.
     predict
-        Sections to predict: values of ``obs[groups_key]``, or shapes elements of H&E-only sections.
+        Sections to predict: values of ``obs[section_key]``, or shapes elements of H&E-only sections.
     key
         The ``obsm`` DataFrame of training proportions (e.g. from :func:`omx.tl.deconvolve`, or published ones).
     table_key
         The table; may be omitted when there is one.
-    groups_key
+    section_key
         The obs column naming each spot's section.
     image_key
         The H&E image, when it cannot be found from the spots' coordinate system.
@@ -550,7 +554,7 @@ def predict_proportions(
         raise TypeError(f"obsm[{key!r}] must be a DataFrame with one column per cell type.")
     types = [str(c) for c in props.columns]
     sections = resolve_sections(
-        sdata, [*train, *predict], table_key=table_key, groups_key=groups_key, image_key=image_key, mpp=mpp, role="a"
+        sdata, [*train, *predict], table_key=table_key, section_key=section_key, image_key=image_key, mpp=mpp, role="a"
     )
     where = f"sdata.tables[{table_key!r}]"
     measured = [n for n in predict if sections[n].measured]
@@ -588,7 +592,7 @@ def predict_proportions(
     entry = base_entry(
         "predict_proportions",
         {
-            "train": train, "predict": predict, "key": key, "table_key": table_key, "section_key": groups_key,
+            "train": train, "predict": predict, "key": key, "table_key": table_key, "section_key": section_key,
             "image_key": image_key, "mpp": mpp, "size_um": size_um, "context": context, "alpha": alpha, "seed": seed,
         },
         model=model_entry(model),

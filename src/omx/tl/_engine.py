@@ -57,17 +57,17 @@ def resolve_sections(
     names: Sequence[str],
     *,
     table_key: str,
-    groups_key: str,
+    section_key: str,
     image_key: str | None = None,
     mpp: float | None = None,
     role: str = "",
 ) -> dict[str, Section]:
-    """Resolve sections by name: a value of ``table.obs[groups_key]``, or a shapes element with no measurement."""
+    """Resolve sections by name: a value of ``table.obs[section_key]``, or a shapes element with no measurement."""
     table = sdata.tables[table_key]
     _, region_key, _ = table_regions(table)
-    if groups_key not in table.obs:
-        raise KeyError(f"Table {table_key!r} has no obs column {groups_key!r}; pass `groups_key=` naming the sections.")
-    labels = table.obs[groups_key].astype(str).to_numpy()
+    if section_key not in table.obs:
+        raise KeyError(f"Table {table_key!r} has no obs column {section_key!r}; pass `section_key=` naming sections.")
+    labels = table.obs[section_key].astype(str).to_numpy()
     known = pd.unique(labels).tolist()
     out = {}
     for name in names:
@@ -80,7 +80,7 @@ def resolve_sections(
             shapes_key = name
         else:
             raise KeyError(
-                f"{role.capitalize()} section {name!r} is neither a value of table.obs[{groups_key!r}] ({known}) "
+                f"{role.capitalize()} section {name!r} is neither a value of table.obs[{section_key!r}] ({known}) "
                 f"nor a shapes element ({list(sdata.shapes.keys())})."
             )
         try:

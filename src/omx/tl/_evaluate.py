@@ -118,7 +118,7 @@ def cross_validate(
         raise ValueError(
             f"Cross-validation needs at least 2 groups of {groups!r}; the sections form {len(set(group_of.values()))}."
         )
-    resolved = resolve_sections(sdata, names, table_key=table_key, groups_key=section_key, mpp=mpp, role="a")
+    resolved = resolve_sections(sdata, names, table_key=table_key, section_key=section_key, mpp=mpp, role="a")
 
     cache: dict = {}
     rows, gene_scores, fold_of, summaries, oof = [], {}, {}, {}, []

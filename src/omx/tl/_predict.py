@@ -51,7 +51,7 @@ def fit_predict(
     genes: Sequence[str] | None = None,
     n_top_genes: int | None = None,
     table_key: str | None = None,
-    groups_key: str = "section",
+    section_key: str = "section",
     layer: str | None = None,
     image_key: str | None = None,
     mpp: float | None = None,
@@ -72,9 +72,9 @@ def fit_predict(
     sdata
         SpatialData with H&E images, spots and a table of raw counts.
     train
-        Sections to fit on: values of ``table.obs[groups_key]``.
+        Sections to fit on: values of ``table.obs[section_key]``.
     predict
-        Sections to predict: values of ``table.obs[groups_key]``, or shapes elements without a measured table
+        Sections to predict: values of ``table.obs[section_key]``, or shapes elements without a measured table
         (H&E-only sections).
     model
         ``"ridge"`` (ridge on handcrafted features), ``"cnn"`` (CNN regression from scratch), ``"graph"``
@@ -87,7 +87,7 @@ def fit_predict(
         With ``genes=None``, keep only this many of the most expressed genes of the training sections.
     table_key
         The table with the counts; may be omitted when there is one.
-    groups_key
+    section_key
         The obs column naming each spot's section.
     layer
         Layer with the raw counts; ``X`` when omitted.
@@ -136,7 +136,7 @@ def fit_predict(
     train, predict = split_sections(train, predict)
     table_key, table = resolve_table(sdata, table_key)
     sections = resolve_sections(
-        sdata, [*train, *predict], table_key=table_key, groups_key=groups_key, image_key=image_key, mpp=mpp, role="a"
+        sdata, [*train, *predict], table_key=table_key, section_key=section_key, image_key=image_key, mpp=mpp, role="a"
     )
     unmeasured = [n for n in predict if not sections[n].measured]
     model = make_model(model, seed=seed, device=device, show_progress_bar=show_progress_bar)
@@ -170,7 +170,7 @@ def fit_predict(
         model,
         {
             "train": train, "predict": predict, "genes": genes, "n_top_genes": n_top_genes, "table_key": table_key,
-            "section_key": groups_key, "layer": layer, "mpp": mpp, "size_um": size_um, "context": context,
+            "section_key": section_key, "layer": layer, "mpp": mpp, "size_um": size_um, "context": context,
             "target_norm": target_norm, "min_counts": min_counts, "seed": seed,
         },
     )  # fmt: skip

@@ -1,0 +1,207 @@
+"""Parameter text shared by many docstrings, written once and filled in at import by `doc_params`.
+
+A docstring names a shared parameter by a line that holds only its placeholder, at the indentation of the
+other parameter names (here in the Parameters section of ``expression``)::
+
+    @doc_params()
+    def expression(sdata, genes, *, table_key=None):
+        '''Plot ...
+
+        {sdata}
+        genes
+            One gene name or a list of them.
+        {table_key}
+        '''
+
+Each fragment starts with the parameter's name and holds its description on the following lines, indented by
+four spaces; `doc_params` indents the whole fragment to the placeholder's column. Only whole-line placeholders
+are replaced, so braces elsewhere in a docstring (``{"gene": [...]}``, ``"{image_key}_nuclei"``) stay as they
+are, and a placeholder naming no fragment fails at import.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from collections.abc import Callable
+from typing import TypeVar
+
+__all__ = ["FRAGMENTS", "doc_params"]
+
+T = TypeVar("T")
+
+_PLACEHOLDER = re.compile(r"^(?P<indent>[ \t]*)\{(?P<name>[A-Za-z_]\w*)\}[ \t]*$", re.MULTILINE)
+
+
+def _fragment(text: str) -> str:
+    """Strip the surrounding blank lines of a fragment written as an indented triple-quoted string."""
+    return textwrap.dedent(text).strip("\n")
+
+
+#: Shared parameter text, by placeholder name. Names of variants of one parameter end in a qualifier
+#: (``table_key_spots``); the fragment itself starts with the parameter's own name.
+FRAGMENTS: dict[str, str] = {
+    name: _fragment(text)
+    for name, text in {
+        # ------------------------------------------------------------------------------------ data and elements
+        "sdata": """
+            sdata
+                The SpatialData object.
+            """,
+        "table_key": """
+            table_key
+                The table of the spots (raw counts, and the results omx writes). Omitted, the one table of the
+                object; tables that omx made (``"omx_cells"``, prediction tables) are left out when another one
+                exists, so an object with one measured table needs no ``table_key``.
+            """,
+        "table_key_spots": """
+            table_key
+                The table annotating the spots; omitted, the one table that annotates ``shapes_key`` (or none).
+            """,
+        "image_key": """
+            image_key
+                The H&E image; may be omitted when exactly one image shares a coordinate system with the spots.
+            """,
+        "shapes_key": """
+            shapes_key
+                The spots (circles with a ``radius`` column, or polygons); may be omitted when the table annotates
+                exactly one shapes element, or the object has exactly one.
+            """,
+        "section_key": """
+            section_key
+                The obs column naming each spot's section.
+            """,
+        "mpp": """
+            mpp
+                Microns per pixel of the image's finest level, when its coordinate system is not in microns.
+            """,
+        "layer": """
+            layer
+                Table layer with the raw counts; ``X`` when omitted.
+            """,
+        "genes": """
+            genes
+                Genes to predict; all must be in the table. Omitted: the genes detected in at least 1 % of the
+                training spots.
+            """,
+        "n_top_genes": """
+            n_top_genes
+                With ``genes=None``, keep only this many of the most expressed genes of the training sections
+                (mean log-normalised expression over the training spots only).
+            """,
+        "min_counts": """
+            min_counts
+                Spots with fewer counts are left out of training and of the scores (their predictions are still
+                written).
+            """,
+        "target_norm": """
+            target_norm
+                ``"section"`` standardises each gene within each training section (recommended when library
+                depths differ), ``"none"`` pools log-normalised values as they are.
+            """,
+        # ----------------------------------------------------------------------------------------------- patches
+        "size_um": """
+            size_um
+                Side of the square patch around each spot, in microns; the spot diameter when omitted.
+            """,
+        "context": """
+            context
+                Patch sizes as multiples of ``size_um``: feature models concatenate the features of each, in this
+                order; patch models see one patch spanning the largest.
+            """,
+        "data_spots": """
+            data
+                A SpatialData object (then ``resolve_kwargs`` go to :func:`omx.pp.resolve_spots`) or resolved
+                spots (:class:`omx.pp.Spots`).
+            """,
+        "resolve_kwargs": """
+            **resolve_kwargs
+                ``image_key``, ``shapes_key``, ``table_key``, ``mpp``, ... for :func:`omx.pp.resolve_spots`.
+            """,
+        # --------------------------------------------------------------------------------------------- io, data
+        "sections": """
+            sections
+                Sections to read, one name (``"C2"``) or a list (``["C2", "C3"]``); None reads every section
+                found.
+            """,
+        "genes_read": """
+            genes
+                Keep only these genes, in this order, e.g. ``omx.datasets.her2st_genes()`` (the 785-gene panel of
+                the published benchmarks). Genes that no section measured are dropped with an `omx.OmxWarning`.
+                None keeps the union of the genes of all sections (a gene absent from a section counts 0 there).
+            """,
+        # ------------------------------------------------------------------------------------- results and runs
+        "key_added": """
+            key_added
+                Where the results go (see Returns); the same name keys the entry ``uns["omx"][key_added]``.
+            """,
+        "overwrite": """
+            overwrite
+                Replace existing results under ``key_added``; otherwise a `KeyError` names the key that is taken.
+            """,
+        "inplace": """
+            inplace
+                Write the results into ``sdata`` and return None; otherwise return them and leave ``sdata`` as
+                it was.
+            """,
+        "seed": """
+            seed
+                Random seed; the same seed gives the same result on the CPU.
+            """,
+        "device": """
+            device
+                ``"auto"`` (CUDA when present, else the CPU), ``"cpu"`` or ``"cuda"``; results agree up to float
+                noise.
+            """,
+        "show_progress_bar": """
+            show_progress_bar
+                Show progress bars (`tqdm.auto`) over long loops.
+            """,
+        # ----------------------------------------------------------------------------------------------- plots
+        "section_key_pl": """
+            section_key
+                The obs column naming each spot's section; when the table has no column ``"section"`` (the
+                default), the table's region column, one section per shapes element.
+            """,
+        "section_pl": """
+            section
+                The section to draw, a value of ``obs[section_key]``; may be omitted when the results cover
+                exactly one section.
+            """,
+        "show": """
+            show
+                Show the figure (`matplotlib.pyplot.show`) and return None. Omitted, ``omx.settings.autoshow``
+                (True unless changed). ``show=False`` returns the axes to draw on.
+            """,
+        "save": """
+            save
+                Save the figure (150 dpi, tight bounding box): a path (its suffix picks the format), or True for
+                ``omx.settings.figdir / "<function name>.png"``. Folders are created as needed.
+            """,
+    }.items()
+}
+
+
+def doc_params(**fragments: str) -> Callable[[T], T]:
+    r"""Fill the whole-line ``{name}`` placeholders of a docstring with shared parameter text.
+
+    Placeholders name entries of `FRAGMENTS`; keyword arguments add fragments for this docstring or replace
+    shared ones (``@doc_params(ax="ax\n    One axes to draw into.")``). The original docstring is kept as
+    ``__orig_doc__``, as scanpy's ``_doc_params`` does.
+    """
+    known = {**FRAGMENTS, **{name: _fragment(text) for name, text in fragments.items()}}
+
+    def fill(match: re.Match) -> str:
+        name, indent = match["name"], match["indent"]
+        if name not in known:
+            raise KeyError(f"No shared docstring fragment {name!r}; known: {sorted(known)}.")
+        return "\n".join(indent + line if line else line for line in known[name].splitlines())
+
+    def decorate(obj: T) -> T:
+        doc = obj.__doc__
+        if doc:
+            obj.__orig_doc__ = doc
+            obj.__doc__ = _PLACEHOLDER.sub(fill, doc)
+        return obj
+
+    return decorate
