@@ -402,3 +402,39 @@ def test_init_params_save_load_and_clone(tmp_path, cnn_data):
     assert loaded.init_params_ == cnn.init_params_ and loaded.epochs == 1
     twin = loaded.clone(seed=9)
     assert twin.init_params_ == {**cnn.init_params_, "seed": 9} and not twin.is_fitted_
+
+
+# ---------------------------------------------------------------- the training module
+def test_train_early_stops_and_restores_the_best_epoch():
+    torch = pytest.importorskip("torch")
+    from omx.models._training import train
+
+    rng = np.random.default_rng(0)
+    X = torch.from_numpy(rng.normal(size=(120, 4)).astype(np.float32))
+    y = X @ torch.tensor([1.0, -2.0, 0.5, 0.0]) + 0.1
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 1)
+    seen = []
+
+    def batch_loss(net, rows, training):
+        seen.append(net is module)
+        return torch.nn.functional.mse_loss(net(X[rows]).squeeze(1), y[rows])
+
+    scores = iter([0.1, 0.5, 0.3, 0.2, 0.4, 0.9])  # best at the second epoch, then two without improvement
+    weights = []
+
+    def val_score():
+        weights.append(module.weight.detach().clone())  # the weights after each epoch
+        return next(scores)
+
+    result = train(
+        module, batch_loss, np.arange(100), np.arange(100, 120), epochs=6, batch_size=16, lr=0.05,
+        weight_decay=0.0, patience=2, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
+        val_score=val_score, show_progress_bar=False,
+    )  # fmt: skip
+    assert all(seen) and not module.training
+    assert result.best_epoch == 1 and result.history["val_score"] == [0.1, 0.5, 0.3, 0.2]
+    assert len(result.history["train_loss"]) == len(result.history["val_loss"]) == 4
+    assert result.history["train_loss"][-1] < result.history["train_loss"][0]
+    torch.testing.assert_close(module.weight.detach(), weights[1], rtol=0, atol=0)  # the best epoch's weights
+    assert not torch.equal(weights[1], weights[-1])

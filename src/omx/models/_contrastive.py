@@ -482,7 +482,7 @@ class Contrastive(TorchModel):
         self.head_ridge_ = None
         labels_cache: dict[int, torch.Tensor] = {}
 
-        def batch_loss(rows: np.ndarray, train: bool) -> torch.Tensor:
+        def batch_loss(_net, rows: np.ndarray, train: bool) -> torch.Tensor:  # no DDP: calls parts of module_
             h = self._embed_rows(Xp, rows, nbrs, device, generator=generator if train else None)
             loss = F.mse_loss(self.module_["head"](h).float(), R_t[rows])
             if self.contrastive_weight > 0:

@@ -297,7 +297,7 @@ class SpatialGraph(TorchModel):
             log_lib = None
 
         def make_batch_loss(tiles: list[np.ndarray]):
-            def batch_loss(tile_idx: np.ndarray, train: bool) -> torch.Tensor:
+            def batch_loss(_net, tile_idx: np.ndarray, train: bool) -> torch.Tensor:  # no DDP: calls module_
                 seeds = np.sort(np.concatenate([tiles[t] for t in tile_idx]))
                 nodes, edges, pos = self._subgraph(adj, deg, seeds, device)
                 out = self.module_(feats[nodes].to(device), *edges)[pos]
