@@ -15,6 +15,7 @@ from omx.models._contrastive import Contrastive
 from omx.models._distributed import fit_distributed
 from omx.models._graph import SpatialGraph
 from omx.models._ridge import Ridge
+from omx.models._standardize import GroupStandardizer
 
 #: Short names accepted by `get_model` (and by the ``model=`` argument of `omx.tl` functions).
 MODELS: dict[str, type[Model]] = {
@@ -28,6 +29,7 @@ __all__ = [
     "CNNRegressor",
     "Context",
     "Contrastive",
+    "GroupStandardizer",
     "MODELS",
     "Model",
     "Ridge",

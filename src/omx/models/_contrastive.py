@@ -13,7 +13,8 @@ from omx.models._base import TorchModel
 from omx.models._cnn import _channel_stats, augment_patches
 from omx.models._context import Context
 from omx.models._graph import PROPAGATION_GRID, propagate
-from omx.models._ridge import DEFAULT_ALPHAS, Ridge, _fit_ridge, _safe_scale
+from omx.models._ridge import DEFAULT_ALPHAS, Ridge, _fit_ridge
+from omx.models._standardize import GroupStandardizer
 
 if TYPE_CHECKING:
     import torch
@@ -252,7 +253,6 @@ class Contrastive(TorchModel):
         self.weight_decay = float(weight_decay)
         self.patience = None if patience is None else int(patience)
         self.val_fraction, self.augment = float(val_fraction), bool(augment)
-        self.standardize = "group"  # read by the shared per-group feature standardisation of Ridge
         super().__init__(seed=seed, device=device, show_progress_bar=show_progress_bar)
 
     def _describe_param(self, name: str, value: Any) -> Any:
@@ -275,7 +275,9 @@ class Contrastive(TorchModel):
         """The coordinates with spot context (``neighbors > 0``), else nothing."""
         return frozenset({"coords"}) if self.neighbors else frozenset()
 
-    _standardise = Ridge._standardise  # per-group z-scores of features (uses x_mean_, x_scale_, standardize)
+    def _standardise(self, X: np.ndarray, groups: np.ndarray | None, group_stats=None) -> np.ndarray:
+        """Per-group z-scores of features, as `Ridge` (and so its linear part) standardises them."""
+        return self.standardizer_.transform(X, groups, group_stats)
 
     # ------------------------------------------------------------------ networks
     def _build(self, d_in: int, n_targets: int, n_out: int) -> torch.nn.Module:
@@ -518,7 +520,7 @@ class Contrastive(TorchModel):
         seed_everything(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         if self.image == "features":
-            self.x_mean_, self.x_scale_ = X.mean(0), _safe_scale(X.std(0))
+            self.standardizer_ = GroupStandardizer().fit(X)
         else:
             self.input_mean_, self.input_std_ = _channel_stats(X, train_idx)
         Xp = self._prepare(X, groups)
@@ -820,7 +822,7 @@ class Contrastive(TorchModel):
             linear_state, linear_arrays = self.linear_._get_state()
             arrays.update({f"linear_{k}": v for k, v in linear_arrays.items()})
         if self.image == "features":
-            arrays.update(x_mean=self.x_mean_, x_scale=self.x_scale_)
+            arrays.update(x_mean=self.standardizer_.mean_, x_scale=self.standardizer_.scale_)
         else:
             arrays.update(input_mean=self.input_mean_, input_std=self.input_std_)
         state = {
@@ -857,7 +859,7 @@ class Contrastive(TorchModel):
                 state["linear_state"], {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
             )
         if self.image == "features":
-            self.x_mean_, self.x_scale_ = arrays["x_mean"], arrays["x_scale"]
+            self.standardizer_ = GroupStandardizer().set_state({"mean": arrays["x_mean"], "scale": arrays["x_scale"]})
         else:
             self.input_mean_, self.input_std_ = arrays["input_mean"], arrays["input_std"]
         self.module_ = self._build(state["d_in"], len(self.target_mean_), state["n_out"])
