@@ -34,8 +34,9 @@ class Ridge(Model):
 
     With ``alpha=None`` the penalty is chosen from `alphas`, and with ``n_components="auto"`` the number of
     target components too, by cross-validation that maximises the mean per-gene Pearson r on held-out rows:
-    leave-one-group-out when `groups` holds two or more groups, otherwise 5-fold. Each fold takes one SVD and
-    scans every alpha and every number of components from it.
+    leave-one-group-out when `groups` holds two or more groups, otherwise shuffled 5-fold (scikit-learn's
+    `~sklearn.model_selection.LeaveOneGroupOut` and `~sklearn.model_selection.KFold` with ``random_state=seed``).
+    Each fold takes one SVD and scans every alpha and every number of components from it.
 
     Parameters
     ----------
@@ -54,7 +55,7 @@ class Ridge(Model):
     alphas
         Grid searched when `alpha` is None.
     seed
-        Seed of the K-fold split (used without groups).
+        Seed of the shuffled K-fold split (used without groups).
     device
         Unused (numpy); accepted for a uniform interface.
     show_progress_bar
@@ -147,21 +148,21 @@ class Ridge(Model):
         """Choose alpha (and the number of target components) by cross-validated mean per-gene Pearson r."""
         alphas = self.alphas if self.alpha is None else (self.alpha,)
         ranks = N_COMPONENTS_GRID if self.n_components == "auto" else (self.n_components,)
+        from sklearn.model_selection import KFold, LeaveOneGroupOut
+
         n = len(Z)
         if groups is not None and len(np.unique(groups)) >= 2:
-            folds = [groups == g for g in np.unique(groups)]
-            kind = f"leave-one-group-out ({len(folds)} groups)"
+            splits = list(LeaveOneGroupOut().split(Z, groups=groups))
+            kind = f"leave-one-group-out ({len(splits)} groups)"
         else:
             k = min(5, n)
             if k < 2:
                 return alphas[len(alphas) // 2], ranks[-1]
-            assign = np.random.default_rng(self.seed).permutation(n) % k
-            folds = [assign == i for i in range(k)]
+            splits = list(KFold(n_splits=k, shuffle=True, random_state=self.seed).split(Z))
             kind = f"{k}-fold"
+        folds = [np.isin(np.arange(n), held) for _, held in splits]
         scores = np.full((len(folds), len(ranks), len(alphas)), np.nan)
         for f, val in enumerate(progress(folds, show=self.show_progress_bar, desc="Ridge CV", unit="fold")):
-            if val.all() or not val.any():
-                continue
             # Ridge is linear in the targets: fitting to the top-k target components equals projecting the
             # full-gene prediction onto them, so one fit per fold serves every rank.
             z_mean, coefs, intercept, _ = _fit_ridge(Z[~val], Y[~val], alphas, None)
