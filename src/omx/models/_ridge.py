@@ -38,6 +38,9 @@ class Ridge(Model):
     `~sklearn.model_selection.LeaveOneGroupOut` and `~sklearn.model_selection.KFold` with ``random_state=seed``).
     Each fold takes one SVD and scans every alpha and every number of components from it.
 
+    How it compares with the other model families on her2st, and what its options add there: see "Model families
+    on her2st" in the guide.
+
     Parameters
     ----------
     encoder
@@ -48,8 +51,7 @@ class Ridge(Model):
     n_components
         Fit the ridge to this many principal components of the training targets (denoises many-gene targets)
         and map back to genes; None fits the genes directly; ``"auto"`` chooses among 5, 10, 20, 50 and None
-        by the same cross-validation as alpha (on her2st, leave-one-section-out on the C sections with spot and
-        context features, this raised the mean per-gene Pearson r over the 785-gene panel from 0.13 to 0.17).
+        by the same cross-validation as alpha.
     standardize
         ``"group"`` (per group, see above), ``"global"`` (training mean and std) or None (features as given).
     alphas
