@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
     import torch
 
+    from omx.encoders import Encoder
+
 PARAMS_FILE = "params.json"
 #: What each `Context` field is, and how to pass it, for the error of a missing required field.
 _FIELD_HELP = {
@@ -89,6 +91,8 @@ class Model:
     provides_variance: ClassVar[bool] = False
     #: Side in pixels of the patches a patch model takes.
     patch_px: int
+    #: The encoder that makes a feature model's features from patches (`omx.tl` encodes with it).
+    encoder: Encoder
     _registry: ClassVar[dict[str, type[Model]]] = {}
     _weights_file: ClassVar[str] = "weights.npz"
 

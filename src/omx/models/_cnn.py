@@ -28,6 +28,8 @@ class CNNRegressor(TorchModel):
     weights of the best epoch. On CUDA it runs in mixed precision with pinned host memory; on the CPU two fits
     with the same seed give identical predictions.
 
+    How it compares with the other model families on her2st: see "Model families on her2st" in the guide.
+
     Parameters
     ----------
     patch_px

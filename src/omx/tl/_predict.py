@@ -139,7 +139,8 @@ def section_patients(table: AnnData | None, section: Section) -> np.ndarray | No
 
 
 def _inputs(section, model, size_um, context, show_progress_bar, cache) -> np.ndarray:
-    key = (section.name, model.input, getattr(model, "patch_px", None), size_um, tuple(context), _encoder_id(model))
+    patch_px = model.patch_px if model.input == "patches" else None
+    key = (section.name, model.input, patch_px, size_um, tuple(context), _encoder_id(model))
     if cache is not None and key in cache:
         return cache[key]
     out = model_inputs(section, model, size_um=size_um, context=context, show_progress_bar=show_progress_bar)
@@ -149,7 +150,7 @@ def _inputs(section, model, size_um, context, show_progress_bar, cache) -> np.nd
 
 
 def _encoder_id(model) -> str | None:
-    enc = getattr(model, "encoder", None)
+    enc = model.encoder if model.input == "features" else None
     return None if enc is None else f"{enc.name}:{sorted(enc.get_params().items())}"
 
 
@@ -515,7 +516,7 @@ def predict_expression(
                 "predict=[...])`, then pass `m` (or the path of `m.save(path)`)."
             )
         model = load(model)
-    if getattr(model, "meta_", None) is None:
+    if model.meta_ is None:
         raise ValueError("The model is not fitted through omx.tl; fit it with omx.tl.fit_predict first.")
     model.to(device)
     spots = omx.pp.resolve_spots(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp)
