@@ -3,7 +3,7 @@ import pytest
 
 import omx
 from omx.metrics import pearson
-from omx.models import GraphRidge, SpatialGraph, get_model
+from omx.models import GraphRidge, GroupStandardizer, SpatialGraph, get_model
 
 FAST = {"hidden": 32, "epochs": 15, "lr": 3e-3, "show_progress_bar": False}
 
@@ -82,7 +82,7 @@ def test_subgraphs_equal_full_graph(conv):
     X = rng.normal(size=(len(coords), 5))
     Y = rng.normal(size=(len(coords), 3)).astype(np.float32)
     model = SpatialGraph(conv=conv, hidden=16, dropout=0.0, tile_size=9, show_progress_bar=False)
-    model.x_mean_, model.x_scale_ = X.mean(0), X.std(0)
+    model.standardizer_ = GroupStandardizer().fit(X)
     adj = model._build_graph(coords, None)
     deg = np.asarray(adj.sum(1)).ravel()
     torch.manual_seed(0)

@@ -402,3 +402,82 @@ def test_init_params_save_load_and_clone(tmp_path, cnn_data):
     assert loaded.init_params_ == cnn.init_params_ and loaded.epochs == 1
     twin = loaded.clone(seed=9)
     assert twin.init_params_ == {**cnn.init_params_, "seed": 9} and not twin.is_fitted_
+
+
+# ---------------------------------------------------------------- the training module
+def test_train_early_stops_and_restores_the_best_epoch():
+    torch = pytest.importorskip("torch")
+    from omx.models._training import train
+
+    rng = np.random.default_rng(0)
+    X = torch.from_numpy(rng.normal(size=(120, 4)).astype(np.float32))
+    y = X @ torch.tensor([1.0, -2.0, 0.5, 0.0]) + 0.1
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 1)
+    seen = []
+
+    def batch_loss(net, rows, training):
+        seen.append(net is module)
+        return torch.nn.functional.mse_loss(net(X[rows]).squeeze(1), y[rows])
+
+    scores = iter([0.1, 0.5, 0.3, 0.2, 0.4, 0.9])  # best at the second epoch, then two without improvement
+    weights = []
+
+    def val_score():
+        weights.append(module.weight.detach().clone())  # the weights after each epoch
+        return next(scores)
+
+    result = train(
+        module, batch_loss, np.arange(100), np.arange(100, 120), epochs=6, batch_size=16, lr=0.05,
+        weight_decay=0.0, patience=2, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
+        val_score=val_score, show_progress_bar=False,
+    )  # fmt: skip
+    assert all(seen) and not module.training
+    assert result.best_epoch == 1 and result.history["val_score"] == [0.1, 0.5, 0.3, 0.2]
+    assert len(result.history["train_loss"]) == len(result.history["val_loss"]) == 4
+    assert result.history["train_loss"][-1] < result.history["train_loss"][0]
+    torch.testing.assert_close(module.weight.detach(), weights[1], rtol=0, atol=0)  # the best epoch's weights
+    assert not torch.equal(weights[1], weights[-1])
+
+
+# ---------------------------------------------------------------- per-group standardisation
+def _standardize_by_group_before(X, groups, mean, scale, stats=None):
+    """The function GroupStandardizer replaced, verbatim (for the equality test)."""
+    out = (X - mean) / scale
+    labels, inverse = (
+        (np.array([0]), np.zeros(len(X), int)) if groups is None else np.unique(groups, return_inverse=True)
+    )
+    stats = stats or {}
+    for k, label in enumerate(labels):
+        rows = inverse == k
+        if str(label) in stats:
+            mu, sd, n = stats[str(label)]
+        else:
+            mu, sd, n = X[rows].mean(0), X[rows].std(0), int(rows.sum())
+        if n >= 5:
+            out[rows] = (X[rows] - mu) / np.where(np.asarray(sd) > 1e-12, sd, 1.0)
+    return out
+
+
+def test_group_standardizer_equals_the_function_it_replaced():
+    from omx.models import GroupStandardizer
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(2.0, 3.0, (60, 4))
+    X[:, 3] = 1.5  # a constant feature standardises to 0
+    groups = np.array(["a"] * 30 + ["b"] * 27 + ["tiny"] * 3)  # "tiny" falls back to the fitted statistics
+    std = GroupStandardizer().fit(X[:40])
+    mean, scale = X[:40].mean(0), np.where(X[:40].std(0) > 1e-12, X[:40].std(0), 1.0)
+    np.testing.assert_array_equal(std.transform(X, groups), _standardize_by_group_before(X, groups, mean, scale))
+    np.testing.assert_array_equal(std.transform(X), _standardize_by_group_before(X, None, mean, scale))
+    stats = {"b": (X[30:57].mean(0) + 1, X[30:57].std(0), 27)}
+    np.testing.assert_array_equal(
+        std.transform(X, groups, stats), _standardize_by_group_before(X, groups, mean, scale, stats)
+    )
+    assert (std.transform(X, groups)[:, 3] == 0).all()
+    np.testing.assert_array_equal(GroupStandardizer("global").fit(X[:40]).transform(X, groups), (X - mean) / scale)
+    np.testing.assert_array_equal(GroupStandardizer(None).fit(X).transform(X, groups), X)
+    restored = GroupStandardizer().set_state(std.get_state())
+    np.testing.assert_array_equal(restored.transform(X, groups), std.transform(X, groups))
+    with pytest.raises(ValueError, match="standardize must be"):
+        GroupStandardizer("section")

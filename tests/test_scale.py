@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import omx
-from omx.models import CNNRegressor, TorchModel
+from omx.models import CNNRegressor
+from omx.models._training import Checkpoint
 from omx.pp import _stream
 
 
@@ -111,14 +112,14 @@ def test_checkpoint_resume_equals_uninterrupted(toy_patches, tmp_path, monkeypat
     patches, Y = toy_patches
     full = _cnn().fit(patches, Y)
 
-    save = TorchModel._save_checkpoint
+    save = Checkpoint.save
 
-    def save_then_stop(self, file, state, *args):
-        save(self, file, state, *args)
+    def save_then_stop(self, state, *args):
+        save(self, state, *args)
         if state["epoch"] == 1:
             raise KeyboardInterrupt  # the run dies right after its second epoch
 
-    monkeypatch.setattr(TorchModel, "_save_checkpoint", save_then_stop)
+    monkeypatch.setattr(Checkpoint, "save", save_then_stop)
     interrupted = _cnn()
     interrupted.checkpoint_dir = tmp_path
     with pytest.raises(KeyboardInterrupt):

@@ -18,6 +18,7 @@ from omx.models._gnn import SpatialGraph
 from omx.models._graph_ridge import GraphRidge
 from omx.models._retrieval import RetrievalBank
 from omx.models._ridge import Ridge
+from omx.models._standardize import GroupStandardizer
 
 #: Short names accepted by `get_model` (and by the ``model=`` argument of `omx.tl` functions).
 MODELS: dict[str, type[Model]] = {
@@ -34,6 +35,7 @@ __all__ = [
     "Context",
     "Contrastive",
     "GraphRidge",
+    "GroupStandardizer",
     "MODELS",
     "Model",
     "RetrievalBank",

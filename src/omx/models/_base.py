@@ -5,21 +5,23 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import math
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from omx._utils import check_counts, get_device, logger, progress
+from omx._utils import check_counts, get_device, logger
 from omx.encoders._base import check_patches
 from omx.models._context import Context
+from omx.models._training import BatchLoss, Checkpoints, autocast, train
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import torch
+
+    from omx.encoders import Encoder
 
 PARAMS_FILE = "params.json"
 #: What each `Context` field is, and how to pass it, for the error of a missing required field.
@@ -89,6 +91,8 @@ class Model:
     provides_variance: ClassVar[bool] = False
     #: Side in pixels of the patches a patch model takes.
     patch_px: int
+    #: The encoder that makes a feature model's features from patches (`omx.tl` encodes with it).
+    encoder: Encoder
     _registry: ClassVar[dict[str, type[Model]]] = {}
     _weights_file: ClassVar[str] = "weights.npz"
 
@@ -202,12 +206,7 @@ class Model:
             check_counts(Y, name="counts Y")
         self.history_ = {}
         self.n_targets_ = Y.shape[1]
-        self._fit_data = (X, Y)  # what a checkpoint of this fit must match (see TorchModel.checkpoint_dir)
-        self._n_train_calls = 0
-        try:
-            self._fit(X, Y, context)
-        finally:
-            del self._fit_data
+        self._fit_checked(X, Y, context)
         self.meta_ = None if context.meta is None else dict(context.meta)
         self.is_fitted_ = True
         return self
@@ -257,6 +256,10 @@ class Model:
             pred, var = self._predict_var(X, context)
             return np.asarray(pred, dtype=np.float32), np.asarray(var, dtype=np.float32)
         return np.asarray(self._predict(X, context), dtype=np.float32)
+
+    def _fit_checked(self, X: np.ndarray, Y: np.ndarray, context: Context) -> None:
+        """``_fit`` on checked inputs, with what the kind of model sets up around it (torch models: checkpoints)."""
+        self._fit(X, Y, context)
 
     def _fit(self, X: np.ndarray, Y: np.ndarray, context: Context) -> None:
         raise NotImplementedError
@@ -488,21 +491,13 @@ def _recording_init_params(init: Callable[..., None]) -> Callable[..., None]:
 Model.__init__ = _recording_init_params(Model.__init__)
 
 
-def _distributed_rank() -> tuple[int, int]:
-    """``(rank, world_size)`` of this process in an initialised torch.distributed group, else ``(0, 1)``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class TorchModel(Model):
-    """Base of the torch models: device choice, mixed precision on CUDA, the training loop with early stopping.
+    """Base of the torch models: the network (`module_`), its device, mixed precision on CUDA, and its state.
 
-    Subclasses build their network in ``_fit`` (as `module_`) and call :meth:`_train`; ``_get_state`` returns
-    their extra arrays (the module's weights are saved here), and ``_set_module_state`` rebuilds `module_` from
-    the saved state before its weights are loaded.
+    Subclasses build their network in ``_fit`` (as `module_`) and train it with :meth:`_train`, which runs the one
+    training loop of `omx.models._training` (early stopping, checkpoints, DDP); ``_get_state`` returns their extra
+    arrays (the module's weights are saved here), and ``_set_module_state`` rebuilds `module_` from the saved state
+    before its weights are loaded.
     """
 
     _weights_file = "weights.pt"
@@ -535,18 +530,22 @@ class TorchModel(Model):
             self.module_.to(target)
         return self
 
-    @staticmethod
-    def _autocast(device: torch.device):
-        """Mixed precision on CUDA (bfloat16, else float16); a no-op context on the CPU."""
-        import torch
+    _autocast = staticmethod(autocast)
 
-        enabled = device.type == "cuda"
-        dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+    def _fit_checked(self, X: np.ndarray, Y: np.ndarray, context: Context) -> None:
+        """``_fit``, with the checkpoints of this fit (one per training run) when `checkpoint_dir` is set."""
+        self._checkpoints = None
+        if self.checkpoint_dir is not None:
+            params = {k: v for k, v in self.init_params_.items() if k not in ("device", "show_progress_bar")}
+            self._checkpoints = Checkpoints(self.checkpoint_dir, name=type(self).__name__, params=params, X=X, Y=Y)
+        try:
+            self._fit(X, Y, context)
+        finally:
+            del self._checkpoints
 
     def _train(
         self,
-        batch_loss: Callable[[np.ndarray, bool], torch.Tensor],
+        batch_loss: BatchLoss,
         train_idx: np.ndarray,
         val_idx: np.ndarray,
         *,
@@ -559,173 +558,20 @@ class TorchModel(Model):
         device: torch.device,
         val_score: Callable[[], float] | None = None,
     ) -> None:
-        """Train `module_` with Adam; early-stop on the validation rows and restore the best weights.
+        """Train `module_` with the one training loop (`omx.models._training.train`); set `history_`, `best_epoch_`.
 
-        ``batch_loss(rows, train)`` returns the mean loss of the rows (indices into the training arrays). Fills
-        ``history_["train_loss"]`` and ``history_["val_loss"]`` (NaN without validation rows) per epoch. With
-        ``val_score`` (higher is better, computed in eval mode), early stopping follows it instead of the
-        validation loss, and ``history_["val_score"]`` records it.
+        ``batch_loss(net, rows, train)`` returns the mean loss of the rows (indices into the training arrays);
+        ``net`` is `module_`, or its DistributedDataParallel wrapper under torch.distributed (`supports_ddp`).
         """
-        import torch
-
-        module = self.module_
-        opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
-        autocast = self._autocast(device)
-        scaler = torch.amp.GradScaler(
-            device.type, enabled=device.type == "cuda" and autocast.fast_dtype == torch.float16
-        )
-        history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
-        state = {"epoch": -1, "best": math.inf, "best_state": None, "bad": 0, "best_epoch": epochs - 1, "done": False}
-        ckpt = self._checkpoint_file(train_idx, val_idx)
-        if ckpt is not None and ckpt.exists():
-            state = self._resume(ckpt, opt, scaler, generator, history)
-        self.history_ = history
-        rank, world = _distributed_rank()
-        net = self._parallel(module, device) if world > 1 else module
-        n_train = len(train_idx)
-        bar = progress(
-            range(state["epoch"] + 1, epochs),
-            show=self.show_progress_bar and rank == 0,
-            desc=f"{type(self).__name__}",
-            unit="epoch",
-        )
-        for epoch in bar:
-            if state["done"]:
-                break
-            module.train()
-            order = train_idx[torch.randperm(n_train, generator=generator).numpy()]
-            step = batch_size
-            if world > 1:  # every rank the same number of steps, each its share of the same global batches
-                order, step = order[: n_train - n_train % world], -(-batch_size // world)
-                order = order.reshape(-1, world)[:, rank]
-            total = torch.zeros((), device=device)
-            self.module_ = net
-            try:
-                for start in range(0, len(order), step):
-                    rows = order[start : start + step]
-                    if len(rows) < 2 and len(order) >= 2:  # batch norm needs two samples; the row returns next epoch
-                        continue
-                    with autocast:
-                        loss = batch_loss(rows, True)
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                    total += loss.detach().float() * len(rows)
-            finally:
-                self.module_ = module
-            if world > 1:
-                torch.distributed.all_reduce(total)
-            history["train_loss"].append(float(total) / max(1, len(order) * world))
-            val_loss = self._evaluate(batch_loss, val_idx, batch_size=batch_size, device=device)
-            history["val_loss"].append(val_loss)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(train=f"{history['train_loss'][-1]:.4f}", val=f"{val_loss:.4f}")
-            state["epoch"] = epoch
-            if len(val_idx):
-                criterion = val_loss
-                if val_score is not None:
-                    history.setdefault("val_score", []).append(val_score())
-                    criterion = -history["val_score"][-1]
-                if criterion < state["best"]:
-                    state.update(best=criterion, bad=0, best_epoch=epoch)
-                    state["best_state"] = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-                else:
-                    state["bad"] += 1
-                    if patience and state["bad"] >= patience:
-                        logger.info("Early stopping after epoch %d; best epoch %d.", epoch + 1, state["best_epoch"] + 1)
-                        state["done"] = True
-            if ckpt is not None and rank == 0:
-                self._save_checkpoint(ckpt, state, opt, scaler, generator, history)
-        self.best_epoch_ = state["best_epoch"]
-        if state["best_state"] is not None:
-            module.load_state_dict(state["best_state"])
-        module.eval()
-
-    # ------------------------------------------------------------------ checkpoints
-    def _checkpoint_file(self, train_idx: np.ndarray, val_idx: np.ndarray) -> Path | None:
-        """Path of the checkpoint of this training run (one per `_train` call of a fit); sets its fingerprint."""
-        self._n_train_calls = getattr(self, "_n_train_calls", 0) + 1
-        if self.checkpoint_dir is None:
-            return None
-        import zlib
-
-        X, Y = getattr(self, "_fit_data", (np.zeros(0), np.zeros(0)))
-        crc = 0
-        for a in (np.ascontiguousarray(Y), np.ascontiguousarray(train_idx), np.ascontiguousarray(val_idx)):
-            crc = zlib.crc32(memoryview(a).cast("B"), crc)
-        for start in range(0, len(X), 4096):  # in slices: X may be a large array of patches
-            crc = zlib.crc32(memoryview(np.ascontiguousarray(X[start : start + 4096])).cast("B"), crc)
-        params = {k: v for k, v in self.init_params_.items() if k not in ("device", "show_progress_bar")}
-        self._fingerprint = json.dumps(
-            {"class": type(self).__name__, "params": params, "shapes": [X.shape, Y.shape], "crc": crc}, default=str
-        )
-        path = Path(self.checkpoint_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        return path / f"checkpoint_{self._n_train_calls}.pt"
-
-    def _save_checkpoint(self, file: Path, state: dict, opt, scaler, generator, history: dict) -> None:
-        import torch
-
-        payload = {
-            "fingerprint": self._fingerprint,
-            "state": state,
-            "module": self.module_.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict(),
-            "generator": generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "history": history,
-        }
-        tmp = file.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(file)  # atomic: an interrupted write never leaves a half checkpoint
-
-    def _resume(self, file: Path, opt, scaler, generator, history: dict) -> dict:
-        import torch
-
-        payload = torch.load(file, map_location="cpu", weights_only=False)
-        if payload["fingerprint"] != self._fingerprint:
-            raise ValueError(
-                f"The checkpoint {file} comes from another model or other data than this fit. Use another "
-                "`checkpoint_dir`, or delete it to start afresh."
-            )
-        self.module_.load_state_dict(payload["module"])
-        opt.load_state_dict(payload["optimizer"])
-        scaler.load_state_dict(payload["scaler"])
-        generator.set_state(payload["generator"])
-        torch.set_rng_state(payload["torch_rng"])
-        history.update(payload["history"])
-        logger.info("Resuming from %s after epoch %d.", file, payload["state"]["epoch"] + 1)
-        return payload["state"]
-
-    # ------------------------------------------------------------------ distributed training
-    def _parallel(self, module, device):
-        """`module` wrapped in DistributedDataParallel, for models whose training calls it as a whole."""
-        from torch.nn.parallel import DistributedDataParallel
-
-        if not self.supports_ddp:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not train under torch.distributed yet (its training calls parts of "
-                "its network); fit it in one process, or use CNNRegressor."
-            )
-        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def _evaluate(
-        self, batch_loss: Callable[[np.ndarray, bool], torch.Tensor], rows: np.ndarray, *, batch_size: int, device
-    ) -> float:
-        """Mean loss over `rows` in eval mode (NaN when there are none)."""
-        import torch
-
-        if len(rows) == 0:
-            return float("nan")
-        self.module_.eval()
-        total = torch.zeros((), device=device)
-        with torch.no_grad(), self._autocast(device):
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
-                total += batch_loss(chunk, False).float() * len(chunk)
-        return float(total) / len(rows)
+        checkpoint = None if self._checkpoints is None else self._checkpoints.next_run(train_idx, val_idx)
+        result = train(
+            self.module_, batch_loss, train_idx, val_idx, epochs=epochs, batch_size=batch_size, lr=lr,
+            weight_decay=weight_decay, patience=patience, generator=generator, device=device, val_score=val_score,
+            checkpoint=checkpoint, ddp=self.supports_ddp, name=type(self).__name__,
+            show_progress_bar=self.show_progress_bar,
+        )  # fmt: skip
+        self.history_ = result.history
+        self.best_epoch_ = result.best_epoch
 
     def _save_arrays(self, file: Path, arrays: dict[str, np.ndarray]) -> None:
         import torch

@@ -28,6 +28,8 @@ class CNNRegressor(TorchModel):
     weights of the best epoch. On CUDA it runs in mixed precision with pinned host memory; on the CPU two fits
     with the same seed give identical predictions.
 
+    How it compares with the other model families on her2st: see "Model families on her2st" in the guide.
+
     Parameters
     ----------
     patch_px
@@ -145,11 +147,11 @@ class CNNRegressor(TorchModel):
 
         self.module_ = self._build(Y.shape[1]).to(device)
 
-        def batch_loss(rows: np.ndarray, train: bool) -> torch.Tensor:
+        def batch_loss(net: torch.nn.Module, rows: np.ndarray, train: bool) -> torch.Tensor:
             x = to_tensor(X[rows], device)
             if train and self.augment:
                 x = augment_patches(x, generator)
-            pred = self.module_((x - mean) / std)
+            pred = net((x - mean) / std)
             return F.mse_loss(pred.float(), Yz[rows])
 
         val_groups = groups[val_idx] if groups is not None else np.zeros(len(val_idx))

@@ -15,7 +15,8 @@ from omx.models._context import Context
 from omx.models._contrastive_net import contrastive_module
 from omx.models._neighbors import PROPAGATION_GRID, nearest, neighbour_matrix, propagate
 from omx.models._retrieval import QUERY_CHUNK, RetrievalBank
-from omx.models._ridge import DEFAULT_ALPHAS, Ridge, _fit_ridge, _safe_scale, standardize_by_group
+from omx.models._ridge import DEFAULT_ALPHAS, Ridge, _fit_ridge
+from omx.models._standardize import GroupStandardizer
 
 if TYPE_CHECKING:
     import torch
@@ -254,8 +255,8 @@ class Contrastive(TorchModel):
         return frozenset({"coords"}) if self.neighbors else frozenset()
 
     def _standardise(self, X: np.ndarray, groups: np.ndarray | None, group_stats=None) -> np.ndarray:
-        """Per-group z-scores of the features, as `Ridge` standardises them."""
-        return standardize_by_group(X, groups, self.x_mean_, self.x_scale_, group_stats)
+        """Per-group z-scores of features, as `Ridge` (and so its linear part) standardises them."""
+        return self.standardizer_.transform(X, groups, group_stats)
 
     # ------------------------------------------------------------------ networks
     def _build(self, d_in: int, n_targets: int, n_out: int) -> torch.nn.Module:
@@ -462,7 +463,7 @@ class Contrastive(TorchModel):
         seed_everything(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         if self.image == "features":
-            self.x_mean_, self.x_scale_ = X.mean(0), _safe_scale(X.std(0))
+            self.standardizer_ = GroupStandardizer().fit(X)
         else:
             self.input_mean_, self.input_std_ = _channel_stats(X, train_idx)
         Xp = self._prepare(X, groups)
@@ -482,7 +483,7 @@ class Contrastive(TorchModel):
         self.head_ridge_ = None
         labels_cache: dict[int, torch.Tensor] = {}
 
-        def batch_loss(rows: np.ndarray, train: bool) -> torch.Tensor:
+        def batch_loss(_net, rows: np.ndarray, train: bool) -> torch.Tensor:  # no DDP: calls parts of module_
             h = self._embed_rows(Xp, rows, nbrs, device, generator=generator if train else None)
             loss = F.mse_loss(self.module_["head"](h).float(), R_t[rows])
             if self.contrastive_weight > 0:
@@ -722,7 +723,7 @@ class Contrastive(TorchModel):
             linear_state, linear_arrays = self.linear_._get_state()
             arrays.update({f"linear_{k}": v for k, v in linear_arrays.items()})
         if self.image == "features":
-            arrays.update(x_mean=self.x_mean_, x_scale=self.x_scale_)
+            arrays.update(x_mean=self.standardizer_.mean_, x_scale=self.standardizer_.scale_)
         else:
             arrays.update(input_mean=self.input_mean_, input_std=self.input_std_)
         state = {
@@ -757,7 +758,7 @@ class Contrastive(TorchModel):
             self.linear_.n_targets_, self.linear_.n_features_in_ = len(self.target_mean_), self.n_features_in_
             self.linear_.is_fitted_ = True
         if self.image == "features":
-            self.x_mean_, self.x_scale_ = arrays["x_mean"], arrays["x_scale"]
+            self.standardizer_ = GroupStandardizer().set_state({"mean": arrays["x_mean"], "scale": arrays["x_scale"]})
         else:
             self.input_mean_, self.input_std_ = arrays["input_mean"], arrays["input_std"]
         self.module_ = self._build(state["d_in"], len(self.target_mean_), state["n_out"])

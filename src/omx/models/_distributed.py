@@ -77,7 +77,6 @@ def _worker(rank, world, backend, port, model, X, Y, context, groups, coords, ou
             model.to(f"cuda:{rank}")
         else:
             torch.set_num_threads(max(1, torch.get_num_threads() // world))
-        model.show_progress_bar = model.show_progress_bar and rank == 0
         model.fit(X, Y, context, groups=groups, coords=coords)
         checksum = torch.tensor(
             [float(p.detach().double().sum()) for p in model.module_.parameters()], dtype=torch.float64

@@ -14,7 +14,7 @@ from omx.models._base import TorchModel
 from omx.models._context import Context
 from omx.models._gnn_net import graph_net
 from omx.models._neighbors import check_graph, median_spacing, spatial_graph
-from omx.models._ridge import _safe_scale, standardize_by_group
+from omx.models._standardize import GroupStandardizer
 
 if TYPE_CHECKING:
     import torch
@@ -250,7 +250,7 @@ class SpatialGraph(TorchModel):
 
     # ------------------------------------------------------------------ fit / predict
     def _standardise(self, X: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
-        return standardize_by_group(X, groups, self.x_mean_, self.x_scale_).astype(np.float32)
+        return self.standardizer_.transform(X, groups).astype(np.float32)
 
     def _build(self, n_features: int, n_targets: int) -> torch.nn.Module:
         return graph_net(
@@ -268,8 +268,7 @@ class SpatialGraph(TorchModel):
         rng = np.random.default_rng(self.seed)
         adj = self._build_graph(coords, groups)
         deg = np.asarray(adj.sum(1)).ravel()
-        self.x_mean_ = X.mean(0)
-        self.x_scale_ = _safe_scale(X.std(0))
+        self.standardizer_ = GroupStandardizer().fit(X)
         feats = torch.from_numpy(self._standardise(X, groups))
         train_rows, val_rows = self._validation_split(len(X), groups, self.val_fraction, rng)
 
@@ -297,7 +296,7 @@ class SpatialGraph(TorchModel):
             log_lib = None
 
         def make_batch_loss(tiles: list[np.ndarray]):
-            def batch_loss(tile_idx: np.ndarray, train: bool) -> torch.Tensor:
+            def batch_loss(_net, tile_idx: np.ndarray, train: bool) -> torch.Tensor:  # no DDP: calls module_
                 seeds = np.sort(np.concatenate([tiles[t] for t in tile_idx]))
                 nodes, edges, pos = self._subgraph(adj, deg, seeds, device)
                 out = self.module_(feats[nodes].to(device), *edges)[pos]
@@ -432,8 +431,8 @@ class SpatialGraph(TorchModel):
     # ------------------------------------------------------------------ state
     def _get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         arrays = {
-            "x_mean": self.x_mean_,
-            "x_scale": self.x_scale_,
+            "x_mean": self.standardizer_.mean_,
+            "x_scale": self.standardizer_.scale_,
             "target_mean": self.target_mean_,
             "target_std": self.target_std_,
         }
@@ -443,6 +442,6 @@ class SpatialGraph(TorchModel):
     def _set_module_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self.best_epoch_ = state["best_epoch_"]
         self.library_size_ = state.get("library_size_")
-        self.x_mean_, self.x_scale_ = arrays["x_mean"], arrays["x_scale"]
+        self.standardizer_ = GroupStandardizer().set_state({"mean": arrays["x_mean"], "scale": arrays["x_scale"]})
         self.target_mean_, self.target_std_ = arrays["target_mean"], arrays["target_std"]
         self.module_ = self._build(self.n_features_in_, len(self.target_mean_))

@@ -12,13 +12,12 @@ from omx.encoders import Encoder, get_encoder
 from omx.metrics import pearson
 from omx.models._base import Model
 from omx.models._context import Context
+from omx.models._standardize import GroupStandardizer
 
 #: Default alpha grid (penalty per row, on standardised features).
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-4, 2, 13))
 #: Numbers of target components searched with ``n_components="auto"`` (None: the genes themselves).
 N_COMPONENTS_GRID = (5, 10, 20, 50, None)
-#: Groups with fewer rows than this are standardised with the training set's global statistics.
-MIN_GROUP_ROWS = 5
 
 
 class Ridge(Model):
@@ -30,12 +29,17 @@ class Ridge(Model):
     that group's own mean and standard deviation. It uses only the images, not the expression, so it is
     leakage-free, and it removes the stain and scanner differences between sections. At prediction time a
     section's own features give its standardisation, so pass whole sections (with `groups`), not a handful
-    of spots; groups of fewer than 5 rows fall back to the training set's global statistics.
+    of spots; groups of fewer than 5 rows fall back to the training set's global statistics
+    (`~omx.models.GroupStandardizer`).
 
     With ``alpha=None`` the penalty is chosen from `alphas`, and with ``n_components="auto"`` the number of
     target components too, by cross-validation that maximises the mean per-gene Pearson r on held-out rows:
-    leave-one-group-out when `groups` holds two or more groups, otherwise 5-fold. Each fold takes one SVD and
-    scans every alpha and every number of components from it.
+    leave-one-group-out when `groups` holds two or more groups, otherwise shuffled 5-fold (scikit-learn's
+    `~sklearn.model_selection.LeaveOneGroupOut` and `~sklearn.model_selection.KFold` with ``random_state=seed``).
+    Each fold takes one SVD and scans every alpha and every number of components from it.
+
+    How it compares with the other model families on her2st, and what its options add there: see "Model families
+    on her2st" in the guide.
 
     Parameters
     ----------
@@ -47,14 +51,13 @@ class Ridge(Model):
     n_components
         Fit the ridge to this many principal components of the training targets (denoises many-gene targets)
         and map back to genes; None fits the genes directly; ``"auto"`` chooses among 5, 10, 20, 50 and None
-        by the same cross-validation as alpha (on her2st, leave-one-section-out on the C sections with spot and
-        context features, this raised the mean per-gene Pearson r over the 785-gene panel from 0.13 to 0.17).
+        by the same cross-validation as alpha.
     standardize
         ``"group"`` (per group, see above), ``"global"`` (training mean and std) or None (features as given).
     alphas
         Grid searched when `alpha` is None.
     seed
-        Seed of the K-fold split (used without groups).
+        Seed of the shuffled K-fold split (used without groups).
     device
         Unused (numpy); accepted for a uniform interface.
     show_progress_bar
@@ -62,6 +65,8 @@ class Ridge(Model):
 
     Attributes
     ----------
+    standardizer_
+        The fitted feature standardisation (`~omx.models.GroupStandardizer`).
     alpha_
         The penalty used.
     n_components_
@@ -119,25 +124,11 @@ class Ridge(Model):
         self.alphas = tuple(float(a) for a in alphas)
         super().__init__(seed=seed, device=device, show_progress_bar=show_progress_bar)
 
-    # ------------------------------------------------------------------ standardisation
-    def _standardise(
-        self,
-        X: np.ndarray,
-        groups: np.ndarray | None,
-        group_stats: dict[str, tuple[np.ndarray, np.ndarray, int]] | None = None,
-    ) -> np.ndarray:
-        if self.standardize is None:
-            return X.copy()
-        if self.standardize == "group":
-            return standardize_by_group(X, groups, self.x_mean_, self.x_scale_, group_stats)
-        return (X - self.x_mean_) / self.x_scale_
-
     # ------------------------------------------------------------------ fit / predict
     def _fit(self, X: np.ndarray, Y: np.ndarray, context: Context) -> None:
         groups = context.groups
-        self.x_mean_ = X.mean(0)
-        self.x_scale_ = _safe_scale(X.std(0))
-        Z = self._standardise(X, groups)
+        self.standardizer_ = GroupStandardizer(self.standardize).fit(X)
+        Z = self.standardizer_.transform(X, groups)
         Yd = Y.astype(np.float64)
         if self.alpha is None or self.n_components == "auto":
             self.alpha_, self.n_components_ = self._select(Z, Yd, groups)
@@ -149,31 +140,31 @@ class Ridge(Model):
         self.coef_ = self.coef_[0]
 
     def _predict(self, X: np.ndarray, context: Context) -> np.ndarray:
-        return self._predict_standardised(self._standardise(X, context.groups, context.group_stats))
+        return self._predict_standardised(self.standardizer_.transform(X, context.groups, context.group_stats))
 
     def _predict_standardised(self, Z: np.ndarray) -> np.ndarray:
-        """Predictions from features already standardised as `_standardise` does."""
+        """Predictions from features already standardised as `standardizer_` does."""
         return (Z - self.z_mean_) @ self.coef_ + self.intercept_
 
     def _select(self, Z: np.ndarray, Y: np.ndarray, groups: np.ndarray | None) -> tuple[float, int | None]:
         """Choose alpha (and the number of target components) by cross-validated mean per-gene Pearson r."""
         alphas = self.alphas if self.alpha is None else (self.alpha,)
         ranks = N_COMPONENTS_GRID if self.n_components == "auto" else (self.n_components,)
+        from sklearn.model_selection import KFold, LeaveOneGroupOut
+
         n = len(Z)
         if groups is not None and len(np.unique(groups)) >= 2:
-            folds = [groups == g for g in np.unique(groups)]
-            kind = f"leave-one-group-out ({len(folds)} groups)"
+            splits = list(LeaveOneGroupOut().split(Z, groups=groups))
+            kind = f"leave-one-group-out ({len(splits)} groups)"
         else:
             k = min(5, n)
             if k < 2:
                 return alphas[len(alphas) // 2], ranks[-1]
-            assign = np.random.default_rng(self.seed).permutation(n) % k
-            folds = [assign == i for i in range(k)]
+            splits = list(KFold(n_splits=k, shuffle=True, random_state=self.seed).split(Z))
             kind = f"{k}-fold"
+        folds = [np.isin(np.arange(n), held) for _, held in splits]
         scores = np.full((len(folds), len(ranks), len(alphas)), np.nan)
         for f, val in enumerate(progress(folds, show=self.show_progress_bar, desc="Ridge CV", unit="fold")):
-            if val.all() or not val.any():
-                continue
             # Ridge is linear in the targets: fitting to the top-k target components equals projecting the
             # full-gene prediction onto them, so one fit per fold serves every rank.
             z_mean, coefs, intercept, _ = _fit_ridge(Z[~val], Y[~val], alphas, None)
@@ -200,9 +191,10 @@ class Ridge(Model):
 
     # ------------------------------------------------------------------ state
     def _get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        standardizer = self.standardizer_.get_state()
         arrays = {
-            "x_mean": self.x_mean_,
-            "x_scale": self.x_scale_,
+            "x_mean": standardizer["mean"],
+            "x_scale": standardizer["scale"],
             "z_mean": self.z_mean_,
             "coef": self.coef_,
             "intercept": self.intercept_,
@@ -214,43 +206,12 @@ class Ridge(Model):
     def _set_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self.alpha_ = state["alpha_"]
         self.n_components_ = state.get("n_components_")
-        self.x_mean_, self.x_scale_, self.z_mean_ = arrays["x_mean"], arrays["x_scale"], arrays["z_mean"]
+        self.standardizer_ = GroupStandardizer(self.standardize).set_state(
+            {"mean": arrays["x_mean"], "scale": arrays["x_scale"]}
+        )
+        self.z_mean_ = arrays["z_mean"]
         self.coef_, self.intercept_ = arrays["coef"], arrays["intercept"]
         self.components_ = arrays.get("components")
-
-
-def standardize_by_group(
-    X: np.ndarray,
-    groups: np.ndarray | None,
-    mean: np.ndarray,
-    scale: np.ndarray,
-    stats: dict[str, tuple[np.ndarray, np.ndarray, int]] | None = None,
-) -> np.ndarray:
-    """Z-score the rows of each group with that group's own statistics (images only: leakage-free).
-
-    Groups of fewer than `MIN_GROUP_ROWS` rows use the given (training) ``mean`` and ``scale``; ``groups=None``
-    is one group. ``stats`` gives the mean, standard deviation and size of whole groups whose rows come in
-    chunks (``Context.group_stats``); other groups use the statistics of their rows here.
-    """
-    out = (X - mean) / scale
-    labels, inverse = (
-        (np.array([0]), np.zeros(len(X), int)) if groups is None else np.unique(groups, return_inverse=True)
-    )
-    stats = stats or {}
-    for k, label in enumerate(labels):
-        rows = inverse == k
-        if str(label) in stats:
-            mu, sd, n = stats[str(label)]
-        else:
-            mu, sd, n = X[rows].mean(0), X[rows].std(0), int(rows.sum())
-        if n >= MIN_GROUP_ROWS:
-            out[rows] = (X[rows] - mu) / _safe_scale(np.asarray(sd))
-    return out
-
-
-def _safe_scale(std: np.ndarray) -> np.ndarray:
-    """Standard deviations with (near-)constant features set to 1, so that they standardise to 0."""
-    return np.where(std > 1e-12, std, 1.0)
 
 
 def _fit_ridge(

@@ -330,7 +330,8 @@ def section_patients(table: AnnData | None, section: Section) -> np.ndarray | No
 
 
 def section_inputs(section, model, size_um, context, show_progress_bar, cache) -> np.ndarray:
-    key = (section.name, model.input, getattr(model, "patch_px", None), size_um, tuple(context), encoder_id(model))
+    patch_px = model.patch_px if model.input == "patches" else None
+    key = (section.name, model.input, patch_px, size_um, tuple(context), encoder_id(model))
     if cache is not None and key in cache:
         return cache[key]
     out = model_inputs(section, model, size_um=size_um, context=context, show_progress_bar=show_progress_bar)
@@ -340,7 +341,7 @@ def section_inputs(section, model, size_um, context, show_progress_bar, cache) -
 
 
 def encoder_id(model) -> str | None:
-    enc = getattr(model, "encoder", None)
+    enc = model.encoder if model.input == "features" else None
     return None if enc is None else f"{enc.name}:{sorted(enc.get_params().items())}"
 
 

@@ -260,7 +260,7 @@ def predict_expression(
                 "predict=[...])`, then pass `m` (or the path of `m.save(path)`)."
             )
         model = load(model)
-    if getattr(model, "meta_", None) is None:
+    if model.meta_ is None:
         raise ValueError("The model is not fitted through omx.tl; fit it with omx.tl.fit_predict first.")
     model.to(device)
     spots = omx.pp.resolve_spots(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp)
