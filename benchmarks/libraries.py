@@ -196,7 +196,7 @@ def metric_cases(rng, quick: bool, repeat: int) -> list[dict]:
     from omx.models._deconv import jsd
 
     rows = []
-    for n, g in ((1000, 785),) if quick else ((3000, 785), (100_000, 500)):
+    for n, g in ((200, 785), (1000, 785)) if quick else ((200, 785), (3000, 785), (100_000, 500)):
         a = rng.normal(size=(n, g))
         p = a + rng.normal(size=(n, g))
         a[:, 0] = 1.0  # a constant gene: NaN for every correlation
