@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
+import hashlib
+import http.server
+import socket
+import threading
+import zipfile
+from functools import partial
 
 import numpy as np
 import pytest
@@ -208,13 +212,48 @@ def test_her2st_real(monkeypatch):
     assert t.to_affine_matrix(("x", "y"), ("x", "y"))[0, 0] == pytest.approx(0.69, rel=0.05)
 
 
-def test_download_her2st(tmp_path, monkeypatch):
+@pytest.fixture
+def served_archive(tmp_path):
+    """A zip of the packaged sample laid out as GitHub's archive (one top folder), served over local HTTP."""
+    root = tmp_path / "served"
+    root.mkdir()
+    archive = root / "master.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for file in _SAMPLE_DIR.rglob("*"):
+            if file.is_file() and file.name != "genes_785.txt":  # the panel is not part of the study
+                zf.write(file, f"her2st-master/{file.relative_to(_SAMPLE_DIR)}")
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/master.zip", hashlib.sha256(archive.read_bytes()).hexdigest()
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_her2st(tmp_path, served_archive):
+    url, sha256 = served_archive
     assert omx.datasets.download_her2st(_SAMPLE_DIR) == _SAMPLE_DIR  # already there: no download
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
+    root = omx.datasets.download_her2st(tmp_path / "dl", url=url, known_hash=f"sha256:{sha256}")
+    assert root == tmp_path / "dl" / "her2st-master"
+    assert sorted(p.name for p in (root / "data" / "ST-cnts").iterdir()) == ["C2.tsv.gz", "C3.tsv.gz", "C4.tsv.gz"]
+    assert (root / "genes_785.txt").read_text() == (_SAMPLE_DIR / "genes_785.txt").read_text()  # panel added
+    assert not (tmp_path / "dl" / "her2st.zip").exists()  # archive deleted once unzipped
+    n_spots = omx.datasets.her2st_sample("C2").tables["table"].n_obs
+    assert omx.datasets.her2st(root, "C2").tables["table"].n_obs == n_spots
+    assert omx.datasets.download_her2st(tmp_path / "dl", url=url) == root  # second call: found, not fetched
 
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(ValueError, match="hash"):  # a corrupted or changed archive is refused and deleted
+        omx.datasets.download_her2st(tmp_path / "bad", url=url, known_hash="sha256:" + "0" * 64)
+    assert not any((tmp_path / "bad").iterdir())
+
+
+def test_download_her2st_offline(tmp_path):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     with pytest.raises(ConnectionError, match="git clone"):
-        omx.datasets.download_her2st(tmp_path / "dl")
-    assert not (tmp_path / "dl" / "her2st.zip").exists()
+        omx.datasets.download_her2st(tmp_path / "dl", url=f"http://127.0.0.1:{port}/master.zip", timeout=5)
+    assert not any((tmp_path / "dl").iterdir())

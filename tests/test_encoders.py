@@ -95,6 +95,46 @@ def test_resize_and_patch_checks(patches):
         enc.transform(patches.transpose(0, 3, 1, 2))
 
 
+def test_cooccurrence_known_answer():
+    from omx.encoders._handcrafted import _cooccurrence
+
+    # grey levels 0-3 of 8; the centre of each optical-density bin (1.5 / 8 wide) quantises back to its level
+    levels = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [0, 2, 2, 2], [2, 2, 3, 3]])
+    f = _cooccurrence(((levels + 0.5) * 1.5 / 8)[None])
+    # distance 1, horizontal and vertical pairs pooled (24 pairs), symmetric: counted by hand
+    counts = np.zeros((8, 8))
+    counts[[0, 1, 2, 3], [0, 1, 2, 3]] = [10, 8, 8, 2]
+    for (i, j), n in {(0, 1): 2, (1, 2): 2, (2, 3): 3, (0, 2): 3}.items():
+        counts[i, j] = counts[j, i] = n
+    assert counts.sum() == 48
+    p = counts[counts > 0] / 48
+    assert f["glcm1_contrast"][0] == pytest.approx(19 / 24)
+    assert f["glcm1_homogeneity"][0] == pytest.approx((14 + 7 / 2 + 3 / 5) / 24)
+    assert f["glcm1_energy"][0] == pytest.approx(np.sqrt(284) / 48)
+    assert f["glcm1_entropy"][0] == pytest.approx(-(p * np.log(p)).sum())
+    assert f["glcm1_correlation"][0] == pytest.approx(1415 / 2327)
+    # a flat image has no spread: correlation 1 by convention, no co-occurrence contrast
+    flat = _cooccurrence(np.full((2, 6, 6), 0.5))
+    np.testing.assert_array_equal(flat["glcm2_correlation"], [1.0, 1.0])
+    np.testing.assert_array_equal(flat["glcm2_contrast"], [0.0, 0.0])
+
+
+def test_stain_matrix_is_ruifrok_johnston():
+    from omx.encoders._handcrafted import HED_FROM_RGB
+
+    rgb_from_hed = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+    np.testing.assert_allclose(HED_FROM_RGB @ rgb_from_hed, np.eye(3), atol=1e-6)
+
+
+def test_resize_block_mean_known_answer():
+    block = np.zeros((1, 4, 4, 3), np.uint8)
+    block[0, :2, :2, 0] = [[0, 1], [2, 3]]  # mean 1.5: rounds half up to 2
+    block[0, :2, 2:, 0] = [[0, 0], [0, 1]]  # mean 0.25: 0
+    block[0, 2:, :2, 0] = [[255, 255], [255, 254]]  # mean 254.75: 255
+    block[0, 2:, 2:, 0] = [[10, 11], [12, 13]]  # mean 11.5: 12
+    np.testing.assert_array_equal(resize_patches(block, 2)[0, :, :, 0], [[2, 0], [255, 12]])
+
+
 def test_import_does_not_load_torch():
     import omx
 

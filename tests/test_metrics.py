@@ -22,12 +22,19 @@ def test_pearson_matches_numpy(pair):
     np.testing.assert_allclose(metrics.pearson(y, p), expected, rtol=1e-10)
 
 
-def test_spearman_matches_scipy_with_ties():
+@pytest.mark.parametrize("block", [None, 100, 1])  # all genes at once, 2 genes, 1 gene at a time
+def test_spearman_matches_scipy_with_ties(block, monkeypatch):
     rng = np.random.default_rng(1)
     y = rng.integers(0, 4, size=(50, 5)).astype(float)  # many ties
     p = y + rng.integers(0, 3, size=y.shape)
-    expected = [stats.spearmanr(y[:, j], p[:, j]).statistic for j in range(5)]
-    np.testing.assert_allclose(metrics.spearman(y, p), expected, rtol=1e-10)
+    y[:, 3] = 2.0  # constant: NaN
+    p[7, 4] = np.nan  # a NaN: NaN
+    if block is not None:
+        monkeypatch.setattr(metrics, "_SPEARMAN_BLOCK", block)
+    expected = [stats.spearmanr(y[:, j], p[:, j]).statistic for j in range(3)]
+    r = metrics.spearman(y, p)
+    np.testing.assert_allclose(r[:3], expected, rtol=1e-10)
+    assert np.isnan(r[3:]).all()
 
 
 def test_mse_and_ccc_against_formulas(pair):

@@ -1,5 +1,10 @@
+import ast
+import re
 import subprocess
 import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
 
 import numpy as np
 
@@ -43,6 +48,48 @@ def test_cli_demo_runs_offline(tmp_path):
     np.testing.assert_allclose(pred.X, table.layers["omx_pred"][c4][:, cols], rtol=1e-5)  # same model, same spots
     again = subprocess.run([*cmd, "--shapes-key", "C4_spots", "--key-added", "c4_pred"], capture_output=True, text=True)
     assert again.returncode == 2 and "already has a table" in again.stderr
+
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Declared for code that other changes bring in; each entry goes once the source imports it (the test says so).
+PENDING: dict[str, str] = {}
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _imported_distributions() -> dict[str, set[str]]:
+    """Distribution -> source files of omx that import one of its modules (also inside functions)."""
+    dists = packages_distributions()
+    found: dict[str, set[str]] = {}
+    for path in (ROOT / "src" / "omx").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top == "omx" or top in sys.stdlib_module_names or top == "__future__":
+                    continue
+                for dist in dists.get(top, [top]):
+                    found.setdefault(_canonical(dist), set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_declared_dependencies_are_the_imported_ones():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {_canonical(re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0]) for req in project["dependencies"]}
+    imported = _imported_distributions()
+    unused = declared - set(imported) - set(PENDING)
+    assert not unused, f"declared in pyproject.toml but imported nowhere in src/omx: {sorted(unused)}"
+    undeclared = {d: sorted(f)[:3] for d, f in imported.items() if d not in declared}
+    assert not undeclared, f"imported by src/omx but not declared in pyproject.toml: {undeclared}"
+    arrived = {d: sorted(imported[d])[:3] for d in PENDING if d in imported}
+    assert not arrived, f"now imported, remove from PENDING in tests/test_package.py: {arrived}"
 
 
 def test_no_module_imports_another_subpackages_private_names():

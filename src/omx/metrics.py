@@ -24,6 +24,8 @@ __all__ = ["ccc", "gene_scores", "mse", "pearson", "spearman", "summarize"]
 
 #: The per-gene metrics computed by :func:`gene_scores`, in column order.
 METRICS = ("pearson", "spearman", "mse", "ccc")
+#: Entries (spots x genes) that :func:`spearman` ranks at once.
+_SPEARMAN_BLOCK = 2**21
 
 
 def _as_pair(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -111,7 +113,14 @@ def spearman(y_true: Any, y_pred: Any) -> np.ndarray | float:
     bad = _constant(a) | _constant(b) | np.isnan(a).any(axis=0) | np.isnan(b).any(axis=0)
     if a.shape[0] == 0:
         return _out(np.full(a.shape[1], np.nan), one_d)
-    r = _pearson(rankdata(a, axis=0), rankdata(b, axis=0))
+    # a block of genes at a time: the ranks of all genes at once would be two more float64 copies of the input
+    step = max(1, _SPEARMAN_BLOCK // a.shape[0])
+    r = np.concatenate(
+        [
+            _pearson(rankdata(a[:, j : j + step], axis=0), rankdata(b[:, j : j + step], axis=0))
+            for j in range(0, a.shape[1], step)
+        ]
+    )
     r[bad] = np.nan
     return _out(r, one_d)
 

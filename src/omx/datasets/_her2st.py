@@ -1,4 +1,4 @@
-"""The her2st study (Andersson et al., Nat Commun 12, 6012, 2021): find, read and download it."""
+"""The her2st study (Andersson et al., Nat Commun 12, 6012, 2021): find, read and download it (with pooch)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ ARCHIVE_URL = "https://github.com/almaan/her2st/archive/refs/heads/master.zip"
 ZENODO_DOI = "10.5281/zenodo.4751624"
 
 _GENES_FILE = "genes_785.txt"
+_ARCHIVE = "her2st.zip"
 _REPO_ROOT = Path(__file__).resolve().parents[3]
 _SAMPLE_DIR = Path(__file__).resolve().parent / "_data" / "her2st_sample"
 
@@ -119,10 +120,19 @@ def her2st_genes(path: str | Path | None = None) -> list[str]:
     return [g for g in (line.strip() for line in file.read_text().splitlines()) if g]
 
 
-def download_her2st(dest: str | Path, *, url: str = ARCHIVE_URL, timeout: float = 60.0) -> Path:
+def download_her2st(
+    dest: str | Path,
+    *,
+    url: str = ARCHIVE_URL,
+    known_hash: str | None = None,
+    timeout: float = 60.0,
+    progressbar: bool = False,
+) -> Path:
     """Download the her2st study from GitHub into ``dest`` and return the folder to pass to `her2st`.
 
-    Steps (also the manual way, without this function):
+    The archive is fetched with :func:`pooch.retrieve` (written to a temporary file and moved into place only when
+    complete, checked against ``known_hash`` when one is given), unzipped and deleted. Steps (also the manual way,
+    without this function):
 
     1. download ``https://github.com/almaan/her2st/archive/refs/heads/master.zip`` (several hundred MB:
        counts, spotfiles, images and results of the 36 sections) and unzip it;
@@ -137,18 +147,24 @@ def download_her2st(dest: str | Path, *, url: str = ARCHIVE_URL, timeout: float 
     Parameters
     ----------
     dest
-        Folder to download into (created if needed).
+        Folder to download into (created if needed). An archive ``her2st.zip`` already there is used as it is.
     url
         Address of the zip archive of the repository.
+    known_hash
+        Checksum of the archive, e.g. ``"sha256:..."`` (any form `pooch.retrieve` takes); a download that does not
+        match it raises a `ValueError` and is deleted. None checks nothing: GitHub builds a branch's archive on
+        request, so its bytes are not guaranteed to stay the same; pooch logs the SHA256 of what it fetched, which
+        can be passed here to pin later downloads to the same archive.
     timeout
         Seconds to wait for the server.
+    progressbar
+        Show a download progress bar.
 
     Returns
     -------
     Path of the study folder (the one holding ``data/ST-cnts``).
     """
-    import urllib.error
-    import urllib.request
+    import pooch
 
     dest = Path(dest).expanduser()
     for found in (dest, *dest.glob("*")):
@@ -156,20 +172,23 @@ def download_her2st(dest: str | Path, *, url: str = ARCHIVE_URL, timeout: float 
             logger.info(f"her2st is already in {found}; nothing downloaded.")
             return found
     dest.mkdir(parents=True, exist_ok=True)
-    archive = dest / "her2st.zip"
-    logger.info(f"Downloading {url} to {archive} (several hundred MB).")
+    logger.info(f"Downloading {url} to {dest / _ARCHIVE} (several hundred MB).")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(archive, "wb") as out:
-            shutil.copyfileobj(response, out)
-    except (urllib.error.URLError, OSError) as err:
-        archive.unlink(missing_ok=True)
+        archive = pooch.retrieve(
+            url,
+            known_hash=known_hash,
+            fname=_ARCHIVE,
+            path=dest,
+            downloader=pooch.HTTPDownloader(progressbar=progressbar, timeout=timeout),
+        )
+    except OSError as err:  # requests' errors (no network, HTTP errors, time-outs) are OSErrors
         raise ConnectionError(
             f"Could not download {url}: {err}. Download it by hand (or `git clone {GITHUB_URL}`), unzip it and "
             f"pass the folder holding data/ST-cnts to omx.datasets.her2st(path=...)."
         ) from err
     with zipfile.ZipFile(archive) as zf:
         zf.extractall(dest)
-    archive.unlink()
+    Path(archive).unlink()
     root = next((p for p in (dest, *dest.glob("*")) if _is_study(p)), None)
     if root is None:
         raise FileNotFoundError(f"The archive from {url} holds no data/ST-cnts folder; see {GITHUB_URL}.")

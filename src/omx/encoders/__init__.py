@@ -1,6 +1,6 @@
 """Patch encoders: image patches ``(n, H, W, 3)`` uint8 -> feature vectors ``(n, d)`` float32.
 
-`HandcraftedEncoder` needs only numpy and scipy. `TorchEncoder` (any torch module, e.g. a foundation model
+`HandcraftedEncoder` needs only numpy, scipy and scikit-image. `TorchEncoder` (any torch module, e.g. a foundation model
 loaded from local weights) and `SmallCNN` are imported on first use, so ``import omx.encoders`` does not
 import torch.
 """

@@ -107,8 +107,8 @@ def check_patches(patches: np.ndarray, *, patch_px: int | None = None, owner: st
 def resize_patches(patches: np.ndarray, size: int) -> np.ndarray:
     """Resize square ``uint8`` patches ``(n, H, H, 3)`` to ``(n, size, size, 3)``.
 
-    Integer downscaling factors average pixel blocks; other factors use bilinear interpolation (with
-    anti-aliasing when shrinking).
+    Integer downscaling factors average pixel blocks (`skimage.transform.downscale_local_mean`); other factors
+    use bilinear interpolation (`skimage.transform.resize`, with anti-aliasing when shrinking).
 
     Parameters
     ----------
@@ -125,11 +125,10 @@ def resize_patches(patches: np.ndarray, size: int) -> np.ndarray:
     n, side = patches.shape[0], patches.shape[1]
     if side == size:
         return patches
+    from skimage.transform import downscale_local_mean, resize
+
     if side % size == 0:
         f = side // size
-        blocks = patches.reshape(n, size, f, size, f, 3).astype(np.float32)
-        return np.clip(blocks.mean(axis=(2, 4)) + 0.5, 0, 255).astype(np.uint8)
-    from skimage.transform import resize
-
+        return np.clip(downscale_local_mean(patches, (1, f, f, 1)) + 0.5, 0, 255).astype(np.uint8)
     out = resize(patches, (n, size, size, 3), order=1, preserve_range=True, anti_aliasing=side > size, mode="reflect")
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)

@@ -1,4 +1,4 @@
-"""Handcrafted patch features: colour, H&E stain, tissue and nuclear density, texture (numpy and scipy only)."""
+"""Handcrafted patch features: colour, H&E stain, tissue and nuclear density, texture (numpy, scipy, scikit-image)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,21 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from skimage.color import hed_from_rgb
+from skimage.feature import graycomatrix, graycoprops
 
 from omx.encoders._base import Encoder
 
-#: Stain-separation matrix of Ruifrok & Johnston (as `skimage.color.hed_from_rgb`): optical density -> H, E, DAB.
-HED_FROM_RGB = np.linalg.inv(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])).astype(np.float32)
+#: Stain-separation matrix of Ruifrok & Johnston (`skimage.color.hed_from_rgb`): optical density -> H, E, DAB.
+HED_FROM_RGB = hed_from_rgb.astype(np.float32)
 
 _QUANTILES = (0.1, 0.5, 0.9)
 # Histogram edges of the H and E concentrations (natural optical density units).
 _H_EDGES = np.array([0.25, 0.5, 0.75, 1.0, 1.5, 2.0], dtype=np.float32)
 _E_EDGES = np.array([0.1, 0.2, 0.3, 0.45, 0.6, 0.8], dtype=np.float32)
 _GLCM_LEVELS = 8
+_GLCM_DISTANCES = (1, 2)
+_GLCM_PROPS = ("contrast", "homogeneity", "energy", "correlation", "entropy")
 
 
 _OD_LUT = (-np.log((np.arange(256, dtype=np.float64) + 1.0) / 256.0)).astype(np.float32)
@@ -37,8 +41,8 @@ class HandcraftedEncoder(Encoder):
     its surround) the encoder computes:
 
     - RGB mean, standard deviation and 10/50/90 % quantiles;
-    - the same statistics of the H, E and DAB stain concentrations (Ruifrok & Johnston colour deconvolution
-      on natural optical density, as :func:`skimage.color.rgb2hed` up to a constant factor);
+    - the same statistics of the H, E and DAB stain concentrations (Ruifrok & Johnston colour deconvolution with
+      the stain matrix of :func:`skimage.color.rgb2hed`, on the natural optical density ``-log((I + 1) / 256)``);
     - tissue fraction (pixels that are neither white background nor black padding), nuclear fraction
       (pixels with hematoxylin above `hematoxylin_threshold`, over all pixels and over tissue) and the density
       of nucleus-like blobs (local maxima of smoothed hematoxylin, per 1,000 px);
@@ -46,7 +50,8 @@ class HandcraftedEncoder(Encoder):
       three scales of the grey optical density and at two scales of the hematoxylin channel.
 
     For the whole patch only: histograms of H and E, and grey-level co-occurrence statistics (contrast,
-    homogeneity, energy, correlation, entropy at distances 1 and 2).
+    homogeneity, energy, correlation, entropy at distances 1 and 2; :func:`skimage.feature.graycomatrix` and
+    :func:`skimage.feature.graycoprops`).
 
     Parameters
     ----------
@@ -194,40 +199,20 @@ def _n_threads(n_jobs: int) -> int:
     return max(1, n_cpu + 1 + n_jobs)
 
 
-def _row_bincount(idx: np.ndarray, n_bins: int) -> np.ndarray:
-    """Per-row histogram of integer codes ``idx`` (b, m) in ``[0, n_bins)``, as ``float32`` (b, n_bins)."""
-    b = idx.shape[0]
-    offset = (np.arange(b, dtype=np.int64) * n_bins)[:, None]
-    return np.bincount((idx + offset).ravel(), minlength=b * n_bins).reshape(b, n_bins).astype(np.float32)
-
-
 def _cooccurrence(gray: np.ndarray) -> dict[str, np.ndarray]:
-    """Grey-level co-occurrence statistics of each image in ``gray`` (b, p, p), averaged over 2 directions."""
+    """Grey-level co-occurrence statistics of each image in ``gray`` (b, p, p), pooled over 2 directions.
+
+    `skimage.feature.graycomatrix` counts the symmetric pairs of grey levels at each distance, horizontally and
+    vertically; the two directions are summed into one matrix per distance, and `skimage.feature.graycoprops`
+    scores the matrices of the whole batch at once (stacked on its angle axis).
+    """
     b = gray.shape[0]
     levels = _GLCM_LEVELS
     # fixed optical-density bins so that the statistics compare across patches
-    q = np.clip((gray * (levels / 1.5)).astype(np.int64), 0, levels - 1)
-    i_lv, j_lv = np.meshgrid(np.arange(levels), np.arange(levels), indexing="ij")
-    i_lv, j_lv = i_lv.ravel().astype(np.float32), j_lv.ravel().astype(np.float32)
-    out: dict[str, np.ndarray] = {}
-    for d in (1, 2):
-        codes = np.concatenate(
-            [
-                (q[:, :, :-d] * levels + q[:, :, d:]).reshape(b, -1),
-                (q[:, :-d, :] * levels + q[:, d:, :]).reshape(b, -1),
-            ],
-            axis=1,
-        )
-        glcm = _row_bincount(codes, levels * levels)
-        glcm = glcm + glcm.reshape(b, levels, levels).transpose(0, 2, 1).reshape(b, -1)  # symmetric
-        glcm /= glcm.sum(1, keepdims=True)
-        diff2 = (i_lv - j_lv) ** 2
-        mu = glcm @ i_lv
-        var = glcm @ (i_lv**2) - mu**2
-        cov = glcm @ (i_lv * j_lv) - mu**2
-        out[f"glcm{d}_contrast"] = glcm @ diff2
-        out[f"glcm{d}_homogeneity"] = glcm @ (1.0 / (1.0 + diff2))
-        out[f"glcm{d}_energy"] = np.sqrt((glcm**2).sum(1))
-        out[f"glcm{d}_correlation"] = np.where(var > 1e-8, cov / np.maximum(var, 1e-8), 1.0)
-        out[f"glcm{d}_entropy"] = -(glcm * np.log(np.maximum(glcm, 1e-12))).sum(1)
-    return out
+    q = np.clip((gray * (levels / 1.5)).astype(np.int64), 0, levels - 1).astype(np.uint8)
+    counts = np.empty((levels, levels, len(_GLCM_DISTANCES), b), dtype=np.uint32)
+    for i, image in enumerate(q):
+        glcm = graycomatrix(image, _GLCM_DISTANCES, (0.0, np.pi / 2), levels=levels, symmetric=True)
+        counts[..., i] = glcm.sum(axis=3)
+    props = {prop: graycoprops(counts, prop) for prop in _GLCM_PROPS}  # each (n_distances, b)
+    return {f"glcm{d}_{prop}": props[prop][di] for di, d in enumerate(_GLCM_DISTANCES) for prop in _GLCM_PROPS}
