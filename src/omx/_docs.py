@@ -54,6 +54,18 @@ FRAGMENTS: dict[str, str] = {
                 object; tables that omx made (``"omx_cells"``, prediction tables) are left out when another one
                 exists, so an object with one measured table needs no ``table_key``.
             """,
+        "data_results": """
+            data
+                The SpatialData object omx wrote into (or one of its tables).
+            """,
+        "table_key_results": """
+            table_key
+                The measured table, when the object holds several.
+            """,
+        "section_results": """
+            section
+                Keep the rows of these sections only (values of ``obs[section_key]``).
+            """,
         "table_key_spots": """
             table_key
                 The table annotating the spots; omitted, the one table that annotates ``shapes_key`` (or none).

@@ -9,6 +9,7 @@ import pandas as pd
 from anndata import AnnData
 from spatialdata import SpatialData
 
+from omx._docs import doc_params
 from omx._schema import Key, entries, get_entry, scores_frame
 from omx._utils import as_list, log_normalize, resolve_table
 
@@ -57,6 +58,7 @@ def _sources(data: SpatialData | AnnData, key: str, table_key: str | None, slot:
     return found
 
 
+@doc_params()
 def predictions(
     data: SpatialData | AnnData,
     key: str = Key.PRED,
@@ -70,17 +72,13 @@ def predictions(
 
     Parameters
     ----------
-    data
-        The SpatialData object omx wrote into (or one of its tables).
+    {data_results}
     key
         The ``key_added`` of :func:`omx.tl.fit_predict`, :func:`omx.tl.predict_expression` or
         :func:`omx.tl.cross_validate`.
-    table_key
-        The measured table, when the object holds several.
-    section
-        Keep the spots of these sections only (values of ``obs[section_key]``).
-    section_key
-        The obs column naming each spot's section.
+    {table_key_results}
+    {section_results}
+    {section_key}
     observed
         Add the measured expression of the same spots and genes as ``layers["observed"]`` (on the same scale),
         where the spots are measured.
@@ -169,6 +167,7 @@ def _add_scores(adata: AnnData, entry: dict, key: str, section) -> None:
         adata.var[column] = per_gene[column].to_numpy()
 
 
+@doc_params()
 def scores(
     data: SpatialData | AnnData,
     key: str = Key.PRED,
@@ -180,14 +179,11 @@ def scores(
 
     Parameters
     ----------
-    data
-        The SpatialData object omx wrote into (or one of its tables).
+    {data_results}
     key
         The ``key_added`` of :func:`omx.tl.fit_predict` or :func:`omx.tl.cross_validate`.
-    table_key
-        The measured table, when the object holds several.
-    section
-        Keep the scores of these sections only.
+    {table_key_results}
+    {section_results}
 
     Returns
     -------
@@ -205,6 +201,7 @@ def scores(
     return frame
 
 
+@doc_params()
 def proportions(
     data: SpatialData | AnnData,
     key: str = Key.PROPORTIONS,
@@ -218,16 +215,12 @@ def proportions(
 
     Parameters
     ----------
-    data
-        The SpatialData object omx wrote into (or one of its tables).
+    {data_results}
     key
         The ``key_added`` of :func:`omx.tl.deconvolve` or :func:`omx.tl.predict_proportions`.
-    table_key
-        The measured table, when the object holds several.
-    section
-        Keep the spots of these sections only.
-    section_key
-        The obs column naming each spot's section.
+    {table_key_results}
+    {section_results}
+    {section_key}
     wide
         Return one row per spot and one column per cell type instead.
 

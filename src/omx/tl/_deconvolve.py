@@ -9,6 +9,7 @@ import pandas as pd
 from anndata import AnnData
 from spatialdata import SpatialData
 
+from omx._docs import doc_params
 from omx._schema import (
     Key,
     add_table,
@@ -73,6 +74,7 @@ def _frame(table: AnnData, rows: np.ndarray, values: np.ndarray, types: list[str
     return frame
 
 
+@doc_params()
 def deconvolve(
     sdata: SpatialData,
     reference: AnnData,
@@ -114,12 +116,10 @@ def deconvolve(
         The reference's obs column with cell types; None when the reference holds signatures.
     table_key
         The table of spot counts; may be omitted when there is one.
-    layer
-        Layer of the spots' raw counts; ``X`` when omitted.
+    {layer}
     reference_layer
         Layer of the reference's raw counts; ``X`` when omitted.
-    section_key
-        The obs column naming each spot's section.
+    {section_key}
     sections
         Sections to deconvolve (values of ``obs[section_key]``); all spots when omitted.
     genes
@@ -137,16 +137,12 @@ def deconvolve(
         the same technology).
     n_steps
         Maximum SVI steps (it stops earlier when the loss stops improving).
-    seed
-        Random seed.
-    device
-        ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+    {seed}
+    {device}
     key_added
         Name of the ``obsm`` entry (and of the ``uns['omx']`` entry).
-    overwrite
-        Replace existing results under ``key_added`` (rows of other sections are kept).
-    show_progress_bar
-        Show a progress bar over SVI steps.
+    {overwrite}
+    {show_progress_bar}
 
     Returns
     -------
@@ -256,6 +252,7 @@ def deconvolve(
     return model
 
 
+@doc_params()
 def signatures_from_proportions(
     sdata: SpatialData,
     *,
@@ -283,8 +280,7 @@ def signatures_from_proportions(
         Genes to keep; all genes of the table when omitted.
     table_key
         The table; may be omitted when there is one (besides tables omx made).
-    section_key
-        The obs column naming each spot's section.
+    {section_key}
 
     Returns
     -------
@@ -313,6 +309,7 @@ def signatures_from_proportions(
     return AnnData(X=S.astype(np.float32), obs=pd.DataFrame(index=types), var=pd.DataFrame(index=genes))
 
 
+@doc_params()
 def assign_cells(
     sdata: SpatialData,
     *,
@@ -326,13 +323,10 @@ def assign_cells(
 ) -> None:
     """A cell type and imputed expression for every nucleus, consistent with its spot's proportions.
 
-    In each spot, its nuclei are split among cell types in proportion to the spot's composition (rounded to
-    whole cells); which nucleus gets which type is decided by morphology: each type's mean nuclear morphology
-    is learned by regressing the spots' mean nucleus features on their proportions (least squares over all
-    spots), and nuclei are matched to the types' slots by minimal total distance (Hungarian algorithm).
-    Nuclei outside every spot take the type that is most likely under the nearest spot's proportions and
-    their morphology. Expression per cell distributes each spot's counts over its cells in proportion to
-    their types' signatures; cells outside spots get their type's signature at the median counts per cell.
+    In each spot, its nuclei are split among cell types in proportion to the spot's composition, nuclear
+    morphology deciding which nucleus gets which type, and the spot's counts are shared among its cells by their
+    types' signatures; :func:`omx.models.assign_cells` describes the algorithm, which this function runs on the
+    nuclei table and the spots' proportions.
 
     Parameters
     ----------
@@ -350,8 +344,7 @@ def assign_cells(
         Genes to impute; the genes of the deconvolution when omitted.
     key_added
         obs column of the nuclei table that receives the cell type.
-    overwrite
-        Replace an existing ``key_added`` (and the table's ``X``).
+    {overwrite}
 
     Returns
     -------
@@ -478,6 +471,7 @@ def _table_spatial(table: AnnData, cells: AnnData, spot_row: np.ndarray, rows: n
     return xy[rows]
 
 
+@doc_params()
 def predict_proportions(
     sdata: SpatialData,
     *,
@@ -514,26 +508,18 @@ def predict_proportions(
         The ``obsm`` DataFrame of training proportions (e.g. from :func:`omx.tl.deconvolve`, or published ones).
     table_key
         The table; may be omitted when there is one.
-    section_key
-        The obs column naming each spot's section.
-    image_key
-        The H&E image, when it cannot be found from the spots' coordinate system.
-    mpp
-        Microns per pixel of the images, when their coordinate systems are not in microns.
-    size_um
-        Side of the patch around each spot, in microns; the spot diameter when omitted.
-    context
-        Patch sizes as multiples of ``size_um`` whose features are concatenated.
+    {section_key}
+    {image_key}
+    {mpp}
+    {size_um}
+    {context}
     alpha
         Ridge penalty; None chooses it (and the number of target components) by leave-one-section-out CV.
     key_added
         ``obsm`` entry written (and the name of the new table for H&E-only sections).
-    overwrite
-        Replace an existing ``key_added``.
-    seed
-        Random seed.
-    show_progress_bar
-        Show progress bars.
+    {overwrite}
+    {seed}
+    {show_progress_bar}
 
     Returns
     -------

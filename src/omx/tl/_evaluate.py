@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 
+from omx._docs import doc_params
 from omx._schema import Key, base_entry, check_free, gene_layer, jsonable, model_entry, scores_columns, write_results
 from omx._utils import as_list, logger, progress, resolve_table
 from omx.tl._engine import (
@@ -31,6 +32,7 @@ def _fresh(model, *, seed, device, show_progress_bar):
     return make_model(model, seed=seed, device=device, show_progress_bar=show_progress_bar)
 
 
+@doc_params()
 def cross_validate(
     sdata: SpatialData,
     *,
@@ -74,16 +76,14 @@ def cross_validate(
         As in :func:`omx.tl.fit_predict`.
     seed, device, show_progress_bar
         As in :func:`omx.tl.fit_predict`.
-    section_key
-        Obs column naming each spot's section.
+    {section_key}
     top_n
         Size of the "most expressed" (in the test section) and "most variable" (over the training sections)
         gene sets of the summary.
     key_added
         Out-of-fold predictions go to ``table.layers[key_added]`` and scores to ``table.uns['omx'][key_added]``;
         None writes nothing.
-    overwrite
-        Replace an existing ``key_added``.
+    {overwrite}
 
     Returns
     -------

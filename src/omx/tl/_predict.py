@@ -12,6 +12,7 @@ from anndata import AnnData
 from spatialdata import SpatialData
 
 import omx
+from omx._docs import doc_params
 from omx._schema import (
     Key,
     add_table,
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from omx.models import Model
 
 
+@doc_params()
 def fit_predict(
     sdata: SpatialData,
     *,
@@ -81,42 +83,24 @@ def fit_predict(
         (`omx.models.SpatialGraph` over the spot graph), or a :class:`omx.models.Model` instance, unfitted. A
         model with ``target == "counts"`` (e.g. a count likelihood) is fitted on the raw counts of the genes and
         each spot's total count, not on standardised targets.
-    genes
-        Genes to predict; all must be in the table. Omitted: the genes detected in at least 1 % of training spots.
-    n_top_genes
-        With ``genes=None``, keep only this many of the most expressed genes of the training sections.
+    {genes}
+    {n_top_genes}
     table_key
         The table with the counts; may be omitted when there is one.
-    section_key
-        The obs column naming each spot's section.
-    layer
-        Layer with the raw counts; ``X`` when omitted.
-    image_key
-        The H&E image, when it cannot be found from the spots' coordinate system.
-    mpp
-        Microns per pixel of the images, when their coordinate systems are not in microns.
-    size_um
-        Side of the patch around each spot, in microns; the spot diameter when omitted.
-    context
-        Patch sizes as multiples of ``size_um``: feature models concatenate the features of each; patch
-        models see one patch spanning the largest. The default adds the spot's surroundings at two and three
-        times its size, which raised the mean per-gene Pearson r of ridge on her2st (leave-one-section-out,
-        C sections) from 0.14 to 0.17.
-    target_norm
-        ``"section"`` standardises each gene within each training section (recommended when library depths
-        differ), ``"none"`` pools log-normalised values as they are.
-    min_counts
-        Spots with fewer counts are left out of training and of the scores (their predictions are still written).
+    {section_key}
+    {layer}
+    {image_key}
+    {mpp}
+    {size_um}
+    {context}
+    {target_norm}
+    {min_counts}
     key_added
         Name of the layer (and of the ``uns['omx']`` entry) written.
-    overwrite
-        Replace an existing ``key_added``.
-    seed
-        Random seed.
-    device
-        ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
-    show_progress_bar
-        Show progress bars.
+    {overwrite}
+    {seed}
+    {device}
+    {show_progress_bar}
 
     Returns
     -------
@@ -127,11 +111,13 @@ def fit_predict(
     - ``table.layers[key_added + "_var"]``: with a count likelihood (e.g. ``SpatialGraph(likelihood="nb")``),
       the predictive variance of log1p(counts / total x 1e4) under the fitted NB at the training median library
       size (Monte Carlo), same rows and genes; NaN elsewhere.
-    - ``table.uns['omx'][key_added]``: model, parameters, genes, sections, seed, version and, where the predicted
-      sections are measured, per-gene scores (``gene_scores``) and their summary (``summary``).
+    - ``table.uns['omx'][key_added]``: the function, omx's version, the call's ``params``, the ``model`` and
+      the ``genes``, and, where the predicted sections are measured, per-gene ``scores`` (one row per section
+      and gene; read them with :func:`omx.get.scores`) and their ``summary`` per section.
 
     For an H&E-only section (a shapes element with no table rows), a new table ``sdata.tables[key_added]``
-    annotating those shapes, with the predictions in ``X``.
+    annotating those shapes, with the predictions in ``X``. :func:`omx.get.predictions` returns all of them
+    as one AnnData of the predicted spots and genes.
     """
     train, predict = split_sections(train, predict)
     table_key, table = resolve_table(sdata, table_key)
@@ -199,6 +185,7 @@ def fit_predict(
     return model
 
 
+@doc_params()
 def predict_expression(
     sdata: SpatialData,
     model: Model | str | PathLike,
@@ -222,22 +209,17 @@ def predict_expression(
     model
         A fitted :class:`omx.models.Model` (e.g. returned by :func:`omx.tl.fit_predict`), or the path where
         one was saved with ``model.save(path)``.
-    image_key
-        The H&E image; may be omitted when one image shares the spots' coordinate system.
+    {image_key}
     shapes_key
         The spots; may be omitted when there is one shapes element (or the table annotates one).
     table_key
         A table annotating the spots; predictions then go to its ``layers[key_added]``.
-    mpp
-        Microns per pixel of the image, when its coordinate system is not in microns.
+    {mpp}
     key_added
         Layer name (spots with a table) or new table name (spots without one).
-    overwrite
-        Replace an existing ``key_added``.
-    device
-        Device for the model (``"auto"``, ``"cpu"``, ``"cuda"``).
-    show_progress_bar
-        Show progress bars.
+    {overwrite}
+    {device}
+    {show_progress_bar}
     inplace
         Write into ``sdata``; otherwise return the predictions as a new AnnData.
 
