@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from omx._utils import logger
+from omx._settings import warn
 
 #: Rows of queries scored against the bank at a time.
 QUERY_CHUNK = 1024
@@ -129,7 +129,7 @@ class RetrievalBank:
                 )
                 if strict:
                     raise ValueError(f"{message} Lower `k`, or fit on more sections.")
-                logger.warning("%s Its spots are predicted by the regression parts alone.", message)
+                warn(f"{message} Its spots are predicted by the regression parts alone.")
                 retrieved[rows] = False
                 continue
             keys = self.embedding[allowed]
