@@ -130,15 +130,6 @@ the C sections do not teach. Read scores section by section.""",
     ("code", "omx.pl.gene_scores(sdata.tables['table'], key='cv_ridge', section='C3');"),
     (
         "md",
-        """Every fold's per-gene scores come back as one tidy table, ready for pandas or seaborn:""",
-    ),
-    (
-        "code",
-        "per_gene = omx.get.scores(sdata, 'cv_ridge')\n"
-        "per_gene.pivot_table(index='gene', columns='section', values='pearson').sort_values('C3').tail()",
-    ),
-    (
-        "md",
         """## Leave one patient out
 
 With patients known, hold out a whole patient: train on C2, C3 and C4, test on B4.""",
