@@ -70,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jsonl", help="append each model's records to this file as soon as the model is done")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -86,7 +87,11 @@ def main() -> None:
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"model {name} failed")
-        records.extend(json.loads(proc.stdout.strip().splitlines()[-1]))
+        done = json.loads(proc.stdout.strip().splitlines()[-1])
+        records.extend(done)
+        if args.jsonl:  # a long run interrupted later keeps the models it finished
+            with open(args.jsonl, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in done)
     df = pd.DataFrame(records)
     cols = ["pearson_all", "pearson_top_expressed", "pearson_top_variable"]
     pd.set_option("display.width", 200)
