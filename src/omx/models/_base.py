@@ -1,4 +1,4 @@
-"""The base every omx model shares: input checks, fit / predict, validation splits, save / load, torch training."""
+"""The base every omx model shares: its declared contract, checks, fit / predict with a context, save / load."""
 
 from __future__ import annotations
 
