@@ -27,8 +27,7 @@ WEIGHT_STEP = 0.1
 DEFAULT_WEIGHTS = {"retrieval": 0.5, "head": 0.5, "linear": 0.0}
 #: Most cross-fitting folds (groups are pooled into this many when there are more).
 MAX_FOLDS = 5
-#: The parts' weights of each prediction mode other than ``"default"`` (``None``: the regression parts in their
-#: fitted proportion).
+#: Prediction modes of `Contrastive.predict`: the fitted blend, retrieval alone, the regression parts alone.
 MODES = ("default", "retrieval", "regression")
 
 
@@ -40,8 +39,8 @@ class Contrastive(TorchModel):
     shared, L2-normalised embedding; a symmetric InfoNCE loss (BLEEP, CLIP) with a learned or fixed temperature
     pulls each spot's image and expression embeddings together. With spot context (``neighbors > 0``, the
     default), the image embedding of a spot attends to those of its nearest spots in the same section
-    (mclSTExp's idea), and the predictions are propagated over the same neighbours; the model then takes the
-    spot centres (``coords``) and is spatial. ``neighbors=0`` switches context off.
+    (mclSTExp's idea), and the predictions are propagated over the same neighbours; the model then requires the
+    spot centres (``Context.coords``). ``neighbors=0`` switches context off.
 
     The prediction stacks three parts, each exposed:
 
@@ -61,8 +60,9 @@ class Contrastive(TorchModel):
     out in turn, the towers are trained on the others with early stopping on it, and the held-out rows are
     predicted by every part. On these out-of-fold predictions ``blend="auto"`` (the default) chooses the
     weights of the parts (a grid of step 0.1 summing to 1), the head's ridge penalty and, with context, the
-    neighbours' share of the propagation (`~omx.models.SpatialGraph`'s grid). The towers are then trained on all
-    rows for the mean of the folds' best epoch counts. A float `blend` fixes ``w * retrieval + (1 - w) * head``.
+    neighbours' share of the propagation (the grid `~omx.models.GraphRidge` searches). The towers are then
+    trained on all rows for the mean of the folds' best epoch counts. A float `blend` fixes
+    ``w * retrieval + (1 - w) * head``.
 
     How it compares with the other model families on her2st, and what each part and option adds there: see
     "Model families on her2st" in the guide.
@@ -117,7 +117,7 @@ class Contrastive(TorchModel):
     neighbors
         Neighbouring spots (nearest, within the same group and 2.5 spot spacings) whose image embeddings each spot
         attends to and over which predictions are propagated; 0 switches spot context off. With neighbours the
-        model needs `coords`.
+        model requires ``Context.coords``.
     epochs
         Maximum number of epochs.
     batch_size
