@@ -66,6 +66,20 @@ FRAGMENTS: dict[str, str] = {
             section
                 Keep the rows of these sections only (values of ``obs[section_key]``).
             """,
+        "encoder_features": """
+            encoder
+                The encoder whose features the model takes (``"handcrafted"``, an `~omx.encoders.Encoder` or a torch
+                module); callers such as `omx.tl` encode patches with ``model.encoder``.
+            """,
+        "spot_graph": """
+            graph
+                ``"knn"`` (the `n_neighbors` nearest spots), ``"radius"`` (all spots within `radius` microns) or
+                ``"delaunay"`` (Delaunay triangulation, optionally cut at `radius`).
+            n_neighbors
+                Neighbours per spot for ``graph="knn"`` (fewer in a section with fewer spots).
+            radius
+                Radius in microns for ``graph="radius"`` (required) and ``graph="delaunay"`` (optional cut).
+            """,
         "table_key_spots": """
             table_key
                 The table annotating the spots; omitted, the one table that annotates ``shapes_key`` (or none).

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from scipy import sparse
 
+from omx._docs import doc_params
 from omx._utils import logger, seed_everything
 from omx.encoders import Encoder, get_encoder
 from omx.metrics import pearson
@@ -29,6 +30,7 @@ TARGET_SUM = 1e4
 PREDICT_CHUNK = 8192
 
 
+@doc_params()
 class SpatialGraph(TorchModel):
     """A graph neural network over the graph of neighbouring spots, from encoder features to expression.
 
@@ -69,16 +71,8 @@ class SpatialGraph(TorchModel):
 
     Parameters
     ----------
-    encoder
-        The encoder whose features the model takes (``"handcrafted"``, an `~omx.encoders.Encoder` or a torch
-        module); callers such as `omx.tl` encode patches with ``model.encoder``.
-    graph
-        ``"knn"`` (the `n_neighbors` nearest spots), ``"radius"`` (all spots within `radius` microns) or
-        ``"delaunay"`` (Delaunay triangulation, optionally cut at `radius`).
-    n_neighbors
-        Neighbours per spot for ``graph="knn"`` (fewer in a section with fewer spots).
-    radius
-        Radius in microns for ``graph="radius"`` (required) and ``graph="delaunay"`` (optional cut).
+    {encoder_features}
+    {spot_graph}
     conv
         ``"gcn"`` (normalised mean aggregation) or ``"attention"`` (GAT-style).
     n_layers

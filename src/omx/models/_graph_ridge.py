@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from omx._docs import doc_params
 from omx._utils import logger, progress
 from omx.encoders import Encoder, get_encoder
 from omx.metrics import pearson
@@ -15,6 +16,7 @@ from omx.models._neighbors import PROPAGATION_GRID, check_graph, propagate, spat
 from omx.models._ridge import Ridge
 
 
+@doc_params()
 class GraphRidge(Model):
     """A `Ridge` on the features whose predictions are propagated over the graph of neighbouring spots.
 
@@ -28,16 +30,8 @@ class GraphRidge(Model):
 
     Parameters
     ----------
-    encoder
-        The encoder whose features the model takes (``"handcrafted"``, an `~omx.encoders.Encoder` or a torch
-        module); callers such as `omx.tl` encode patches with ``model.encoder``.
-    graph
-        ``"knn"`` (the `n_neighbors` nearest spots), ``"radius"`` (all spots within `radius` microns) or
-        ``"delaunay"`` (Delaunay triangulation, optionally cut at `radius`).
-    n_neighbors
-        Neighbours per spot for ``graph="knn"`` (fewer in a section with fewer spots).
-    radius
-        Radius in microns for ``graph="radius"`` (required) and ``graph="delaunay"`` (optional cut).
+    {encoder_features}
+    {spot_graph}
     n_layers
         Rounds of propagation; 0 is the ridge alone.
     seed
