@@ -71,12 +71,16 @@ FRAGMENTS: dict[str, str] = {
                 The encoder whose features the model takes (``"handcrafted"``, an `~omx.encoders.Encoder` or a torch
                 module); callers such as `omx.tl` encode patches with ``model.encoder``.
             """,
-        "spot_graph": """
+        "graph": """
             graph
                 ``"knn"`` (the `n_neighbors` nearest spots), ``"radius"`` (all spots within `radius` microns) or
                 ``"delaunay"`` (Delaunay triangulation, optionally cut at `radius`).
+            """,
+        "n_neighbors": """
             n_neighbors
                 Neighbours per spot for ``graph="knn"`` (fewer in a section with fewer spots).
+            """,
+        "radius": """
             radius
                 Radius in microns for ``graph="radius"`` (required) and ``graph="delaunay"`` (optional cut).
             """,

@@ -72,7 +72,9 @@ class SpatialGraph(TorchModel):
     Parameters
     ----------
     {encoder_features}
-    {spot_graph}
+    {graph}
+    {n_neighbors}
+    {radius}
     conv
         ``"gcn"`` (normalised mean aggregation) or ``"attention"`` (GAT-style).
     n_layers

@@ -31,7 +31,9 @@ class GraphRidge(Model):
     Parameters
     ----------
     {encoder_features}
-    {spot_graph}
+    {graph}
+    {n_neighbors}
+    {radius}
     n_layers
         Rounds of propagation; 0 is the ridge alone.
     seed
