@@ -173,6 +173,12 @@ def test_save_load_round_trip(tmp_path, linear_data, cnn_data):
     with pytest.raises(FileExistsError, match="overwrite"):
         ridge.save(tmp_path / "ridge")
     ridge.save(tmp_path / "ridge", overwrite=True)
+    params = json.loads((tmp_path / "ridge" / "params.json").read_text())
+    params["init_params"]["retired"] = 1  # a parameter an older version took
+    (tmp_path / "ridge" / "params.json").write_text(json.dumps(params))
+    with pytest.warns(UserWarning, match=r"\['retired'\].*ignored"):
+        old = omx.models.load(tmp_path / "ridge")
+    np.testing.assert_array_equal(old.predict(X, groups=groups), ridge.predict(X, groups=groups))
 
     patches, Yp, pgroups = cnn_data
     cnn = CNNRegressor(**{**CNN_FAST, "epochs": 2}).fit(patches, Yp, groups=pgroups)

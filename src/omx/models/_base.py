@@ -1,10 +1,11 @@
-"""The base every omx model shares: input checks, fit / predict, validation splits, save / load, torch training."""
+"""The base every omx model shares: its declared contract, checks, fit / predict with a context, save / load."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -440,7 +441,17 @@ class Model:
             raise ValueError(f"{path} holds a {meta['class']!r}, which this version of omx does not know.")
         if not issubclass(klass, cls):
             raise TypeError(f"{path} holds a {klass.__name__}, not a {cls.__name__}; use `omx.models.load(path)`.")
-        model = klass(**{**meta["init_params"], **overrides})
+        saved = dict(meta["init_params"])
+        accepted = inspect.signature(klass).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            if unknown := sorted(set(saved) - set(accepted)):  # saved by an older omx
+                warnings.warn(
+                    f"{path} was saved with parameters {unknown} that {klass.__name__} no longer takes; they are "
+                    "ignored.",
+                    stacklevel=2,
+                )
+                saved = {k: v for k, v in saved.items() if k in accepted}
+        model = klass(**{**saved, **overrides})
         state = dict(meta["state"])
         model.n_targets_ = state.pop("n_targets")
         n_features_in = state.pop("n_features_in")
