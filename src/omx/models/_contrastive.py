@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -742,8 +743,9 @@ class Contrastive(TorchModel):
         self.best_epoch_, self.weights_ = state["best_epoch_"], state["weights_"]
         self.propagation_, self.head_alpha_ = state["propagation_"], state["head_alpha_"]
         self.target_mean_, self.target_std_ = arrays["target_mean"], arrays["target_std"]
+        bank_arrays = {k[len("bank_") :]: v for k, v in arrays.items() if k.startswith("bank_")}
         self.bank_ = RetrievalBank.from_state(
-            state["bank"], {k[len("bank_") :]: v for k, v in arrays.items() if k.startswith("bank_")}
+            state["bank"] if "bank" in state else _old_bank(state, bank_arrays, self.exclude), bank_arrays
         )
         self.components_ = arrays.get("components")
         ridge = {k: arrays[f"head_ridge_{k}"] for k in ("mean", "coef", "intercept") if f"head_ridge_{k}" in arrays}
@@ -762,6 +764,22 @@ class Contrastive(TorchModel):
         else:
             self.input_mean_, self.input_std_ = arrays["input_mean"], arrays["input_std"]
         self.module_ = self._build(state["d_in"], len(self.target_mean_), state["n_out"])
+
+
+def _old_bank(state: dict[str, Any], arrays: dict[str, np.ndarray], exclude: str) -> dict[str, Any]:
+    """The bank's state from a file saved before the bank was its own object (its arrays renamed in place)."""
+    arrays["targets"] = arrays.pop("z")  # retrieval averages the standardised targets
+    if state.get("bank_patient_labels") is None:
+        warnings.warn(
+            "This Contrastive was saved by an older omx, whose bank does not know the patient of each row: its "
+            "retrieval leaves out only the query's own section. Fit it again to leave out the query's patient too.",
+            stacklevel=4,
+        )
+    return {
+        "exclude": "patient",
+        "group_labels": state["bank_group_labels"],
+        "patient_labels": state.get("bank_patient_labels"),
+    }
 
 
 def _rows(labels: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:

@@ -436,6 +436,11 @@ class SpatialGraph(TorchModel):
         return state, arrays
 
     def _set_module_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        if "ridge" in state:  # saved by an older omx, whose SpatialGraph predicted with a ridge by default
+            raise ValueError(
+                "This SpatialGraph was saved by an older omx with its ridge predictor, which is now its own class, "
+                "GraphRidge (model='graph'): fit a GraphRidge instead."
+            )
         self.best_epoch_ = state["best_epoch_"]
         self.library_size_ = state.get("library_size_")
         self.standardizer_ = GroupStandardizer().set_state({"mean": arrays["x_mean"], "scale": arrays["x_scale"]})
