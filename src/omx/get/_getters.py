@@ -14,10 +14,6 @@ from omx._schema import Key, entries, get_entry, scores_frame
 from omx._utils import as_list, log_normalize, resolve_table
 
 
-def _measured_table(sdata: SpatialData, table_key: str | None) -> tuple[str, AnnData]:
-    return resolve_table(sdata, table_key)
-
-
 def _sections_mask(table: AnnData, section: str | Sequence[str] | None, section_key: str) -> np.ndarray:
     if section is None:
         return np.ones(table.n_obs, dtype=bool)
@@ -41,7 +37,7 @@ def _sources(data: SpatialData | AnnData, key: str, table_key: str | None, slot:
         raise TypeError(f"Pass a SpatialData object or an AnnData table, got {type(data).__name__}.")
     found = []
     try:
-        name, table = _measured_table(data, table_key)
+        name, table = resolve_table(data, table_key)
     except KeyError:
         name, table = None, None
     if table is not None and key in entries(table) and (slot == "uns" or key in getattr(table, slot)):

@@ -385,6 +385,20 @@ class Model:
     def _set_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
 
+    def _export_state(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The fitted state as part of another model's: its values, and its arrays named ``prefix + name``."""
+        state, arrays = self._get_state()
+        return state, {f"{prefix}{k}": v for k, v in arrays.items()}
+
+    def _restore_state(
+        self, state: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str, *, n_targets: int, n_features_in: int
+    ) -> Model:
+        """Make this unfitted model the part that `_export_state` saved under ``prefix``; returns it."""
+        self._set_state(state, {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
+        self.n_targets_, self.n_features_in_ = n_targets, n_features_in
+        self.is_fitted_ = True
+        return self
+
     def save(self, path: str | Path, *, overwrite: bool = False) -> None:
         """Write the fitted model to the directory `path`: ``params.json`` and the weights.
 

@@ -721,8 +721,8 @@ class Contrastive(TorchModel):
             arrays.update({f"head_ridge_{k}": np.asarray(v) for k, v in self.head_ridge_.items()})
         linear_state = None
         if self.linear_ is not None:
-            linear_state, linear_arrays = self.linear_._get_state()
-            arrays.update({f"linear_{k}": v for k, v in linear_arrays.items()})
+            linear_state, linear_arrays = self.linear_._export_state("linear_")
+            arrays.update(linear_arrays)
         if self.image == "features":
             arrays.update(x_mean=self.standardizer_.mean_, x_scale=self.standardizer_.scale_)
         else:
@@ -752,13 +752,13 @@ class Contrastive(TorchModel):
         self.head_ridge_ = ridge or None
         self.linear_ = None
         if state.get("linear_state") is not None:
-            self.linear_ = Ridge(encoder=self.encoder, seed=self.seed, show_progress_bar=False)
-            prefix = "linear_"
-            self.linear_._set_state(
-                state["linear_state"], {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            self.linear_ = Ridge(encoder=self.encoder, seed=self.seed, show_progress_bar=False)._restore_state(
+                state["linear_state"],
+                arrays,
+                "linear_",
+                n_targets=len(self.target_mean_),
+                n_features_in=self.n_features_in_,
             )
-            self.linear_.n_targets_, self.linear_.n_features_in_ = len(self.target_mean_), self.n_features_in_
-            self.linear_.is_fitted_ = True
         if self.image == "features":
             self.standardizer_ = GroupStandardizer().set_state({"mean": arrays["x_mean"], "scale": arrays["x_scale"]})
         else:

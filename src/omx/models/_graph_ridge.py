@@ -130,15 +130,11 @@ class GraphRidge(Model):
 
     # ------------------------------------------------------------------ state
     def _get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        ridge_state, ridge_arrays = self.ridge_._get_state()
-        return (
-            {"propagation_": self.propagation_, "ridge": ridge_state},
-            {f"ridge.{k}": v for k, v in ridge_arrays.items()},
-        )
+        ridge_state, ridge_arrays = self.ridge_._export_state("ridge.")
+        return {"propagation_": self.propagation_, "ridge": ridge_state}, ridge_arrays
 
     def _set_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self.propagation_ = state["propagation_"]
-        self.ridge_ = self._ridge()
-        self.ridge_._set_state(state["ridge"], {k[6:]: v for k, v in arrays.items() if k.startswith("ridge.")})
-        self.ridge_.n_targets_, self.ridge_.n_features_in_ = self.n_targets_, self.n_features_in_
-        self.ridge_.is_fitted_ = True
+        self.ridge_ = self._ridge()._restore_state(
+            state["ridge"], arrays, "ridge.", n_targets=self.n_targets_, n_features_in=self.n_features_in_
+        )
