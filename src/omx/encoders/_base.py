@@ -21,10 +21,14 @@ class Encoder:
         Side in pixels of the square patches the encoder works on.
     dim
         Length of the feature vector.
+    mpp
+        Native resolution in microns per pixel, for encoders trained at one (foundation models): `omx.tl` then
+        cuts patches of ``patch_px * mpp`` microns by default. None when the encoder has no native resolution.
     """
 
     name: str = "encoder"
     patch_px: int
+    mpp: float | None = None
     #: Whether :meth:`transform` takes patches of any size as they are (True) or resizes them to `patch_px`.
     accepts_any_size: ClassVar[bool] = False
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,10 @@ class TorchEncoder(Encoder):
     amp
         On CUDA, run the module under bfloat16 autocast (float16 where bfloat16 is unsupported). The CPU path
         always runs in float32.
+    devices
+        More devices to run copies of the module on, each taking a share of every call's patches (e.g.
+        ``["cuda:0", "cuda:1"]``); ``"all"`` uses every CUDA device when `device` is CUDA. None runs on `device`
+        alone.
     name
         Name of the encoder (for keys such as ``obsm["X_omx_<name>"]``); the lower-case class name of `module`
         by default.
@@ -76,6 +82,7 @@ class TorchEncoder(Encoder):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         amp: bool = True,
+        devices: Sequence[str | torch.device] | str | None = "all",
         name: str | None = None,
     ):
         if not isinstance(module, nn.Module):
@@ -91,6 +98,23 @@ class TorchEncoder(Encoder):
         self.amp = bool(amp)
         self.name = name or type(module).__name__.lower()
         self._dim: int | None = None
+        self._replicas: list[tuple[nn.Module, torch.device]] = [(self.module, self.device)]
+        self.set_devices(devices)
+
+    def set_devices(self, devices: Sequence[str | torch.device] | str | None) -> None:
+        """Run copies of the module on `devices` (see the class parameters); the first is `device`'s."""
+        if devices == "all":
+            one = self.device.type != "cuda" or self.device.index is not None
+            devices = None if one else [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        targets = [self.device] + [d for d in (get_device(d) for d in devices or []) if d != _indexed(self.device)]
+        self._replicas = [(self.module, self.device)] + [
+            (copy.deepcopy(self.module).to(d).eval(), d) for d in targets[1:]
+        ]
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """The devices the module runs on."""
+        return [d for _, d in self._replicas]
 
     @property
     def dim(self) -> int:
@@ -118,31 +142,59 @@ class TorchEncoder(Encoder):
         return out
 
     def _encode(self, patches: np.ndarray) -> np.ndarray:
-        dev = self.device
+        if len(self._replicas) == 1:
+            return self._encode_on(self.module, self.device, patches)
+        # one share per device, whole batches each, run in threads (torch releases the GIL while it computes)
+        bounds = np.linspace(0, len(patches), len(self._replicas) + 1).astype(int)
+        with ThreadPoolExecutor(len(self._replicas)) as pool:
+            parts = pool.map(
+                lambda k: self._encode_on(*self._replicas[k], patches[bounds[k] : bounds[k + 1]]),
+                range(len(self._replicas)),
+            )
+            return np.concatenate(list(parts), axis=0)
+
+    def _encode_on(self, module: nn.Module, dev: torch.device, patches: np.ndarray) -> np.ndarray:
+        """Encode on one device, waiting for it once per call.
+
+        The patches go to pinned memory once, batches are converted on the device, and the features stay there
+        until the last batch.
+        """
+        if len(patches) == 0:
+            return np.zeros((0, self._dim or 0), dtype=np.float32)
         mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
         use_amp = self.amp and dev.type == "cuda"
         amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        host = torch.from_numpy(np.ascontiguousarray(patches))
+        if dev.type == "cuda":
+            host = host.pin_memory()
         out = []
         with torch.inference_mode(), torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
             for i in range(0, len(patches), self.batch_size):
-                x = to_tensor(patches[i : i + self.batch_size], dev, size=self.patch_px)
-                y = self.module((x - mean) / std)
+                x = to_tensor(host[i : i + self.batch_size], dev, size=self.patch_px)
+                y = module((x - mean) / std)
                 if isinstance(y, tuple | list):  # some models return (features, extras)
                     y = y[0]
-                out.append(y.reshape(y.shape[0], -1).float().cpu().numpy())
-        return np.concatenate(out, axis=0)
+                out.append(y.reshape(y.shape[0], -1).float())
+        return torch.cat(out).cpu().numpy()
 
 
-def to_tensor(patches: np.ndarray, device: torch.device, *, size: int | None = None) -> torch.Tensor:
+def _indexed(device: torch.device) -> torch.device:
+    """`device` with its index (``cuda`` is ``cuda:<current>``)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def to_tensor(patches: np.ndarray | torch.Tensor, device: torch.device, *, size: int | None = None) -> torch.Tensor:
     """Move ``uint8`` patches ``(b, H, W, 3)`` to `device` as float ``(b, 3, size, size)`` in ``[0, 1]``.
 
-    The uint8 array travels to the device (through pinned memory on CUDA) and is converted there. Patches of
-    another side than `size` are resized bilinearly with anti-aliasing.
+    The uint8 array travels to the device (through pinned memory on CUDA, without waiting) and is converted
+    there. Patches of another side than `size` are resized bilinearly with anti-aliasing.
     """
-    x = torch.from_numpy(np.ascontiguousarray(patches))
+    x = patches if isinstance(patches, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(patches))
     if device.type == "cuda":
-        x = x.pin_memory().to(device, non_blocking=True)
+        x = (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
     else:
         x = x.to(device)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
