@@ -132,12 +132,14 @@ FRAGMENTS: dict[str, str] = {
         # ----------------------------------------------------------------------------------------------- patches
         "size_um": """
             size_um
-                Side of the square patch around each spot, in microns; the spot diameter when omitted.
+                Side of the square patch around each spot, in microns. Omitted: ``patch_px * mpp`` for an encoder
+                with a native resolution (foundation models: 224 px at 0.5 um/px, 112 um), else the spot diameter.
             """,
         "context": """
             context
                 Patch sizes as multiples of ``size_um``: feature models concatenate the features of each, in this
-                order; patch models see one patch spanning the largest.
+                order; patch models see one patch spanning the largest. Omitted: ``(1,)`` for an encoder with a
+                native resolution, else ``(1, 2, 3)``.
             """,
         "data_spots": """
             data

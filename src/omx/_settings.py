@@ -148,6 +148,7 @@ class Settings:
         self.verbosity = Verbosity.info
         self.autoshow = True
         self.figdir = Path("figures")
+        self.feature_store = None
 
     @property
     def verbosity(self) -> Verbosity:
@@ -190,12 +191,26 @@ class Settings:
     def figdir(self, value: str | os.PathLike) -> None:
         self._figdir = Path(value)
 
+    @property
+    def feature_store(self) -> Path | None:
+        """A folder (zarr) where `omx.pp.encode` and `omx.tl` keep the features of spots no table annotates.
+
+        `omx.tl` reads features from it before encoding, and writes those it computes, so a slow encoder runs
+        once per slide and geometry across calls and sessions. None (the default) keeps no store.
+        """
+        return self._feature_store
+
+    @feature_store.setter
+    def feature_store(self, value: str | os.PathLike | None) -> None:
+        self._feature_store = None if value is None else Path(value)
+
     @contextmanager
     def override(self, **values) -> Iterator[Settings]:
         """Change settings inside a ``with`` block and restore them after it, e.g. ``override(verbosity=3)``."""
-        unknown = [k for k in values if k not in ("verbosity", "autoshow", "figdir")]
+        names = ("verbosity", "autoshow", "figdir", "feature_store")
+        unknown = [k for k in values if k not in names]
         if unknown:
-            raise AttributeError(f"omx.settings has no setting(s) {unknown}; settings: verbosity, autoshow, figdir.")
+            raise AttributeError(f"omx.settings has no setting(s) {unknown}; settings: {', '.join(names)}.")
         old = {k: getattr(self, k) for k in values}
         try:
             for k, v in values.items():
@@ -206,7 +221,11 @@ class Settings:
                 setattr(self, k, v)
 
     def __repr__(self) -> str:
-        return f"omx.settings(verbosity={self.verbosity.name!r}, autoshow={self.autoshow}, figdir={str(self.figdir)!r})"
+        store = None if self.feature_store is None else str(self.feature_store)
+        return (
+            f"omx.settings(verbosity={self.verbosity.name!r}, autoshow={self.autoshow}, "
+            f"figdir={str(self.figdir)!r}, feature_store={store!r})"
+        )
 
 
 settings = Settings()

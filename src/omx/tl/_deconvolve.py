@@ -25,10 +25,10 @@ from omx._settings import warn
 from omx._utils import as_list, logger, resolve_table
 from omx.pp._spots import table_regions
 from omx.tl._engine import (
-    DEFAULT_CONTEXT,
     as_dense,
     counts,
     model_inputs,
+    model_patch_settings,
     resolve_sections,
     split_sections,
 )
@@ -483,7 +483,7 @@ def predict_proportions(
     image_key: str | None = None,
     mpp: float | None = None,
     size_um: float | None = None,
-    context: Sequence[float] = DEFAULT_CONTEXT,
+    context: Sequence[float] | None = None,
     alpha: float | None = None,
     key_added: str = Key.PROPORTIONS,
     overwrite: bool = False,
@@ -552,7 +552,7 @@ def predict_proportions(
     if unmeasured:
         check_free_elements(sdata, overwrite=overwrite, tables=[key_added])
     model = Ridge(alpha=alpha, seed=seed, show_progress_bar=show_progress_bar)
-    size_um = sections[train[0]].spots.diameter_um if size_um is None else float(size_um)
+    size_um, context = model_patch_settings(model, sections[train[0]], size_um, context)
 
     def inputs(name):
         return model_inputs(

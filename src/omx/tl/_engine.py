@@ -24,14 +24,12 @@ from omx._utils import as_list, check_counts, log_normalize, logger
 from omx.metrics import gene_scores
 from omx.models import Context
 from omx.pp import Spots, resolve_spots
+from omx.pp._features import find_in_store, find_in_table, geometry, write_to_store
 from omx.pp._spots import table_regions
-from omx.pp._stream import collect, iter_chunks
+from omx.pp._stream import collect, iter_chunks, patch_settings
 
 if TYPE_CHECKING:
     from omx.models import Model
-
-#: Patch sizes, as multiples of the spot size, whose features feature models concatenate.
-DEFAULT_CONTEXT = (1.0, 2.0, 3.0)
 
 
 @dataclass
@@ -40,6 +38,8 @@ class Section:
 
     name: str
     spots: Spots
+    #: The table annotating the spots, where `omx.pp.encode` may have written their features.
+    table: AnnData | None = None
 
     @property
     def rows(self) -> np.ndarray:
@@ -98,8 +98,19 @@ def resolve_sections(
             spots = spots.subset(labels[spots.table_rows] == name)
         else:  # H&E only: rows of any other table (e.g. earlier predictions) are not measurements
             spots = replace(spots, table_key=None, table_rows=np.full(spots.n_spots, -1))
-        out[name] = Section(name=name, spots=spots)
+        out[name] = Section(name=name, spots=spots, table=table if name in known else None)
     return out
+
+
+def model_patch_settings(
+    model, section: Section, size_um: float | None, context: Sequence[float] | None
+) -> tuple[float, tuple[float, ...]]:
+    """``(size_um, context)`` of a model's inputs with the defaults filled in (see `omx.pp._stream.patch_settings`).
+
+    A feature model's encoder, or a patch model itself, with a native resolution (``mpp``) sees patches at it.
+    """
+    owner = model.encoder if model.input == "features" else model
+    return patch_settings(owner, section.spots.diameter_um, size_um, context)
 
 
 def model_inputs(
@@ -107,7 +118,7 @@ def model_inputs(
     model,
     *,
     size_um: float | None,
-    context: Sequence[float] = DEFAULT_CONTEXT,
+    context: Sequence[float] | None = None,
     show_progress_bar: bool = True,
 ) -> np.ndarray:
     """Features (feature models) or patches (patch models) for every spot of a section.
@@ -117,7 +128,7 @@ def model_inputs(
     context, ``size_um * max(context)`` microns. Both are computed chunk by chunk (on the active dask.distributed
     cluster, if any) by `omx.pp.encode` and the chunks behind it.
     """
-    size_um = section.spots.diameter_um if size_um is None else size_um
+    size_um, context = model_patch_settings(model, section, size_um, context)
     return collect(input_chunks(section, model, size_um, context, show_progress_bar), section.spots.n_spots)
 
 
@@ -284,7 +295,7 @@ def fit_sections(
     Z = scaler.fit_transform(Y, groups)
     if counts_model:
         Z = np.asarray(as_dense(X[:, gene_idx]), dtype=np.float32)[keep]
-    size_um = sections[train[0]].spots.diameter_um if size_um is None else float(size_um)
+    size_um, context = model_patch_settings(model, sections[train[0]], size_um, context)
     inputs = [section_inputs(sections[n], model, size_um, context, show_progress_bar, cache) for n in train]
     inputs = np.concatenate(inputs)[keep]
     coords = np.concatenate([sections[n].spots.centers * sections[n].spots.mpp for n in train])[keep]
@@ -330,11 +341,30 @@ def section_patients(table: AnnData | None, section: Section) -> np.ndarray | No
 
 
 def section_inputs(section, model, size_um, context, show_progress_bar, cache) -> np.ndarray:
+    """A model's inputs for a section, computed once.
+
+    A feature model's features come from, in this order: ``cache`` (this call's memory), the table's ``obsm``
+    written by `omx.pp.encode`, the feature store (``omx.settings.feature_store``), and else the encoder, whose
+    features then go to the store when there is one.
+    """
     patch_px = model.patch_px if model.input == "patches" else None
     key = (section.name, model.input, patch_px, size_um, tuple(context), encoder_id(model))
     if cache is not None and key in cache:
         return cache[key]
-    out = model_inputs(section, model, size_um=size_um, context=context, show_progress_bar=show_progress_bar)
+    out = None
+    if model.input == "features":
+        from omx._settings import settings
+
+        geo = geometry(model.encoder, size_um, context)
+        out = find_in_table(section.table, section.spots, geo)
+        if out is None:
+            out = find_in_store(settings.feature_store, section.spots, geo)
+        if out is None:
+            out = model_inputs(section, model, size_um=size_um, context=context, show_progress_bar=show_progress_bar)
+            if settings.feature_store is not None and geo["encoder"] is not None:
+                write_to_store(settings.feature_store, section.spots, out, geo)
+    else:
+        out = model_inputs(section, model, size_um=size_um, context=context, show_progress_bar=show_progress_bar)
     if cache is not None:
         cache[key] = out
     return out
@@ -363,8 +393,12 @@ def predict_section(
     """
     meta = model.meta_
     var = None
-    if "coords" in model.uses or cache is not None:
-        inputs = section_inputs(section, model, meta["size_um"], meta["context"], show_progress_bar, cache)
+    stored = stored_features(model, section) if cache is None and model.input == "features" else None
+    if "coords" in model.uses or cache is not None or stored is not None:
+        if stored is not None:
+            inputs = stored
+        else:
+            inputs = section_inputs(section, model, meta["size_um"], meta["context"], show_progress_bar, cache)
         ctx = Context(
             groups=np.full(len(inputs), section.name, dtype=object),
             patients=patients,
@@ -380,6 +414,15 @@ def predict_section(
     pred = (Z * np.asarray(meta["target_std"]) + np.asarray(meta["target_mean"])).astype(np.float32)
     np.maximum(pred, 0, out=pred)  # log1p of a non-negative expression is never negative
     return (pred, var) if return_var else pred
+
+
+def stored_features(model: Model, section: Section) -> np.ndarray | None:
+    """The section's features for this model from `omx.pp.encode`'s ``obsm`` or the feature store, else None."""
+    from omx._settings import settings
+
+    geo = geometry(model.encoder, model.meta_["size_um"], model.meta_["context"])
+    found = find_in_table(section.table, section.spots, geo)
+    return found if found is not None else find_in_store(settings.feature_store, section.spots, geo)
 
 
 def predict_stream(

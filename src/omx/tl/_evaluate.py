@@ -13,9 +13,9 @@ from omx._docs import doc_params
 from omx._schema import Key, base_entry, check_free, gene_layer, jsonable, model_entry, scores_columns, write_results
 from omx._utils import as_list, logger, progress, resolve_table
 from omx.tl._engine import (
-    DEFAULT_CONTEXT,
     fit_sections,
     make_model,
+    model_patch_settings,
     predict_section,
     resolve_sections,
     score_section,
@@ -47,7 +47,7 @@ def cross_validate(
     layer: str | None = None,
     mpp: float | None = None,
     size_um: float | None = None,
-    context: Sequence[float] = DEFAULT_CONTEXT,
+    context: Sequence[float] | None = None,
     target_norm: str = "section",
     min_counts: int = 10,
     top_n: int = 50,
@@ -128,16 +128,14 @@ def cross_validate(
         if not held:
             raise KeyError(f"No section has {groups} == {fold!r}; groups: {sorted(set(group_of.values()))}.")
         m = _fresh(model, seed=seed, device=device, show_progress_bar=show_progress_bar)
-        if size_um is None:  # encode once, outside the timed fit; the cache is keyed by section and patch settings
-            fold_size = resolved[train[0]].spots.diameter_um
-        else:
-            fold_size = size_um
+        # encode once, outside the timed fit; the cache is keyed by section and patch settings
+        fold_size, fold_context = model_patch_settings(m, resolved[train[0]], size_um, context)
         for n in train + held:
-            section_inputs(resolved[n], m, fold_size, context, show_progress_bar, cache)
+            section_inputs(resolved[n], m, fold_size, fold_context, show_progress_bar, cache)
         t0 = time.perf_counter()
         m, train_var = fit_sections(
             sdata, resolved, train, m, table_key=table_key, genes=genes, n_top_genes=n_top_genes, layer=layer,
-            min_counts=min_counts, target_norm=target_norm, size_um=fold_size, context=context,
+            min_counts=min_counts, target_norm=target_norm, size_um=fold_size, context=fold_context,
             show_progress_bar=show_progress_bar, cache=cache,
         )  # fmt: skip
         fit_s = time.perf_counter() - t0

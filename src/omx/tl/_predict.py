@@ -25,7 +25,6 @@ from omx._schema import (
 from omx._utils import logger, resolve_table
 from omx.metrics import summarize
 from omx.tl._engine import (
-    DEFAULT_CONTEXT,
     Section,
     fit_sections,
     make_model,
@@ -58,7 +57,7 @@ def fit_predict(
     image_key: str | None = None,
     mpp: float | None = None,
     size_um: float | None = None,
-    context: Sequence[float] = DEFAULT_CONTEXT,
+    context: Sequence[float] | None = None,
     target_norm: str = "section",
     min_counts: int = 10,
     key_added: str = Key.PRED,
