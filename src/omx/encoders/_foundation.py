@@ -399,10 +399,10 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], *, spec: Enc
     The state is first mapped onto timm's names (the spec's converter) and stripped of wrapper prefixes. Every
     key must exist on both sides with the same shape: a file of another model never loads half-way.
     """
-    target = module.trunk if isinstance(module, PooledViT) else module
-    if spec is not None and spec.convert is not None:
-        state = CONVERTERS[spec.convert](state)
+    target = module.trunk if isinstance(module, PooledViT) else module  # CONCH's tower loads whole
     state = strip_prefix(state, WRAPPER_PREFIXES)
+    if spec is not None and spec.convert is not None:
+        state = strip_prefix(CONVERTERS[spec.convert](state), WRAPPER_PREFIXES)
     expected = target.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -543,6 +543,7 @@ register(
         mpp=0.5,
         dim=1536,
         pooling="cls",
+        n_params=681_394_176,
         aliases=("uni2h", "uni2"),
     )
 )
@@ -557,7 +558,7 @@ for _name, _hub, _year in (
             arch="vit_giant_patch14_reg4_dinov2",
             kwargs={"img_size": 224, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": False},
             hub_id=_hub,
-            hub_file="model.safetensors" if _name == "h_optimus_0" else "pytorch_model.bin",
+            hub_file="pytorch_model.bin",
             licence=(
                 "Apache 2.0"
                 if _name == "h_optimus_0"
@@ -567,6 +568,7 @@ for _name, _hub, _year in (
             mpp=0.5,
             dim=1536,
             pooling="cls",
+            n_params=1_134_774_272,
             mean=HOPTIMUS_MEAN,
             std=HOPTIMUS_STD,
             aliases=(_hub.split("/")[1], _name.replace("_", "")),
@@ -594,6 +596,7 @@ register(
         mpp=0.5,
         dim=2560,
         pooling="cls+mean",
+        n_params=631_239_424,
     )
 )
 register(
@@ -609,6 +612,7 @@ register(
         mpp=0.5,
         dim=1024,
         pooling="cls",
+        n_params=303_350_784,
         convert="phikon",
         aliases=("phikon2",),
     )
@@ -637,6 +641,7 @@ register(
         mpp=0.5,
         dim=1536,
         pooling="cls",
+        n_params=1_134_953_984,
         aliases=("prov_gigapath", "gigapath_tile"),
     )
 )
@@ -645,7 +650,7 @@ register(
         name="conch",
         description="CONCH (Mahmood Lab, 2024): CoCa image tower, ViT-B/16 at 448 px, trained on 1.17 M captions",
         arch="vit_base_patch16_224",
-        kwargs={"img_size": 448, "num_classes": 0, "global_pool": "", "dynamic_img_size": True},
+        kwargs={"img_size": 448, "patch_size": 16, "num_classes": 0, "dynamic_img_size": True},
         hub_id="MahmoodLab/CONCH",
         hub_file="pytorch_model.bin",
         licence="CC-BY-NC-ND 4.0, academic research only; "
@@ -654,6 +659,7 @@ register(
         mpp=0.5,
         dim=512,
         pooling="conch",
+        n_params=90_392_832,
         mean=CLIP_MEAN,
         std=CLIP_STD,
         convert="conch",

@@ -120,9 +120,11 @@ class TimmEncoder(TorchEncoder):
                 ) from err
             self.weights = None if weights is None else str(Path(weights).expanduser())
         cfg = getattr(module, "pretrained_cfg", {}) or {}
+        img_size = getattr(getattr(module, "patch_embed", None), "img_size", None)  # a ViT built for another size
+        native_px = img_size[-1] if img_size else cfg.get("input_size", (3, 224, 224))[-1]
         super().__init__(
             module,
-            patch_px=int(patch_px or cfg.get("input_size", (3, 224, 224))[-1]),
+            patch_px=int(patch_px or native_px),
             batch_size=batch_size,
             device=device,
             mean=tuple(cfg.get("mean", IMAGENET_MEAN)),

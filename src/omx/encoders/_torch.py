@@ -45,9 +45,9 @@ class TorchEncoder(Encoder):
         On CUDA, run the module under bfloat16 autocast (float16 where bfloat16 is unsupported). The CPU path
         always runs in float32.
     devices
-        More devices to run copies of the module on, each taking a share of every call's patches (e.g.
-        ``["cuda:0", "cuda:1"]``); ``"all"`` uses every CUDA device when `device` is CUDA. None runs on `device`
-        alone.
+        Devices to run copies of the module on, each taking a share of every call's patches (e.g.
+        ``["cuda:0", "cuda:1"]``; `device` is one of them whether listed or not); ``"all"`` uses every CUDA
+        device when `device` is CUDA. None runs on `device` alone.
     name
         Name of the encoder (for keys such as ``obsm["X_omx_<name>"]``); the lower-case class name of `module`
         by default.
@@ -106,10 +106,10 @@ class TorchEncoder(Encoder):
         if devices == "all":
             one = self.device.type != "cuda" or self.device.index is not None
             devices = None if one else [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-        targets = [self.device] + [d for d in (get_device(d) for d in devices or []) if d != _indexed(self.device)]
-        self._replicas = [(self.module, self.device)] + [
-            (copy.deepcopy(self.module).to(d).eval(), d) for d in targets[1:]
-        ]
+        targets = [get_device(d) for d in devices or []]
+        if _indexed(self.device) in [_indexed(d) for d in targets]:  # the module itself runs on `device`
+            targets.pop([_indexed(d) for d in targets].index(_indexed(self.device)))
+        self._replicas = [(self.module, self.device)] + [(copy.deepcopy(self.module).to(d).eval(), d) for d in targets]
 
     @property
     def devices(self) -> list[torch.device]:
