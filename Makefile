@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build where the CPU one will do.
+# torch first and pinned with its torchvision (timm needs it): a bare `torch` requirement pulls whatever build is
+# newest. These CUDA 13 builds also run on the CPU; see the guide, "Install for a GPU", for other CUDA versions.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install demo test lint docs bench clean

@@ -77,6 +77,64 @@ image and spots; spots without a measured table get a new table `omx_pred`.""",
 inside each fold, on the training sections only.""",
     ),
     ("code", "cv = omx.tl.cross_validate(sdata, model='ridge', show_progress_bar=False)\ncv.round(3)"),
+    (
+        "md",
+        """## Use a pathology foundation model
+
+The image representation decides accuracy, and pathology foundation models (UNI, UNI2-h, H-optimus, Virchow2,
+Phikon-v2, Prov-GigaPath, CONCH) are the best ones available. omx knows their architectures, preprocessing,
+pooling and native resolution by name:""",
+    ),
+    ("code", "omx.encoders.describe()[['hub_id', 'dim', 'patch_px', 'mpp', 'pooling', 'licence']]"),
+    (
+        "md",
+        """With real weights, download the file once on a machine with internet access (most are gated: accept the
+terms on the hub page first), e.g. `huggingface-cli download MahmoodLab/UNI pytorch_model.bin --local-dir
+weights/MahmoodLab/UNI`, and pass it:
+`omx.encoders.get_encoder("uni", weights="weights/MahmoodLab/UNI/pytorch_model.bin")`.
+
+This tutorial runs offline, so it goes the same way with a small stand-in: a ViT-Tiny with random weights,
+saved to a safetensors file and loaded back through `weights=`. Its features carry no meaning (omx warns about
+that); the path is the one a real model takes. `mpp=0.5` gives it the native resolution of the pathology models:
+patches of 224 px over 112 um, whatever the slide's resolution.""",
+    ),
+    (
+        "code",
+        """import tempfile
+import warnings
+
+from safetensors.torch import save_file
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", omx.OmxWarning)  # random weights: for this offline demonstration only
+    stand_in = omx.encoders.get_encoder("timm:vit_tiny_patch16_224", weights="random")
+weights = tempfile.mkdtemp() + "/vit_tiny.safetensors"
+save_file(stand_in.module.state_dict(), weights)
+
+encoder = omx.encoders.get_encoder("timm:vit_tiny_patch16_224", weights=weights, mpp=0.5)
+encoder""",
+    ),
+    (
+        "md",
+        """Encode every section once: the features go to `table.obsm['X_omx_<encoder>']`, described in
+`table.uns['omx']` (encoder, weights, patch geometry). Fitting, prediction and cross-validation with the same
+encoder and geometry take them from there instead of running the network again; on a GPU the encoder runs in
+bfloat16 while background threads cut the next patches.""",
+    ),
+    (
+        "code",
+        """for section in ['C2', 'C3', 'C4']:
+    omx.pp.encode(sdata, encoder, shapes_key=f'{section}_spots', image_key=f'{section}_he', show_progress_bar=False)
+table.uns['omx']['X_omx_vit_tiny_patch16_224']['regions'], table.obsm['X_omx_vit_tiny_patch16_224'].shape""",
+    ),
+    (
+        "code",
+        """fm = omx.tl.fit_predict(
+    sdata, train=['C2', 'C3'], predict='C4', model=omx.models.Ridge(encoder=encoder, show_progress_bar=False),
+    key_added='omx_pred_vit', show_progress_bar=False,
+)
+fm.meta_['size_um'], fm.meta_['context']""",
+    ),
 ]
 
 HER2ST = [
