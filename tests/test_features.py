@@ -122,3 +122,24 @@ def test_foundation_encoder_sees_its_native_resolution(toy):
     assert model.meta_["size_um"] == pytest.approx(112.0) and model.meta_["context"] == [1.0]
     assert model.n_features_in_ == 1024
     assert np.isfinite(toy.tables["table"].layers["omx_pred"][toy.tables["table"].obs["section"] == "S3"]).all()
+
+
+def test_model_with_a_foundation_encoder_saves_and_loads(toy, tmp_path):
+    """A saved model keeps its encoder by name and weights file, and rebuilds it on load."""
+    from safetensors.torch import save_file
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OmxWarning)
+        stand_in = get_encoder("timm:vit_tiny_patch16_224", weights="random", img_size=64, device="cpu")
+    file = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in stand_in.module.state_dict().items()}, str(file))
+    encoder = get_encoder("timm:vit_tiny_patch16_224", weights=file, img_size=64, device="cpu", mpp=1.0)
+    model = omx.tl.fit_predict(toy, train=["S1", "S2"], predict="S3", model=ridge(encoder))
+    assert model.meta_["size_um"] == 64.0
+    model.save(tmp_path / "model")
+    loaded = omx.models.load(tmp_path / "model")
+    assert loaded.encoder.get_params() == encoder.get_params()
+    new = omx.tl.predict_expression(toy, tmp_path / "model", shapes_key="S3_spots", image_key="S3_he", inplace=False)
+    table = toy.tables["table"]
+    rows = (table.obs["section"] == "S3").to_numpy()
+    np.testing.assert_allclose(new.X, table.layers["omx_pred"][rows], rtol=1e-5, atol=1e-6)
