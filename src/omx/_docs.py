@@ -84,6 +84,40 @@ FRAGMENTS: dict[str, str] = {
             radius
                 Radius in microns for ``graph="radius"`` (required) and ``graph="delaunay"`` (optional cut).
             """,
+        # ------------------------------------------------------------------------------------ foundation backbones
+        "backbone": """
+            backbone
+                A pathology foundation encoder as the image tower: a name (``"uni"``, ``"timm:<architecture>"``,
+                ...: the published weights), an `~omx.encoders.Encoder` (e.g. ``get_encoder("uni", weights=path)``)
+                or a torch module; see `~omx.encoders.get_encoder`. None: no backbone. A saved model keeps the
+                encoder's parameters (its weight file by path) and rebuilds it when loaded.
+            """,
+        "finetune": """
+            finetune
+                How the backbone is used. ``"frozen"``: its features as they are; the model then takes features made
+                by the backbone (``input == "features"``, ``encoder`` is the backbone), which `omx.tl` computes once
+                and caches. ``"last_blocks"``: the last `n_blocks` transformer blocks and the final norm train with
+                the model. ``"lora"``: low-rank adapters of rank `lora_rank` on the attention ``qkv`` and ``proj``
+                layers of every block train, the backbone's own weights staying frozen; the adapters start at zero,
+                so training starts from the backbone's function. The two trained modes take patches at the
+                backbone's ``patch_px`` (and `mpp`, its native resolution), normalised as the backbone expects; they
+                need a vision transformer with ``.blocks`` (timm's), run in bfloat16 on CUDA and are meant for a
+                GPU. Everything else in the backbone is frozen and in eval mode, and only the trained tensors are
+                saved with the model.
+            """,
+        "n_blocks": """
+            n_blocks
+                Transformer blocks trained with ``finetune="last_blocks"`` (at most the backbone's depth).
+            """,
+        "lora_rank": """
+            lora_rank
+                Rank of the adapters with ``finetune="lora"``.
+            """,
+        "gradient_checkpointing": """
+            gradient_checkpointing
+                With a trained backbone: recompute the activations of the blocks that train in the backward pass
+                instead of storing them (less GPU memory, about a third more compute).
+            """,
         "table_key_spots": """
             table_key
                 The table annotating the spots; omitted, the one table that annotates ``shapes_key`` (or none).

@@ -92,6 +92,10 @@ class Model:
     provides_variance: ClassVar[bool] = False
     #: Side in pixels of the patches a patch model takes.
     patch_px: int
+    #: Native resolution in microns per pixel of a patch model whose image tower has one (a foundation backbone
+    #: fine-tuned at its own magnification): `omx.tl` then cuts patches of ``patch_px * mpp`` microns. None: patches
+    #: span the spot (times the context).
+    mpp: float | None = None
     #: The encoder that makes a feature model's features from patches (`omx.tl` encodes with it).
     encoder: Encoder
     _registry: ClassVar[dict[str, type[Model]]] = {}
@@ -601,9 +605,11 @@ class TorchModel(Model):
     def _save_arrays(self, file: Path, arrays: dict[str, np.ndarray]) -> None:
         import torch
 
+        from omx.models._finetune_net import trained_state_dict
+
         torch.save(
             {
-                "module": self.module_.state_dict(),
+                "module": trained_state_dict(self.module_),  # a frozen backbone is rebuilt from its own weights
                 "arrays": {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()},
             },
             file,
@@ -616,10 +622,12 @@ class TorchModel(Model):
         return {**{k: v.numpy() for k, v in data["arrays"].items()}, "__module__": data["module"]}
 
     def _set_state(self, state: dict[str, Any], arrays: dict[str, Any]) -> None:
+        from omx.models._finetune_net import load_trained_state
+
         arrays = dict(arrays)
         weights = arrays.pop("__module__")
         self._set_module_state(state, arrays)
-        self.module_.load_state_dict(weights)
+        load_trained_state(self.module_, weights)
         self.module_.eval()
 
     def _set_module_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:

@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from omx._docs import doc_params
 from omx._utils import logger, seed_everything
 from omx.encoders import Encoder, get_encoder
+from omx.models._backbone import backbone_tower, check_finetune, resolve_backbone
 from omx.models._base import TorchModel
 from omx.models._blend import blend_scores, group_score, simplex
 from omx.models._cnn import _channel_stats, augment_patches
@@ -32,13 +34,15 @@ MAX_FOLDS = 5
 MODES = ("default", "retrieval", "regression")
 
 
+@doc_params()
 class Contrastive(TorchModel):
     """Contrastive image-expression model: a shared embedding of H&E and expression, predicting two ways.
 
-    An image tower (an MLP on precomputed features, or `~omx.encoders.SmallCNN` on patches, trained from
-    scratch) and an expression tower (an MLP on the standardised targets) each end in a projection head onto a
-    shared, L2-normalised embedding; a symmetric InfoNCE loss (BLEEP, CLIP) with a learned or fixed temperature
-    pulls each spot's image and expression embeddings together. With spot context (``neighbors > 0``, the
+    An image tower (an MLP on precomputed features, `~omx.encoders.SmallCNN` on patches trained from scratch, or
+    a foundation `backbone` whose last blocks or LoRA adapters train with it) and an expression tower (an MLP on
+    the standardised targets) each end in a projection head onto a shared, L2-normalised embedding; a symmetric
+    InfoNCE loss (BLEEP, CLIP) with a learned or fixed temperature pulls each spot's image and expression
+    embeddings together. With spot context (``neighbors > 0``, the
     default), the image embedding of a spot attends to those of its nearest spots in the same section
     (mclSTExp's idea), and the predictions are propagated over the same neighbours; the model then requires the
     spot centres (``Context.coords``). ``neighbors=0`` switches context off.
@@ -80,13 +84,21 @@ class Contrastive(TorchModel):
     ----------
     image
         ``"features"``: an MLP on features made by `encoder` (callers such as `omx.tl` encode the patches);
-        ``"patches"``: a CNN from scratch on uint8 patches of `patch_px` pixels.
+        ``"patches"``: an image network on uint8 patches of `patch_px` pixels, a CNN from scratch or the trained
+        `backbone`, then an MLP. None: ``"patches"`` with a trained backbone, else ``"features"``.
     encoder
-        The encoder of ``image="features"`` (``"handcrafted"``, an `~omx.encoders.Encoder` or a torch module).
+        The encoder of ``image="features"`` (``"handcrafted"``, an `~omx.encoders.Encoder` or a torch module). A
+        frozen `backbone` is this encoder by another name: pass one or the other.
     patch_px
-        Side of the patches of ``image="patches"``.
+        Side of the patches of ``image="patches"``. None: 64, or the backbone's ``patch_px`` with a trained
+        backbone (which takes no other).
     width
-        Channels of the first CNN stage (``image="patches"``).
+        Channels of the first CNN stage (``image="patches"`` without a backbone).
+    {backbone}
+    {finetune}
+    {n_blocks}
+    {lora_rank}
+    {gradient_checkpointing}
     hidden
         Width of the hidden layers of the MLP towers.
     embed_dim
@@ -105,7 +117,7 @@ class Contrastive(TorchModel):
         The regression head: ``"trained"`` (the linear head trained with the towers), ``"ridge"`` (after
         training, ridge regression from the image embedding in closed form, its penalty chosen on the
         cross-fitted rows) or ``"ridge+features"`` (the same from the embedding and the standardised features;
-        ``image="features"`` only).
+        ``image="features"`` only). None: ``"ridge+features"`` on features, ``"ridge"`` on patches.
     k
         Reference spots averaged by retrieval.
     blend
@@ -144,8 +156,12 @@ class Contrastive(TorchModel):
 
     Attributes
     ----------
+    mpp
+        The backbone's native resolution in microns per pixel with a trained backbone (`omx.tl` cuts patches of
+        ``patch_px * mpp`` microns), else None.
     module_
-        The networks: ``image``, ``expression``, ``head``, optional ``context`` and the log temperature.
+        The networks: ``image`` (with a trained backbone, ``Sequential(BackboneTower, MLP)``), ``expression``,
+        ``head``, optional ``context`` and the log temperature.
     bank_
         The reference bank (`RetrievalBank`) of the training spots: their expression embeddings, standardised
         targets, section labels (``""`` when fitted without groups) and patients.
@@ -171,10 +187,15 @@ class Contrastive(TorchModel):
     def __init__(
         self,
         *,
-        image: Literal["features", "patches"] = "features",
+        image: Literal["features", "patches"] | None = None,
         encoder: str | Encoder | Any = "handcrafted",
-        patch_px: int = 64,
+        patch_px: int | None = None,
         width: int = 32,
+        backbone: str | Encoder | Any | None = None,
+        finetune: Literal["frozen", "last_blocks", "lora"] = "frozen",
+        n_blocks: int = 2,
+        lora_rank: int = 8,
+        gradient_checkpointing: bool = False,
         hidden: int = 256,
         embed_dim: int = 128,
         dropout: float = 0.2,
@@ -182,7 +203,7 @@ class Contrastive(TorchModel):
         learn_temperature: bool = True,
         contrastive_weight: float = 1.0,
         n_components: int | None = 20,
-        head: Literal["trained", "ridge", "ridge+features"] = "ridge+features",
+        head: Literal["trained", "ridge", "ridge+features"] | None = None,
         k: int = 50,
         blend: float | Literal["auto"] = "auto",
         exclude: Literal["patient", "group"] = "patient",
@@ -198,8 +219,21 @@ class Contrastive(TorchModel):
         device: str = "auto",
         show_progress_bar: bool = True,
     ):
+        check_finetune(finetune, n_blocks, lora_rank, has_backbone=backbone is not None)
+        trains = backbone is not None and finetune != "frozen"
+        if image is None:
+            image = "patches" if trains else "features"
         if image not in ("features", "patches"):
             raise ValueError(f"image must be 'features' or 'patches', got {image!r}.")
+        if backbone is not None and image != ("patches" if trains else "features"):
+            takes = "takes patches" if trains else "gives features"
+            raise ValueError(f"A backbone with finetune={finetune!r} {takes}, not image={image!r}: leave image=None.")
+        if backbone is not None and not trains and not (isinstance(encoder, str) and encoder == "handcrafted"):
+            raise ValueError(
+                "A frozen backbone is the encoder of the features: pass it as `backbone=` or as `encoder=`, not both."
+            )
+        if head is None:
+            head = "ridge+features" if image == "features" else "ridge"
         if head not in ("trained", "ridge", "ridge+features") or (head == "ridge+features" and image != "features"):
             raise ValueError(
                 f"head must be 'trained', 'ridge' or (with image='features') 'ridge+features', got {head!r}."
@@ -212,15 +246,31 @@ class Contrastive(TorchModel):
             raise ValueError("k must be >= 1, neighbors >= 0, temperature > 0 and contrastive_weight >= 0.")
         if n_components is not None and n_components < 1:
             raise ValueError(f"n_components must be a positive integer or None, got {n_components!r}.")
-        if image == "patches" and patch_px < 16:
+        if patch_px is not None and patch_px < 16:
             raise ValueError(f"patch_px must be at least 16, got {patch_px}.")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         if epochs < 1 or batch_size < 2:
             raise ValueError("epochs must be >= 1 and batch_size >= 2.")
         self.image = image
-        self.encoder = get_encoder(encoder) if image == "features" else None
-        self.patch_px = int(patch_px)
+        self.backbone = (
+            None if backbone is None else resolve_backbone(backbone, finetune, n_blocks=n_blocks, owner="Contrastive")
+        )
+        self.finetune, self.n_blocks, self.lora_rank = finetune, int(n_blocks), int(lora_rank)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.encoder = None
+        if image == "features":
+            self.encoder = self.backbone if self.backbone is not None else get_encoder(encoder)
+        self.mpp = None
+        if trains:
+            if patch_px is not None and int(patch_px) != self.backbone.patch_px:
+                raise ValueError(
+                    f"A trained backbone takes patches of its own size ({self.backbone.patch_px} px), not "
+                    f"patch_px={patch_px}; leave patch_px=None."
+                )
+            patch_px = self.backbone.patch_px
+            self.mpp = None if self.backbone.mpp is None else float(self.backbone.mpp)
+        self.patch_px = 64 if patch_px is None else int(patch_px)
         self.width, self.hidden, self.embed_dim = int(width), int(hidden), int(embed_dim)
         self.dropout, self.temperature = float(dropout), float(temperature)
         self.learn_temperature = bool(learn_temperature)
@@ -259,12 +309,22 @@ class Contrastive(TorchModel):
         """Per-group z-scores of features, as `Ridge` (and so its linear part) standardises them."""
         return self.standardizer_.transform(X, groups, group_stats)
 
+    @property
+    def _trains_backbone(self) -> bool:
+        return self.backbone is not None and self.finetune != "frozen"
+
     # ------------------------------------------------------------------ networks
     def _build(self, d_in: int, n_targets: int, n_out: int) -> torch.nn.Module:
+        tower = None
+        if self._trains_backbone:
+            tower = backbone_tower(
+                self.backbone, self.finetune, n_blocks=self.n_blocks, lora_rank=self.lora_rank,
+                gradient_checkpointing=self.gradient_checkpointing,
+            )  # fmt: skip
         return contrastive_module(
             d_in, n_targets, n_out, image=self.image, width=self.width, hidden=self.hidden,
             embed_dim=self.embed_dim, dropout=self.dropout, context=bool(self.neighbors),
-            temperature=self.temperature, learn_temperature=self.learn_temperature,
+            temperature=self.temperature, learn_temperature=self.learn_temperature, tower=tower,
         )  # fmt: skip
 
     def _image_embed(self, x: torch.Tensor, nbr: torch.Tensor | None = None, nbr_mask=None) -> torch.Tensor:
@@ -465,6 +525,9 @@ class Contrastive(TorchModel):
         generator = torch.Generator().manual_seed(self.seed)
         if self.image == "features":
             self.standardizer_ = GroupStandardizer().fit(X)
+        elif self._trains_backbone:  # the backbone's own normalisation
+            self.input_mean_ = np.asarray(self.backbone.mean, dtype=np.float32)
+            self.input_std_ = np.asarray(self.backbone.std, dtype=np.float32)
         else:
             self.input_mean_, self.input_std_ = _channel_stats(X, train_idx)
         Xp = self._prepare(X, groups)

@@ -26,6 +26,7 @@ def contrastive_module(
     context: bool,
     temperature: float,
     learn_temperature: bool,
+    tower: torch.nn.Module | None = None,
 ) -> torch.nn.ModuleDict:
     """The networks of a `Contrastive` model, in one ``ModuleDict``.
 
@@ -38,7 +39,7 @@ def contrastive_module(
     n_out
         Outputs of the regression head (targets or their principal components).
     image
-        ``"features"`` (an MLP tower) or ``"patches"`` (`~omx.encoders.SmallCNN`, then an MLP).
+        ``"features"`` (an MLP tower) or ``"patches"`` (`~omx.encoders.SmallCNN`, or `tower`, then an MLP).
     width
         Channels of the CNN's first stage.
     hidden
@@ -53,6 +54,8 @@ def contrastive_module(
         Initial InfoNCE temperature.
     learn_temperature
         Whether the log temperature is trained.
+    tower
+        The image network of ``image="patches"`` in place of the CNN (a fine-tuned backbone, with its ``dim``).
 
     Returns
     -------
@@ -75,11 +78,11 @@ def contrastive_module(
     if image == "patches":
         from omx.encoders._torch import SmallCNN
 
-        cnn = SmallCNN(None, width=width)
-        tower = nn.Sequential(cnn, mlp(cnn.dim))
+        network = tower if tower is not None else SmallCNN(None, width=width)
+        image_tower = nn.Sequential(network, mlp(network.dim))
     else:
-        tower = mlp(d_in)
-    module = nn.ModuleDict({"image": tower, "expression": mlp(n_targets), "head": nn.Linear(embed_dim, n_out)})
+        image_tower = mlp(d_in)
+    module = nn.ModuleDict({"image": image_tower, "expression": mlp(n_targets), "head": nn.Linear(embed_dim, n_out)})
     if context:
         module["context"] = context_layer(embed_dim)
     module.register_parameter(

@@ -78,7 +78,8 @@ def train(
     process group, every rank takes its share of the same global batches through DistributedDataParallel
     (``ddp=True`` only: a network trained through its parts cannot be wrapped). With a `checkpoint`, the state
     after every epoch is written there and a run finding one resumes from it, giving the same result as an
-    uninterrupted run.
+    uninterrupted run. Only parameters that require a gradient are optimised; the frozen weights of a fine-tuned
+    backbone (see `omx.models._finetune_net`) are left out of the best epoch's copy and of the checkpoints.
 
     Parameters
     ----------
@@ -112,7 +113,10 @@ def train(
     """
     import torch
 
-    opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
+    from omx.models._finetune_net import load_trained_state, trained_state_dict
+
+    trainable = [p for p in module.parameters() if p.requires_grad]  # a frozen backbone is left out
+    opt = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
     cast = autocast(device)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cast.fast_dtype == torch.float16)
     history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
@@ -159,7 +163,8 @@ def train(
                 criterion = -history["val_score"][-1]
             if criterion < state["best"]:
                 state.update(best=criterion, bad=0, best_epoch=epoch)
-                state["best_state"] = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+                best = trained_state_dict(module)
+                state["best_state"] = {k: v.detach().to("cpu", copy=True) for k, v in best.items()}
             else:
                 state["bad"] += 1
                 if patience and state["bad"] >= patience:
@@ -168,7 +173,7 @@ def train(
         if checkpoint is not None and rank == 0:
             checkpoint.save(state, module, opt, scaler, generator, history)
     if state["best_state"] is not None:
-        module.load_state_dict(state["best_state"])
+        load_trained_state(module, state["best_state"])
     module.eval()
     return TrainResult(history=history, best_epoch=state["best_epoch"])
 
@@ -252,10 +257,12 @@ class Checkpoint:
         """Write everything the run needs to go on after this epoch (atomically: never half a checkpoint)."""
         import torch
 
+        from omx.models._finetune_net import trained_state_dict
+
         payload = {
             "fingerprint": self.fingerprint,
             "state": state,
-            "module": module.state_dict(),
+            "module": trained_state_dict(module),
             "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict(),
             "generator": generator.get_state(),
@@ -276,7 +283,9 @@ class Checkpoint:
                 f"The checkpoint {self.file} comes from another model or other data than this fit. Use another "
                 "`checkpoint_dir`, or delete it to start afresh."
             )
-        module.load_state_dict(payload["module"])
+        from omx.models._finetune_net import load_trained_state
+
+        load_trained_state(module, payload["module"])
         opt.load_state_dict(payload["optimizer"])
         scaler.load_state_dict(payload["scaler"])
         generator.set_state(payload["generator"])
