@@ -33,8 +33,8 @@ depend on them; ``--vits``), 224-px input, bf16 autocast on CUDA as the encoder 
     the wall time spent outside `encoder.transform` (``e2e_share_waiting``: reading, cutting and collecting,
     i.e. the time the encoder waited for data), the ratio of end-to-end to bare-forward patches per second
     (``e2e_over_bare``), and on CUDA the mean GPU utilisation sampled by nvidia-smi during (3) and the peak GPU
-    memory allocated by torch over (1)-(3). When `omx.pp.encode` takes ``num_workers=``, ``--num-workers`` is
-    passed to it.
+    memory allocated by torch over (1)-(3). ``--num-workers`` sets the threads that cut patches ahead of the
+    encoder (`omx.pp.encode`'s default: several on a GPU, one on the CPU).
 The target for ViT-L/16 on one H100/H200-class GPU is >= 2,000 patches/s end to end and >= 0.5 x bare forward.
 Patch counts default per device and model (few on the CPU, where ViT-L runs at about one patch per second);
 ``--vit-n`` sets them for all.
@@ -43,7 +43,6 @@ Patch counts default per device and model (few on the CPU, where ViT-L runs at a
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -314,10 +313,8 @@ def end_to_end(encoder, slide, warm: int, num_workers: int | None) -> dict:
     import omx
 
     keys = {"image_key": "he", "shapes_key": "spots"}
-    kwargs = {"size_um": SIZE_UM, "context": (1.0,)}
-    out = {}
-    if "num_workers" in inspect.signature(omx.pp.encode).parameters:
-        kwargs["num_workers"] = out["num_workers"] = num_workers
+    kwargs = {"size_um": SIZE_UM, "context": (1.0,), "num_workers": num_workers, "show_progress_bar": False}
+    out = {"num_workers": num_workers}
     spots = omx.pp.resolve_spots(slide, **keys)
     omx.pp.encode(spots.subset(np.arange(min(warm, spots.n_spots))), encoder, **kwargs)  # warm-up (imports, I/O)
 
@@ -337,9 +334,9 @@ def end_to_end(encoder, slide, warm: int, num_workers: int | None) -> dict:
         t = time.perf_counter()
         if sampler is not None:
             with sampler:
-                feats = omx.pp.encode(slide, encoder, **keys, **kwargs)
+                feats = omx.pp.encode(slide, encoder, **keys, **kwargs, inplace=False)
         else:
-            feats = omx.pp.encode(slide, encoder, **keys, **kwargs)
+            feats = omx.pp.encode(slide, encoder, **keys, **kwargs, inplace=False)
         seconds = time.perf_counter() - t
     finally:
         del encoder.transform
