@@ -469,8 +469,8 @@ def print_table(results: list[dict]) -> None:
                         f"  {v['model']} target (>= {TARGET_PER_S:,}/s end to end and >= {TARGET_OVER_BARE} x bare): "
                         + ("met" if v["target_met"] else "NOT met")
                     )
-            n = {(v["bare_n"], v["transform_n"], v["e2e_n"]) for v in res["vits"]}
-            lines.append(f"  patches (bare, transform, e2e): {', '.join(map(str, sorted(n)))}")
+            n = ", ".join(f"{v['model']} {v['bare_n']}/{v['transform_n']}/{v['e2e_n']}" for v in res["vits"])
+            lines.append(f"  patches measured (bare/transform/e2e): {n}")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
