@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py                                # 10k, 100k, 1M spots; ridge and cnn
     python benchmarks/scale.py --sizes 10000 100000 --models ridge
-    python benchmarks/scale.py --workdir /data/omx_scale      # where the sections are written (~3 GB at 1M)
+    python benchmarks/scale.py --workdir /data/omx_scale      # where the sections are written (2 GB at 1M)
     python benchmarks/scale.py --plot-only                    # redraw <workdir>/scale.png from results.jsonl
 
 Sections and fitted models in the workdir are reused by later runs (delete them to start afresh).
