@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py                                # 10k, 100k, 1M spots; ridge and cnn
     python benchmarks/scale.py --sizes 10000 100000 --models ridge
-    python benchmarks/scale.py --workdir /data/omx_scale      # where the sections are written (~3 GB at 1M)
+    python benchmarks/scale.py --workdir /data/omx_scale      # where the sections are written (2 GB at 1M)
     python benchmarks/scale.py --plot-only                    # redraw <workdir>/scale.png from results.jsonl
 
 Sections and fitted models in the workdir are reused by later runs (delete them to start afresh).
@@ -14,8 +14,23 @@ image in memory: 1M spots lie on a 30,000 x 30,000 px image. The image is drawn 
 features of 32-px patches at 8, 16 and 24 um) and a CNN (32-px patches spanning 24 um, 5 epochs) are fitted on
 two training sections of 5,000 spots with counts, saved, and then each prediction runs in a fresh process that
 reads the section from disk and calls `omx.tl.predict_expression` (H&E only: a new table of predictions).
-Peak memory is that process's maximum resident set size. The correlation of each prediction with the true
-log-mean of a field-driven gene checks that streamed predictions are meaningful.
+The correlation of each prediction with the true log-mean of a field-driven gene checks that streamed
+predictions are meaningful.
+
+Peak memory is the predicting process's own high-water mark of resident memory (`VmHWM` in /proc/self/status,
+read right after `predict_expression`; GB = 2**30 bytes). The main process is only a launcher that holds no
+data: writing the sections, fitting the models and each prediction run in processes of their own. Before, the
+figures were inflated twice over: the launcher itself had fitted the models and written the section, and a
+child's `getrusage(RUSAGE_SELF).ru_maxrss` counts the peak of its parent too, because Linux folds the high-water
+mark of the address space an exec replaces (after fork or vfork, the parent's) into ru_maxrss. `VmHWM` covers
+only the address space made at the child's exec. Each result also carries the child's ru_maxrss
+(`ru_maxrss_gb`), equal to `peak_rss_gb` when nothing inherited inflates it, and its resident memory just before
+predicting (`rss_before_gb`: imports and the lazily read section). Every run starts with a check of the measure
+(alone: `--check-memory`), children that allocate known amounts (the same to 0.001 GB in two runs here):
+
+    child allocates nothing                                    VmHWM 0.013 GB   ru_maxrss 0.013 GB
+    child allocates and frees 500 MiB (0.488 GB)               VmHWM 0.502 GB   ru_maxrss 0.502 GB
+    child of a launcher that holds 1000 MiB, allocates none    VmHWM 0.013 GB   ru_maxrss 0.990 GB
 """
 
 from __future__ import annotations
@@ -169,6 +184,61 @@ def fit_models(workdir: Path, models: list[str]) -> dict:
     return out
 
 
+def memory_gb() -> dict:
+    """This process's resident memory now (VmRSS), its own peak (VmHWM) and getrusage's ru_maxrss, in GB.
+
+    VmHWM is the high-water mark of the address space made at this process's exec. ru_maxrss (RUSAGE_SELF) also
+    holds the high-water mark of the address space the exec replaced: after fork or vfork, the parent's.
+    """
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    kb = {key: int(status[key].split()[0]) for key in ("VmRSS", "VmHWM")}  # in kB
+    return {
+        "rss": kb["VmRSS"] / 1024**2,
+        "peak": kb["VmHWM"] / 1024**2,
+        "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,  # in kB on Linux
+    }
+
+
+def touch(mib: int) -> bytearray:
+    """``mib`` MiB written byte by byte, so that every page is resident."""
+    return bytearray(b"\x01") * (mib * 2**20)
+
+
+def probe(alloc_mib: int) -> dict:
+    """Allocate and free ``alloc_mib`` MiB, then report this process's memory (a check of the measure)."""
+    block = touch(alloc_mib)
+    del block
+    return {key: round(value, 3) for key, value in memory_gb().items()}
+
+
+def check_memory(workdir: Path) -> list[dict]:
+    """Children that allocate known amounts, from a clean launcher and from one that holds 1000 MiB."""
+    rows = [
+        {"check": "child allocates nothing", **run_step(workdir, "--probe", "0")},
+        {"check": "child allocates and frees 500 MiB (0.488 GB)", **run_step(workdir, "--probe", "500")},
+        {"check": "child of a launcher that holds 1000 MiB", **run_step(workdir, "--probe-under", "1000")},
+    ]
+    base, big, under = (row.get("peak", float("nan")) for row in rows)
+    rows.append(
+        {
+            "check": "verdict",
+            "500 MiB seen as GB": round(big - base, 3),
+            "inherited peak kept out of VmHWM": abs(under - base) < 0.05,
+            "inherited peak in ru_maxrss": rows[2].get("ru_maxrss", 0.0) > 0.9,
+        }
+    )
+    return rows
+
+
+def run_step(workdir: Path, *args: str) -> dict:
+    """Run one step of the benchmark in a fresh Python process and return the JSON it prints last."""
+    cmd = [sys.executable, __file__, "--workdir", str(workdir), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        return {"error": result.stderr[-2000:]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def run_one(workdir: Path, n: int, model_name: str) -> dict:
     import numpy as np
     import spatialdata as sd
@@ -176,10 +246,11 @@ def run_one(workdir: Path, n: int, model_name: str) -> dict:
     import omx
 
     sdata = sd.read_zarr(workdir / f"section_{n}.zarr")
+    before = memory_gb()
     t = time.perf_counter()
     omx.tl.predict_expression(sdata, workdir / f"model_{model_name}", key_added="omx_pred", show_progress_bar=False)
     seconds = time.perf_counter() - t
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # before the check below allocates
+    after = memory_gb()  # before the check below allocates
     pred = sdata.tables["omx_pred"]
     xy = pred.obsm["spatial"]
     base, weights = gene_weights()
@@ -192,7 +263,9 @@ def run_one(workdir: Path, n: int, model_name: str) -> dict:
         "image_px": int(sd.get_pyramid_levels(sdata.images["S_he"], n=0).sizes["x"]),
         "seconds": round(seconds, 1),
         "spots_per_s": round(n / seconds),
-        "peak_rss_gb": round(peak_gb, 2),
+        "peak_rss_gb": round(after["peak"], 2),
+        "rss_before_gb": round(before["rss"], 2),  # imports and the lazily read section, before predicting
+        "ru_maxrss_gb": round(after["ru_maxrss"], 2),
         "r_with_truth": round(float(np.nanmean(r)), 3),
     }
 
@@ -227,34 +300,60 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["ridge", "cnn"], choices=["ridge", "cnn"])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/omx_scale"))
     parser.add_argument("--plot-only", action="store_true", help="redraw scale.png from the workdir's results")
-    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: run one prediction
+    parser.add_argument("--check-memory", action="store_true", help="only check the memory measure (seconds)")
+    # internal steps, each run in a process of its own by the launcher
+    parser.add_argument("--fit", nargs="+", help=argparse.SUPPRESS)  # fit (or reuse) these models
+    parser.add_argument("--make", type=int, help=argparse.SUPPRESS)  # write the section of this many spots
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # run one prediction: spots, model
+    parser.add_argument("--probe", type=int, help=argparse.SUPPRESS)  # allocate this many MiB, report memory
+    parser.add_argument("--probe-under", type=int, help=argparse.SUPPRESS)  # hold this many MiB, run --probe 0
     args = parser.parse_args()
-    if args.one:
+    if args.fit:
+        print(json.dumps({"fit": fit_models(args.workdir, args.fit)}))
+    elif args.make:
+        t = time.perf_counter()
+        make_section(args.workdir / f"section_{args.make}.zarr", args.make, "S", counts=False)
+        print(json.dumps({"made": f"section_{args.make}.zarr", "seconds": round(time.perf_counter() - t, 1)}))
+    elif args.one:
         print(json.dumps(run_one(args.workdir, int(args.one[0]), args.one[1])))
-        return
-    results_file = args.workdir / "results.jsonl"
-    if args.plot_only:
-        plot([json.loads(line) for line in results_file.read_text().splitlines()], args.workdir / "scale.png")
-        return
+    elif args.probe is not None:
+        print(json.dumps(probe(args.probe)))
+    elif args.probe_under is not None:
+        held = touch(args.probe_under)  # resident while the child runs
+        child = run_step(args.workdir, "--probe", "0")
+        print(json.dumps({**child, "launcher_held": round(len(held) / 2**30, 3)}))
+    elif args.plot_only:
+        results = [json.loads(line) for line in (args.workdir / "results.jsonl").read_text().splitlines()]
+        plot(results, args.workdir / "scale.png")
+    else:
+        launch(args)
+
+
+def launch(args: argparse.Namespace) -> None:
+    """The launcher: holds no data and runs every step (check, fit, sections, predictions) in a fresh process."""
     args.workdir.mkdir(parents=True, exist_ok=True)
+    for row in check_memory(args.workdir):
+        print(json.dumps(row), flush=True)
+    if args.check_memory:
+        return
+    fit = run_step(args.workdir, "--fit", *args.models)
+    print(json.dumps(fit), flush=True)
+    if "error" in fit:
+        raise SystemExit("fitting failed")
     results = []
-    print(json.dumps({"fit": fit_models(args.workdir, args.models)}), flush=True)
     for n in args.sizes:
-        path = args.workdir / f"section_{n}.zarr"
-        if not path.exists():
-            t = time.perf_counter()
-            make_section(path, n, "S", counts=False)
-            print(json.dumps({"made": str(path), "seconds": round(time.perf_counter() - t, 1)}), flush=True)
+        if not (args.workdir / f"section_{n}.zarr").exists():
+            made = run_step(args.workdir, "--make", str(n))
+            print(json.dumps(made), flush=True)
+            if "error" in made:
+                raise SystemExit(f"writing the section of {n} spots failed")
         for name in args.models:
-            cmd = [sys.executable, __file__, "--workdir", str(args.workdir), "--one", str(n), name]
-            result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if result.returncode != 0:
-                print(json.dumps({"model": name, "n_spots": n, "error": result.stderr[-2000:]}), flush=True)
-                continue
-            line = result.stdout.strip().splitlines()[-1]
-            print(line, flush=True)
-            results.append(json.loads(line))
-    results_file.write_text("".join(json.dumps(r) + "\n" for r in results))
+            result = run_step(args.workdir, "--one", str(n), name)
+            result = {"model": name, "n_spots": n, **result}
+            print(json.dumps(result), flush=True)
+            if "error" not in result:
+                results.append(result)
+    (args.workdir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
     plot(results, args.workdir / "scale.png")
     print(f"Curves: {args.workdir / 'scale.png'}")
 
