@@ -27,9 +27,9 @@ from omx.pp._spots import table_regions
 from omx.tl._engine import (
     as_dense,
     counts,
-    model_inputs,
     model_patch_settings,
     resolve_sections,
+    section_inputs,
     split_sections,
 )
 
@@ -555,9 +555,7 @@ def predict_proportions(
     size_um, context = model_patch_settings(model, sections[train[0]], size_um, context)
 
     def inputs(name):
-        return model_inputs(
-            sections[name], model, size_um=size_um, context=context, show_progress_bar=show_progress_bar
-        )
+        return section_inputs(sections[name], model, size_um, context, show_progress_bar, None)
 
     X, Zs, groups = [], [], []
     for name in train:
