@@ -79,10 +79,12 @@ def test_other_geometry_is_not_reused_and_keys_are_protected(toy):
     Counting.n = 0
     omx.tl.fit_predict(toy, train=["S1", "S2"], predict="S3", model=ridge(encoder))  # default context (1, 2, 3)
     assert Counting.n > 0
+    Counting.n = 0  # a refused call fails before it encodes anything
     with pytest.raises(KeyError, match="already holds these features of 'S1_spots'"):
         omx.pp.encode(toy, encoder, shapes_key="S1_spots", image_key="S1_he", context=(1.0,))
     with pytest.raises(KeyError, match=r"obsm\['X_omx_handcrafted'\]"):  # another geometry under the same key
         omx.pp.encode(toy, encoder, shapes_key="S1_spots", image_key="S1_he", size_um=80)
+    assert Counting.n == 0
     table = toy.tables["table"]
     table.obsm["mine"] = np.zeros((table.n_obs, 2))
     with pytest.raises(KeyError, match=r"obsm\['mine'\]"):

@@ -69,6 +69,32 @@ def find_in_table(table: AnnData | None, spots: Spots, geo: dict[str, Any]) -> n
     return None
 
 
+def check_table_key(
+    table: AnnData, spots: Spots, geo: dict[str, Any], *, key: str, overwrite: bool, where: str
+) -> dict[str, Any] | None:
+    """Check that the features of `spots` may go to ``table.obsm[key]``; return the entry whose rows stay.
+
+    A key that holds features of the same geometry gains these rows (its entry is returned); a shapes element
+    that is already there, or a key of another geometry or not written by omx, is refused unless `overwrite`.
+    """
+    rows = spots.table_rows
+    if (rows < 0).any():
+        raise ValueError(
+            f"{int((rows < 0).sum())} spots of {spots.shapes_key!r} have no row in the table; encode them into a "
+            "feature store (`store=` or omx.settings.feature_store) instead."
+        )
+    old = entries(table).get(key)
+    if old is None or key not in table.obsm or not _same(old, geo):
+        check_free(table, key=key, overwrite=overwrite, where=where, obsm=[key])
+        return None
+    if spots.shapes_key in old.get("regions", {}) and not overwrite:
+        raise KeyError(
+            f"{where}.obsm[{key!r}] already holds these features of {spots.shapes_key!r}; pass `overwrite=True` to "
+            "encode them again."
+        )
+    return old
+
+
 def write_to_table(
     table: AnnData,
     spots: Spots,
@@ -80,33 +106,19 @@ def write_to_table(
     overwrite: bool,
     where: str,
 ) -> None:
-    """Write the features of `spots` into ``table.obsm[key]``; other shapes elements' rows of it are kept.
+    """Write the features of `spots` into ``table.obsm[key]`` (checked by `check_table_key`).
 
-    A key that holds features of the same geometry gains these rows; a shapes element that is already there, or a
-    key of another geometry or not written by omx, is refused unless `overwrite`.
+    Rows of other shapes elements that the key holds with the same geometry are kept.
     """
+    old = check_table_key(table, spots, geo, key=key, overwrite=overwrite, where=where)
     rows = spots.table_rows
-    if (rows < 0).any():
-        raise ValueError(
-            f"{int((rows < 0).sum())} spots of {spots.shapes_key!r} have no row in the table; encode them into a "
-            "feature store (`store=` or omx.settings.feature_store) instead."
-        )
-    old = entries(table).get(key)
-    keep = old is not None and key in table.obsm and _same(old, geo)
-    if keep and spots.shapes_key in old.get("regions", {}) and not overwrite:
-        raise KeyError(
-            f"{where}.obsm[{key!r}] already holds these features of {spots.shapes_key!r}; pass `overwrite=True` to "
-            "encode them again."
-        )
-    if not keep:
-        check_free(table, key=key, overwrite=overwrite, where=where, obsm=[key])
     n, d = table.n_obs, features.shape[1]
-    if keep and np.shape(table.obsm[key]) == (n, d):
+    if old is not None and np.shape(table.obsm[key]) == (n, d):
         values = np.asarray(table.obsm[key], dtype=np.float32).copy()
     else:
         values = np.full((n, d), np.nan, dtype=np.float32)
     values[rows] = features
-    regions = {**(old.get("regions", {}) if keep else {}), spots.shapes_key: spots.image_key}
+    regions = {**(old.get("regions", {}) if old is not None else {}), spots.shapes_key: spots.image_key}
     table.obsm[key] = values
     table.uns.setdefault(Key.UNS, {})[key] = base_entry(
         "encode", params, **geo, regions=regions, written=[f"obsm/{key}"]

@@ -361,7 +361,7 @@ def encode(
     """
     from omx._settings import settings
     from omx.encoders import get_encoder
-    from omx.pp._features import find_in_store, geometry, write_to_store, write_to_table
+    from omx.pp._features import check_table_key, find_in_store, geometry, write_to_store, write_to_table
 
     encoder = get_encoder(encoder)
     spots = _as_spots(data, resolve_kwargs)
@@ -377,22 +377,19 @@ def encode(
             f"No table annotates every spot of {spots.shapes_key!r}, so the features need a feature store: pass "
             "`store='features.zarr'` or set `omx.settings.feature_store`, or `inplace=False` to get them back."
         )
-    if to_table and not overwrite:  # before the work: a taken key fails now, not after an hour of encoding
-        from omx._schema import check_free, entries
-
-        old = entries(table).get(key)
-        if old is None or old.get("function") != "encode":
-            check_free(table, key=key, overwrite=False, where=where, obsm=[key])
     geo = geometry(encoder, size_um, context)
+    if to_table:  # before the work: a taken key fails now, not after an hour of encoding
+        check_table_key(table, spots, geo, key=key, overwrite=overwrite, where=where)
     dim = encoder.dim * len(context)
+    if out is None:
+        out = np.empty((spots.n_spots, dim), dtype=np.float32)
+    elif tuple(out.shape) != (spots.n_spots, dim):
+        raise ValueError(f"`out` must have shape {(spots.n_spots, dim)}, got {tuple(out.shape)}.")
     cached = find_in_store(store, spots, geo) if not to_table else None
-    if cached is not None and out is None:
-        features = cached
+    if cached is not None:
+        out[:] = cached
+        features = out
     else:
-        if out is None:
-            out = np.empty((spots.n_spots, dim), dtype=np.float32)
-        elif tuple(out.shape) != (spots.n_spots, dim):
-            raise ValueError(f"`out` must have shape {(spots.n_spots, dim)}, got {tuple(out.shape)}.")
         chunks = iter_chunks(
             spots,
             sizes_um=[size_um * c for c in context],
