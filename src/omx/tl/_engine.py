@@ -351,20 +351,15 @@ def section_inputs(section, model, size_um, context, show_progress_bar, cache) -
     key = (section.name, model.input, patch_px, size_um, tuple(context), encoder_id(model))
     if cache is not None and key in cache:
         return cache[key]
-    out = None
-    if model.input == "features":
-        from omx._settings import settings
+    out = stored_features(model, section, size_um, context) if model.input == "features" else None
+    if out is None:
+        out = model_inputs(section, model, size_um=size_um, context=context, show_progress_bar=show_progress_bar)
+        if model.input == "features":
+            from omx._settings import settings
 
-        geo = geometry(model.encoder, size_um, context)
-        out = find_in_table(section.table, section.spots, geo)
-        if out is None:
-            out = find_in_store(settings.feature_store, section.spots, geo)
-        if out is None:
-            out = model_inputs(section, model, size_um=size_um, context=context, show_progress_bar=show_progress_bar)
+            geo = geometry(model.encoder, size_um, context)
             if settings.feature_store is not None and geo["encoder"] is not None:
                 write_to_store(settings.feature_store, section.spots, out, geo)
-    else:
-        out = model_inputs(section, model, size_um=size_um, context=context, show_progress_bar=show_progress_bar)
     if cache is not None:
         cache[key] = out
     return out
@@ -393,12 +388,13 @@ def predict_section(
     """
     meta = model.meta_
     var = None
-    stored = stored_features(model, section) if cache is None and model.input == "features" else None
+    size_um, context = meta["size_um"], meta["context"]
+    stored = stored_features(model, section, size_um, context) if cache is None and model.input == "features" else None
     if "coords" in model.uses or cache is not None or stored is not None:
         if stored is not None:
             inputs = stored
         else:
-            inputs = section_inputs(section, model, meta["size_um"], meta["context"], show_progress_bar, cache)
+            inputs = section_inputs(section, model, size_um, context, show_progress_bar, cache)
         ctx = Context(
             groups=np.full(len(inputs), section.name, dtype=object),
             patients=patients,
@@ -416,11 +412,11 @@ def predict_section(
     return (pred, var) if return_var else pred
 
 
-def stored_features(model: Model, section: Section) -> np.ndarray | None:
-    """The section's features for this model from `omx.pp.encode`'s ``obsm`` or the feature store, else None."""
+def stored_features(model: Model, section: Section, size_um: float, context: Sequence[float]) -> np.ndarray | None:
+    """A feature model's features of a section from `omx.pp.encode`'s ``obsm`` or the feature store, else None."""
     from omx._settings import settings
 
-    geo = geometry(model.encoder, model.meta_["size_um"], model.meta_["context"])
+    geo = geometry(model.encoder, size_um, context)
     found = find_in_table(section.table, section.spots, geo)
     return found if found is not None else find_in_store(settings.feature_store, section.spots, geo)
 
