@@ -9,7 +9,6 @@ file (or from the hub when the machine can reach it) and encodes patches like an
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from omx._settings import OmxWarning
+from omx._settings import warn
 from omx.encoders._torch import IMAGENET_MEAN, IMAGENET_STD, TorchEncoder
 
 #: Normalisation of the H-optimus models (their authors' statistics of H&E patches).
@@ -240,15 +239,7 @@ class FoundationEncoder(TorchEncoder):
         self.reduced = bool(reduced)
         self.seed = int(seed)
         if weights == RANDOM:
-            warnings.warn(
-                f"Encoder {spec.name!r} has random weights: its features carry no meaning. Use them to test code or "
-                "measure speed only.",
-                OmxWarning,
-                stacklevel=2,
-            )
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                module = network(spec, reduced=reduced)
+            module = random_network(spec.name, self.seed, lambda: network(spec, reduced=reduced))
             self.weights = RANDOM
         else:
             module = network(spec, device="meta")
@@ -282,6 +273,17 @@ class FoundationEncoder(TorchEncoder):
 
 
 # ---------------------------------------------------------------------------------------------------- weights
+def random_network(name: str, seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` under a fixed seed (the same network each time), with a warning that its features mean nothing."""
+    warn(
+        f"Encoder {name!r} has random weights: its features carry no meaning. Use them to test code or measure "
+        "speed only."
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def find_weights(spec: EncoderSpec, weights: str | os.PathLike | None, *, token: str | None = None) -> Path:
     """The local weight file of `spec`: `weights` itself, a file inside the folder `weights`, or the hub's."""
     if weights is not None:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from omx._settings import OmxWarning
-from omx.encoders._foundation import RANDOM, WEIGHT_FILES, hub_download
+from omx.encoders._foundation import RANDOM, WEIGHT_FILES, hub_download, random_network
 from omx.encoders._torch import IMAGENET_MEAN, IMAGENET_STD, TorchEncoder
 
 
@@ -68,17 +66,9 @@ class TimmEncoder(TorchEncoder):
         if source == "timm" and arch not in timm.list_models():
             raise ValueError(f"timm has no architecture {arch!r}; see `timm.list_models('*vit*')`.")
         if weights == RANDOM:
-            warnings.warn(
-                f"Encoder {encoder!r} has random weights: its features carry no meaning. Use them to test code or "
-                "measure speed only.",
-                OmxWarning,
-                stacklevel=2,
-            )
             if source == "hf-hub":
                 raise ValueError("Random weights need a timm architecture: use 'timm:<architecture>'.")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                module = timm.create_model(arch, pretrained=False, **kwargs)
+            module = random_network(encoder, self.seed, lambda: timm.create_model(arch, pretrained=False, **kwargs))
             self.weights = RANDOM
         elif source == "hf-hub":
             folder = Path(weights).expanduser() if weights is not None else None

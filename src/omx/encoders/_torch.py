@@ -98,7 +98,6 @@ class TorchEncoder(Encoder):
         self.amp = bool(amp)
         self.name = name or type(module).__name__.lower()
         self._dim: int | None = None
-        self._replicas: list[tuple[nn.Module, torch.device]] = [(self.module, self.device)]
         self.set_devices(devices)
 
     def set_devices(self, devices: Sequence[str | torch.device] | str | None) -> None:
@@ -109,7 +108,9 @@ class TorchEncoder(Encoder):
         targets = [get_device(d) for d in devices or []]
         if _indexed(self.device) in [_indexed(d) for d in targets]:  # the module itself runs on `device`
             targets.pop([_indexed(d) for d in targets].index(_indexed(self.device)))
-        self._replicas = [(self.module, self.device)] + [(copy.deepcopy(self.module).to(d).eval(), d) for d in targets]
+        self._replicas: list[tuple[nn.Module, torch.device]] = [(self.module, self.device)] + [
+            (copy.deepcopy(self.module).to(d).eval(), d) for d in targets
+        ]
 
     @property
     def devices(self) -> list[torch.device]:
