@@ -68,6 +68,19 @@ def resolve_backbone(backbone: Any, finetune: str, *, n_blocks: int, owner: str)
     return encoder
 
 
+def trained_patches(backbone: Encoder, patch_px: int | None) -> tuple[int, float | None]:
+    """``(patch_px, mpp)`` of the patches a trained backbone takes: its own size and native resolution.
+
+    A `patch_px` other than the backbone's raises a `ValueError`.
+    """
+    if patch_px is not None and int(patch_px) != backbone.patch_px:
+        raise ValueError(
+            f"A trained backbone takes patches of its own size ({backbone.patch_px} px), not patch_px={patch_px}; "
+            "leave patch_px=None."
+        )
+    return int(backbone.patch_px), None if backbone.mpp is None else float(backbone.mpp)
+
+
 def backbone_tower(encoder: Encoder, finetune: str, *, n_blocks: int, lora_rank: int, gradient_checkpointing: bool):
     """A new `~omx.models._finetune_net.BackboneTower` on the network of `encoder` (imports torch)."""
     from omx.models._finetune_net import BackboneTower

@@ -9,7 +9,7 @@ import numpy as np
 from omx._docs import doc_params
 from omx._utils import seed_everything
 from omx.metrics import pearson
-from omx.models._backbone import backbone_tower, check_finetune, resolve_backbone
+from omx.models._backbone import backbone_tower, check_finetune, resolve_backbone, trained_patches
 from omx.models._base import TorchModel
 from omx.models._context import Context
 from omx.models._standardize import GroupStandardizer
@@ -168,13 +168,7 @@ class CNNRegressor(TorchModel):
             self.encoder = self.backbone
             self.patch_px = int(self.backbone.patch_px)
         else:
-            if patch_px is not None and int(patch_px) != self.backbone.patch_px:
-                raise ValueError(
-                    f"A trained backbone takes patches of its own size ({self.backbone.patch_px} px), not "
-                    f"patch_px={patch_px}; leave patch_px=None."
-                )
-            self.patch_px = int(self.backbone.patch_px)
-            self.mpp = None if self.backbone.mpp is None else float(self.backbone.mpp)
+            self.patch_px, self.mpp = trained_patches(self.backbone, patch_px)
         self.width = int(width)
         self.hidden, self.dropout = int(hidden), float(dropout)
         self.epochs = int(epochs)

@@ -10,7 +10,7 @@ import numpy as np
 from omx._docs import doc_params
 from omx._utils import logger, seed_everything
 from omx.encoders import Encoder, get_encoder
-from omx.models._backbone import backbone_tower, check_finetune, resolve_backbone
+from omx.models._backbone import backbone_tower, check_finetune, resolve_backbone, trained_patches
 from omx.models._base import TorchModel
 from omx.models._blend import blend_scores, group_score, simplex
 from omx.models._cnn import _channel_stats, augment_patches
@@ -263,13 +263,7 @@ class Contrastive(TorchModel):
             self.encoder = self.backbone if self.backbone is not None else get_encoder(encoder)
         self.mpp = None
         if trains:
-            if patch_px is not None and int(patch_px) != self.backbone.patch_px:
-                raise ValueError(
-                    f"A trained backbone takes patches of its own size ({self.backbone.patch_px} px), not "
-                    f"patch_px={patch_px}; leave patch_px=None."
-                )
-            patch_px = self.backbone.patch_px
-            self.mpp = None if self.backbone.mpp is None else float(self.backbone.mpp)
+            patch_px, self.mpp = trained_patches(self.backbone, patch_px)
         self.patch_px = 64 if patch_px is None else int(patch_px)
         self.width, self.hidden, self.embed_dim = int(width), int(hidden), int(embed_dim)
         self.dropout, self.temperature = float(dropout), float(temperature)
