@@ -308,7 +308,7 @@ def hub_download(repo_id: str, filename: str, *, token: str | None = None, what:
     Without network the error explains how to fetch the file on another machine and pass it as ``weights=``.
     """
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     except ImportError as err:  # pragma: no cover - a dependency
         raise ImportError("Downloading weights needs huggingface_hub: `pip install huggingface_hub`.") from err
@@ -319,8 +319,6 @@ def hub_download(repo_id: str, filename: str, *, token: str | None = None, what:
         f"file here and pass `weights='weights/{repo_id}/{filename}'`."
     )
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         cached = try_to_load_from_cache(repo_id, filename)
         if isinstance(cached, str):
             return cached
