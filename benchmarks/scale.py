@@ -63,6 +63,20 @@ def fields(x_um, y_um):
     return out
 
 
+#: Waves (wavelength um, angle, phase) of the short-wavelength field that benchmarks/superres.py adds to the tissue.
+FINE_WAVES = ((70.0, 0.7, 0.3), (85.0, 2.2, 1.7), (60.0, 4.1, 2.9))
+
+
+def fine_field(x_um, y_um):
+    """A field with detail finer than 55-um spots (wavelengths 60-85 um), mean 0 and spread ~1."""
+    import numpy as np
+
+    f = 0.0
+    for wavelength, angle, phase in FINE_WAVES:
+        f = f + np.cos(2 * np.pi * (np.cos(angle) * x_um + np.sin(angle) * y_um) / wavelength + phase)
+    return f * np.sqrt(2 / len(FINE_WAVES))
+
+
 def _hash(*ints):
     """Deterministic pseudo-random numbers in [0, 1) from integer arrays (so tiles can be drawn independently)."""
     import numpy as np
@@ -77,15 +91,21 @@ def _hash(*ints):
     return (h >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 
-def draw_tile(y0: int, x0: int, h: int, w: int):
-    """RGB ``(3, h, w)`` uint8 of the synthetic H&E at pixel rows [y0, y0 + h) and columns [x0, x0 + w)."""
+def draw_tile(y0: int, x0: int, h: int, w: int, *, mpp: float = MPP, fine: float = 0.0):
+    """RGB ``(3, h, w)`` uint8 of the synthetic H&E at pixel rows [y0, y0 + h) and columns [x0, x0 + w).
+
+    ``fine`` adds that multiple of `fine_field` to both fields that the nuclei show (0 here; superres.py sets it).
+    """
     import numpy as np
 
     from omx.datasets._toy import _OD_EOSIN, _OD_HEMATOXYLIN  # the toy data's stain colours
 
     yy, xx = np.meshgrid(np.arange(y0, y0 + h), np.arange(x0, x0 + w), indexing="ij")
-    y_um, x_um = yy * MPP, xx * MPP
+    y_um, x_um = yy * mpp, xx * mpp
     density, size = fields(x_um, y_um)
+    if fine:
+        extra = fine * fine_field(x_um, y_um)
+        density, size = density + extra, size + extra
     cell_um = 9.0  # one candidate nucleus per 9 x 9 um cell, present with a probability set by the density
     cy, cx = np.floor(y_um / cell_um), np.floor(x_um / cell_um)
     present = _hash(cy, cx, 1) < 1.0 / (1.0 + np.exp(-1.5 * density))

@@ -120,7 +120,8 @@ FRAGMENTS: dict[str, str] = {
             """,
         "table_key_spots": """
             table_key
-                The table annotating the spots; omitted, the one table that annotates ``shapes_key`` (or none).
+                The table annotating the spots; omitted, the one table that annotates ``shapes_key`` (or none), leaving
+                out the tables omx made (predictions, nuclei).
             """,
         "image_key": """
             image_key

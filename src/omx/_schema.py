@@ -55,6 +55,10 @@ class Key:
     CV = "omx_cv"
     #: Default ``key_added`` of cell-type proportions (``obsm``).
     PROPORTIONS = "omx_proportions"
+    #: Default ``key_added`` of super-resolved expression (a new table annotating the fine units).
+    SUPERRES = "omx_superres"
+    #: ``obs`` column of a super-resolved table: the measured spot each fine unit lies in.
+    SPOT = "omx_spot"
     #: Default name of the table of nuclei (one row per nucleus).
     CELLS = "omx_cells"
     #: ``obs`` column of the spots table with the nuclei counted in each spot.
@@ -96,6 +100,11 @@ class Key:
     def embedding(encoder: str) -> str:
         """``obsm`` entry with the features of an encoder."""
         return f"X_omx_{encoder}"
+
+    @staticmethod
+    def bins(shapes_key: str, bin_um: float) -> str:
+        """Shapes element of the square bins that `omx.tl.super_resolve` lays over the spots of ``shapes_key``."""
+        return f"{shapes_key}_bins_{bin_um:g}um"
 
     @staticmethod
     def nuclei(image_key: str) -> str:

@@ -128,7 +128,8 @@ class Ridge(Model):
     def _fit(self, X: np.ndarray, Y: np.ndarray, context: Context) -> None:
         groups = context.groups
         self.standardizer_ = GroupStandardizer(self.standardize).fit(X)
-        Z = self.standardizer_.transform(X, groups)
+        # group_stats at fit: rows that summarise finer units (super-resolution) take the units' statistics
+        Z = self.standardizer_.transform(X, groups, context.group_stats)
         Yd = Y.astype(np.float64)
         if self.alpha is None or self.n_components == "auto":
             self.alpha_, self.n_components_ = self._select(Z, Yd, groups)

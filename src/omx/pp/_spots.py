@@ -116,6 +116,8 @@ def _pick_table(sdata: SpatialData, table_key: str | None, shapes_key: str | Non
     annotating = list(sdata.tables.keys())
     if shapes_key is not None:
         annotating = [k for k in annotating if shapes_key in table_regions(sdata.tables[k])[0]]
+    # omx's own tables (predictions, nuclei) hold no measurement of the shapes: only `table_key=` picks them
+    annotating = [k for k in annotating if Key.TABLE_MARK not in sdata.tables[k].uns]
     if len(annotating) > 1:
         raise KeyError(f"Ambiguous table: {annotating} all fit. Pass `table_key=`.")
     return annotating[0] if annotating else None

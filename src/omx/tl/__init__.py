@@ -3,6 +3,7 @@
 from omx.tl._deconvolve import assign_cells, deconvolve, predict_proportions, signatures_from_proportions
 from omx.tl._evaluate import cross_validate
 from omx.tl._predict import fit_predict, predict_expression
+from omx.tl._superres import super_resolve
 
 __all__ = [
     "assign_cells",
@@ -12,4 +13,5 @@ __all__ = [
     "predict_expression",
     "predict_proportions",
     "signatures_from_proportions",
+    "super_resolve",
 ]

@@ -8,7 +8,7 @@ arrays and a `omx.models.Context` built here.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -267,8 +267,14 @@ def fit_sections(
     context: Sequence[float],
     show_progress_bar: bool,
     cache: dict | None = None,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    group_stats: Mapping[str, tuple[np.ndarray, np.ndarray, int]] | None = None,
 ) -> tuple[Model, np.ndarray]:
     """Fit ``model`` on the training sections; everything fitted here sees the training sections only.
+
+    ``inputs`` gives the model's inputs of each training section (one row per spot) instead of computing them,
+    and ``group_stats`` the feature statistics that standardise each section (`omx.models.Context`); super-resolution
+    passes the mean features of each spot's finer units and the statistics of those units.
 
     Returns the fitted model (with ``meta_`` holding genes, target statistics and patch settings) and the
     per-gene variance of the training targets (for choosing the most variable genes when scoring).
@@ -296,8 +302,9 @@ def fit_sections(
     if counts_model:
         Z = np.asarray(as_dense(X[:, gene_idx]), dtype=np.float32)[keep]
     size_um, context = model_patch_settings(model, sections[train[0]], size_um, context)
-    inputs = [section_inputs(sections[n], model, size_um, context, show_progress_bar, cache) for n in train]
-    inputs = np.concatenate(inputs)[keep]
+    if inputs is None:
+        inputs = {n: section_inputs(sections[n], model, size_um, context, show_progress_bar, cache) for n in train}
+    inputs = np.concatenate([inputs[n] for n in train])[keep]
     coords = np.concatenate([sections[n].spots.centers * sections[n].spots.mpp for n in train])[keep]
     patients = [section_patients(table, sections[n]) for n in train]
     meta = {
@@ -316,6 +323,7 @@ def fit_sections(
         patients=None if any(p is None for p in patients) else np.concatenate(patients)[keep],
         coords=coords,
         library_size=total[keep] if counts_model else None,
+        group_stats=group_stats,
         meta=meta,
     )
     model.fit(inputs, Z, ctx)
