@@ -49,6 +49,9 @@ class Key:
     TABLE_MARK = "omx_table"
     #: ``sdata.attrs`` entry where omx records which coordinate systems are in microns.
     ATTRS = "omx"
+    #: ``GeoDataFrame.attrs`` entry of the shapes elements omx makes (tissue, grids): the function, version and
+    #: parameters of the call (spatialdata keeps it through ``write`` / ``read_zarr``).
+    SHAPES_ATTRS = "omx"
     #: Default ``key_added`` of predicted expression: a layer of the measured table, or a new table.
     PRED = "omx_pred"
     #: Default ``key_added`` of out-of-fold predictions and scores of :func:`omx.tl.cross_validate`.
@@ -115,6 +118,16 @@ class Key:
     def nuclei_shapes(labels_key: str) -> str:
         """Shapes element with one circle per nucleus of a labels element."""
         return f"{labels_key}_shapes"
+
+    @staticmethod
+    def tissue(image_key: str) -> str:
+        """Shapes element with the tissue polygons of an image (`omx.pp.detect_tissue`)."""
+        return f"{image_key}_tissue"
+
+    @staticmethod
+    def grid(image_key: str, kind: str, size_um: float) -> str:
+        """Shapes element with a grid of tiles over an image (`omx.pp.tile_grid`), e.g. ``"C4_he_square_16um"``."""
+        return f"{image_key}_{kind}_{size_um:g}um".replace("+", "")
 
 
 #: The slots of a table the writer writes, as ``"slot/name"`` in an entry's ``"written"`` list.

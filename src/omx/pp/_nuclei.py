@@ -17,7 +17,7 @@ from omx._docs import doc_params
 from omx._schema import Key, add_table, base_entry, check_free_elements, entries, fill_column
 from omx._utils import logger, progress, resolve_key
 from omx.pp._patches import _read_region
-from omx.pp._spots import _affine_xy, _check_image, _coordinate_systems, _levels, resolve_spots, table_regions
+from omx.pp._spots import _check_image, _coordinate_systems, _levels, image_mpp, resolve_spots, table_regions
 
 #: Name of the table of single cells (nuclei) that omx writes.
 #: Longest side (pixels) of the pyramid level read to choose the global hematoxylin threshold.
@@ -146,22 +146,6 @@ def _labels_array(labels_store: str | os.PathLike | None, shape: tuple[int, int]
     return zarr.create_array(store=str(path), shape=shape, chunks=chunks, dtype="int32", fill_value=0)
 
 
-def _image_mpp(sdata: SpatialData, image, mpp: float | None, spots) -> float:
-    if mpp is not None:
-        return float(mpp)
-    if spots is not None:
-        return spots.mpp
-    units = (sdata.attrs or {}).get(Key.ATTRS, {}).get("units", {})
-    level0 = _levels(image)[0]
-    for cs in _coordinate_systems(level0):
-        if str(units.get(cs, "")).lower() in ("um", "micron", "microns", "µm") or cs.lower() in ("um", "microns"):
-            return float(np.sqrt(abs(np.linalg.det(_affine_xy(level0, cs)[:2, :2]))))
-    raise ValueError(
-        "Cannot tell the microns per pixel of the image: pass `mpp=`, or mark its coordinate system as microns "
-        "with `sdata.attrs['omx'] = {'units': {cs: 'um'}}`."
-    )
-
-
 def _pick_spots(sdata: SpatialData, image_key: str, shapes_key: str | None, table_key: str | None, mpp):
     """Spots of the image (None when no shapes element shares its coordinate system)."""
     if shapes_key is None:
@@ -278,7 +262,7 @@ def segment_nuclei(
     level0 = levels[0]
     _check_image(level0, image_key)
     spots = _pick_spots(sdata, image_key, shapes_key, table_key, mpp)
-    mpp = _image_mpp(sdata, image, mpp, spots)
+    mpp = spots.mpp if mpp is None and spots is not None else image_mpp(sdata, image, mpp)
     key_added = key_added or Key.nuclei(image_key)
     shapes_added = Key.nuclei_shapes(key_added)
     if chunk_px < 64 or overlap_px < 0:

@@ -103,6 +103,28 @@ def _is_micron_system(sdata: SpatialData, coordinate_system: str) -> bool:
     return str(unit).lower() in _MICRON_NAMES or coordinate_system.lower() in _MICRON_NAMES
 
 
+def image_mpp(sdata: SpatialData, image, mpp: float | None = None) -> float:
+    """Microns per pixel of an image's finest level: ``mpp`` when given, else from a coordinate system in microns.
+
+    A coordinate system is in microns when ``sdata.attrs["omx"]["units"]`` says so or its name is a micron unit
+    (``"um"``, ``"microns"``, ...); the pixel size is the square root of the area scale of the level's transformation
+    to it. Raises a `ValueError` telling the user to pass ``mpp=`` otherwise, or when ``mpp`` is not positive.
+    """
+    if mpp is None:
+        level0 = _levels(image)[0]
+        cs = next((c for c in _coordinate_systems(level0) if _is_micron_system(sdata, c)), None)
+        if cs is None:
+            raise ValueError(
+                "Cannot tell the microns per pixel of the image: pass `mpp=`, or mark its coordinate system as "
+                "microns with `sdata.attrs['omx'] = {'units': {cs: 'um'}}`."
+            )
+        mpp = float(np.sqrt(abs(np.linalg.det(_affine_xy(level0, cs)[:2, :2]))))
+    mpp = float(mpp)
+    if not np.isfinite(mpp) or mpp <= 0:
+        raise ValueError(f"Microns per pixel must be positive, got {mpp}.")
+    return mpp
+
+
 def table_regions(table) -> tuple[list[str], str, str]:
     """Return ``(regions, region_key, instance_key)`` of a SpatialData table."""
     regions, region_key, instance_key = get_table_keys(table)
