@@ -336,10 +336,11 @@ def prediction_map(
     super-resolved bins, nuclei, or measured spots. A low-resolution level of the image is drawn underneath at
     its physical extent, and the units over it in microns:
 
-    - square (or rectangular) bins that tile a regular, axis-aligned grid (the Visium HD 2/8/16 um layout, tile
-      grids) become one raster with one cell per bin, NaN (transparent) where there is no bin, drawn with
-      `~matplotlib.axes.Axes.imshow` over exactly the bins' footprint, so 400,000 bins draw in well under a
-      second and show no seams;
+    - square (or rectangular) bins that tile a regular grid (the Visium HD 2/8/16 um layout, tile grids)
+      become one raster with one cell per bin, NaN (transparent) where there is no bin, drawn with
+      `~matplotlib.axes.Axes.imshow` over exactly the bins' footprint, so 400,000 bins render in about half a
+      second and show no seams. Axis-aligned bins are recognised from their geometry; a grid turned against
+      the image (a slide scanned askew) from integer ``array_row`` and ``array_col`` columns;
     - circles (hex grids, spots, nuclei) are drawn at their true radius; beyond 200,000 of them they are
       painted into a raster of 2048 pixels across the drawn area instead (drawn one by one they would take
       seconds per panel and be a pixel or two each);
