@@ -410,6 +410,9 @@ def every_plot():
         ),
         "uncertainty": lambda sdata, **kw: omx.pl.uncertainty(uncertain, "GNAS", layer="p", **kw),
         "history": lambda sdata, **kw: omx.pl.history(model, **kw),
+        "prediction_map": lambda sdata, **kw: omx.pl.prediction_map(
+            sdata, ["GRAD_X", "PATCHY"], table_key="table", layer="omx_pred", **kw
+        ),
     }
 
 
@@ -417,7 +420,9 @@ def test_every_public_plot_is_listed(every_plot):
     assert set(every_plot) == set(omx.pl.__all__)
 
 
-@pytest.mark.parametrize("name", ["expression", "gene_scores", "cell_types", "uncertainty", "history"])
+@pytest.mark.parametrize(
+    "name", ["expression", "gene_scores", "cell_types", "uncertainty", "history", "prediction_map"]
+)
 def test_plots_return_axes_save_and_show(every_plot, sdata, tmp_path, name):
     from matplotlib.axes import Axes
 

@@ -54,14 +54,20 @@ def _observed(table: AnnData, rows: np.ndarray, cols: np.ndarray, observed_layer
 def _check_genes(table: AnnData, genes: list[str]) -> np.ndarray:
     missing = [g for g in genes if g not in table.var_names]
     if missing:
-        hints = {g: difflib.get_close_matches(g, list(map(str, table.var_names)), n=3) for g in missing}
+        names = list(map(str, table.var_names))
+        hints = {g: difflib.get_close_matches(g, names, n=3) for g in missing}
         hints = {g: h for g, h in hints.items() if h}
         hint = f" Close matches: {hints}." if hints else ""
+        hint += f" Its genes include {names[:5]}{' ...' if len(names) > 5 else ''}."
         raise KeyError(f"Gene(s) {missing} are not in the table ({table.n_vars} genes).{hint}")
     return table.var_names.get_indexer(genes)
 
 
-def _pick_section(values: np.ndarray, has_pred: np.ndarray, section: str | None, layer: str, column: str) -> str:
+def _pick_section(values: np.ndarray, has_pred: np.ndarray, section: str | None, source: str, column: str) -> str:
+    """The section to draw: ``section``, or the one section with values; ``source`` names where they are.
+
+    ``source`` starts a sentence in the messages, e.g. ``"Layer 'omx_pred'"``.
+    """
     all_sections = sorted({str(s) for s in values})
     predicted = sorted({str(s) for s in values[has_pred]})
     if section is None:
@@ -69,16 +75,16 @@ def _pick_section(values: np.ndarray, has_pred: np.ndarray, section: str | None,
             return predicted[0]
         if not predicted:
             raise ValueError(
-                f"Layer {layer!r} holds no predictions (all NaN) for these genes; were they among the modelled "
+                f"{source} holds no predictions (all NaN) for these genes; were they among the modelled "
                 "genes (see table.uns['omx'][key]['genes'])?"
             )
-        raise ValueError(f"Ambiguous section: layer {layer!r} holds predictions for {predicted}. Pass `section=`.")
+        raise ValueError(f"Ambiguous section: {source} holds predictions for {predicted}. Pass `section=`.")
     section = str(section)
     if section not in all_sections:
         raise KeyError(f"There is no section {section!r} in table.obs[{column!r}]. Sections: {all_sections}.")
     if section not in predicted:
         raise ValueError(
-            f"Layer {layer!r} holds no predictions for section {section!r} (all NaN); it has predictions for "
+            f"{source} holds no predictions for section {section!r} (all NaN); it has predictions for "
             f"{predicted}. Predict that section first (omx.tl.fit_predict(..., predict=[{section!r}]))."
         )
     return section
@@ -189,7 +195,7 @@ def expression(
     section_values = table.obs[column].astype(str).to_numpy()
     pred_all = _dense_columns(table.layers[layer], np.arange(table.n_obs), cols)
     has_pred = ~np.isnan(pred_all).all(axis=1)
-    section = _pick_section(section_values, has_pred, section, layer, column)
+    section = _pick_section(section_values, has_pred, section, f"Layer {layer!r}", column)
     frame = canvas(
         sdata,
         table_key,

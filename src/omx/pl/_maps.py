@@ -115,7 +115,7 @@ def cell_types(
     column = section_column(table, section_key)
     sections = table.obs[column].astype(str).to_numpy()
     has = np.isfinite(values).all(axis=1)
-    section = _pick_section(sections, has, section, f"obsm[{key!r}]", column)
+    section = _pick_section(sections, has, section, f"table.obsm[{key!r}]", column)
     frame = canvas(
         sdata, table_key, (sections == section) & has, what=f"spots of section {section!r} with proportions",
         image_key=image_key, shapes_key=shapes_key,
@@ -238,7 +238,7 @@ def uncertainty(
     sections = table.obs[column].astype(str).to_numpy()
     pred_all = _dense_columns(table.layers[layer], np.arange(table.n_obs), cols)
     has = ~np.isnan(pred_all).all(axis=1)
-    section = _pick_section(sections, has, section, layer, column)
+    section = _pick_section(sections, has, section, f"Layer {layer!r}", column)
     frame = canvas(
         sdata, table_key, (sections == section) & has, what=f"predicted spots of section {section!r}",
         image_key=image_key, shapes_key=shapes_key,
