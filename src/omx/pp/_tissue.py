@@ -392,6 +392,62 @@ def _lattice_rows(kind: str, size_px: float, stride_px: float, bounds: tuple[flo
     return rows
 
 
+def lattice(kind: str, size_px: float, stride_px: float, bounds, region=None, *, over: str = "the image"):
+    """``(array_row, array_col, x, y)`` of the tiles of a lattice whose centres lie in ``bounds`` (and ``region``).
+
+    See `tile_grid` for the lattice; ``bounds`` is ``(x0, y0, x1, y1)`` in level-0 pixels, ``region`` a prepared
+    shapely geometry in the same pixels. Built a block of rows at a time, so that a million tiles stay cheap.
+    """
+    import shapely
+
+    rows = _lattice_rows(kind, size_px, stride_px, bounds)
+    n_cols = np.array([j1 - j0 + 1 for _, _, j0, j1, _ in rows], dtype=np.int64)
+    n_lattice = int(n_cols.sum())
+    if n_lattice > MAX_TILES:
+        raise ValueError(
+            f"The grid would hold {n_lattice:,} tiles over {over} (more than {MAX_TILES:,}). Raise `size_um` "
+            "(or `stride_um`), or restrict it with `within=` (e.g. the tissue of `omx.pp.detect_tissue`)."
+        )
+    parts = []
+    start = 0
+    while start < len(rows):  # blocks of rows of about _BLOCK_TILES tiles
+        stop = start + 1 + int(np.searchsorted(np.cumsum(n_cols[start:]), _BLOCK_TILES))
+        block = rows[start:stop]
+        start = stop
+        counts = np.array([j1 - j0 + 1 for _, _, j0, j1, _ in block])
+        row_i = np.repeat([b[0] for b in block], counts)
+        first = np.repeat([b[2] for b in block], counts)
+        j = first + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        cx = np.repeat([b[4] for b in block], counts) + j * stride_px
+        cy = np.repeat([b[1] for b in block], counts)
+        if region is not None:
+            keep = shapely.contains_xy(region, cx, cy)
+            row_i, j, cx, cy = row_i[keep], j[keep], cx[keep], cy[keep]
+        parts.append((row_i, j, cx, cy))
+    row_i, j, cx, cy = (np.concatenate([p[k] for p in parts]) if parts else np.empty(0) for k in range(4))
+    row_i, j = row_i.astype(np.int64), j.astype(np.int64)
+    return row_i, (2 * j + row_i % 2 if kind == "hex" else j), cx.astype(float), cy.astype(float)
+
+
+def grid_shapes(kind: str, array_row, array_col, cx, cy, size_px: float, level0):
+    """The shapes element of a lattice's tiles: circles (hex) or squares, in level-0 pixels of ``level0``."""
+    import geopandas as gpd
+    import pandas as pd
+    import shapely
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import get_transformation
+
+    n, r = len(cx), size_px / 2
+    columns = {"array_row": array_row, "array_col": array_col}
+    if kind == "hex":
+        geometry = shapely.points(cx, cy)
+        columns["radius"] = np.full(n, r)
+    else:
+        geometry = shapely.box(cx - r, cy - r, cx + r, cy + r)
+    gdf = gpd.GeoDataFrame(columns, geometry=geometry, index=pd.RangeIndex(n))
+    return ShapesModel.parse(gdf, transformations=copy.deepcopy(get_transformation(level0, get_all=True)))
+
+
 @doc_params()
 def tile_grid(
     sdata: SpatialData,
@@ -451,11 +507,7 @@ def tile_grid(
     indices; on the hexagonal lattice ``array_col = 2 j + (i mod 2)``, Visium's convention, so
     ``array_row + array_col`` is even). ``attrs["omx"]`` records the call (function, version, parameters).
     """
-    import geopandas as gpd
-    import pandas as pd
     import shapely
-    from spatialdata.models import ShapesModel
-    from spatialdata.transformations import get_transformation
 
     if kind not in ("hex", "square"):
         raise ValueError(f"kind must be 'hex' or 'square', got {kind!r}.")
@@ -499,32 +551,8 @@ def tile_grid(
         bx0, by0, bx1, by1 = shapely.bounds(region)
         bounds = (max(bounds[0], bx0), max(bounds[1], by0), min(bounds[2], bx1), min(bounds[3], by1))
 
-    rows = _lattice_rows(kind, size_px, stride_px, bounds)
-    n_cols = np.array([j1 - j0 + 1 for _, _, j0, j1, _ in rows], dtype=np.int64)
-    n_lattice = int(n_cols.sum())
     over = "the image" if within is None else f"the bounding box of {within!r}"
-    if n_lattice > MAX_TILES:
-        raise ValueError(
-            f"The grid would hold {n_lattice:,} tiles over {over} (more than {MAX_TILES:,}). Raise `size_um` "
-            "(or `stride_um`), or restrict it with `within=` (e.g. the tissue of `omx.pp.detect_tissue`)."
-        )
-    parts = []
-    start = 0
-    while start < len(rows):  # blocks of rows of about _BLOCK_TILES tiles
-        stop = start + 1 + int(np.searchsorted(np.cumsum(n_cols[start:]), _BLOCK_TILES))
-        block = rows[start:stop]
-        start = stop
-        counts = np.array([j1 - j0 + 1 for _, _, j0, j1, _ in block])
-        row_i = np.repeat([b[0] for b in block], counts)
-        first = np.repeat([b[2] for b in block], counts)
-        j = first + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        cx = np.repeat([b[4] for b in block], counts) + j * stride_px
-        cy = np.repeat([b[1] for b in block], counts)
-        if region is not None:
-            keep = shapely.contains_xy(region, cx, cy)
-            row_i, j, cx, cy = row_i[keep], j[keep], cx[keep], cy[keep]
-        parts.append((row_i, j, cx, cy))
-    row_i, j, cx, cy = (np.concatenate([p[k] for p in parts]) if parts else np.empty(0) for k in range(4))
+    row_i, col_i, cx, cy = lattice(kind, size_px, stride_px, bounds, region, over=over)
     n = len(cx)
     if n == 0:
         where = f"inside {within!r}" if within is not None else "inside the image"
@@ -532,17 +560,7 @@ def tile_grid(
             f"No tile of {size_um:g} um fits {where} (image {w} x {h} px at {mpp:.3g} um/px). Lower `size_um`, "
             "or check `within`."
         )
-    columns = {
-        "array_row": row_i.astype(np.int64),
-        "array_col": (2 * j + row_i % 2 if kind == "hex" else j).astype(np.int64),
-    }
-    if kind == "hex":
-        geometry = shapely.points(cx, cy)
-        columns["radius"] = np.full(n, r)
-    else:
-        geometry = shapely.box(cx - r, cy - r, cx + r, cy + r)
-    gdf = gpd.GeoDataFrame(columns, geometry=geometry, index=pd.RangeIndex(n))
-    shapes = ShapesModel.parse(gdf, transformations=copy.deepcopy(get_transformation(level0, get_all=True)))
+    shapes = grid_shapes(kind, row_i, col_i, cx, cy, size_px, level0)
     params = {
         "image_key": image_key, "kind": kind, "size_um": float(size_um), "stride_um": float(stride_um),
         "within": within, "mpp": mpp,

@@ -27,10 +27,12 @@ from omx.pp import Spots, resolve_spots
 from omx.pp._spots import _affine_xy
 from omx.pp._stream import patch_settings
 from omx.tl._engine import (
+    Moments,
     Section,
     counts,
     fit_sections,
     make_model,
+    predict_section,
     prediction_entry,
     prediction_table,
     resolve_sections,
@@ -189,14 +191,17 @@ def super_resolve(
     size_um, context = patch_settings(model.encoder, fine_diameter, size_um, context)
 
     # features of the fine units, their statistics per section, and each spot's mean over its units
+    # (predicted sections only: streamed at prediction, never held in memory)
     feats, stats, member = {}, {}, {}
     for name in names:
-        section = Section(name=f"{name} (fine)", spots=units[name])
-        feats[name] = section_inputs(section, model, size_um, context, show_progress_bar, None)
-        F = feats[name].astype(np.float64)
-        stats[name] = (F.mean(0), F.std(0), len(F))
         if sections[name].measured:
             member[name] = membership(sdata, sections[name].spots, units[name].centers)
+        if name in train:
+            section = Section(name=f"{name} (fine)", spots=units[name])
+            feats[name] = section_inputs(section, model, size_um, context, show_progress_bar, None)
+            moments = Moments()
+            moments.add(feats[name])
+            stats[name] = moments.result()
     fit_on, inputs = {}, {}
     for name in train:
         M = member[name]
@@ -226,8 +231,12 @@ def super_resolve(
 
     preds, anchored, spot_of = [], [], {}
     for name in predict:
-        Z = model.predict(feats[name], Context(groups=np.full(len(feats[name]), name), group_stats={name: stats[name]}))
-        pred = Z * np.asarray(meta["target_std"]) + np.asarray(meta["target_mean"])
+        if name in feats:
+            ctx = Context(groups=np.full(len(feats[name]), name), group_stats={name: stats[name]})
+            pred = model.predict(feats[name], ctx) * np.asarray(meta["target_std"]) + np.asarray(meta["target_mean"])
+        else:
+            section = Section(name=name, spots=units[name])
+            pred = predict_section(model, section, show_progress_bar=show_progress_bar)
         if name in member:
             M = member[name]
             spot_of[name] = _first_spot(M, sections[name].spots.index)
@@ -293,14 +302,12 @@ def _pitch_px(spots: Spots) -> float:
 def _square_bins(spots: Spots, bin_um: float, reach_px: np.ndarray, key: str):
     """Square bins of ``bin_um`` whose centres lie within ``reach_px`` of a spot centre: ``(units, shapes)``.
 
-    The bins are a lattice aligned with the image's pixel axes; ``shapes`` is the shapes element of their squares
-    in the image's pixels, with the image's transformations, ready to add to the SpatialData.
+    The bins are those of `omx.pp.tile_grid`'s square lattice (anchored at the image's origin); ``shapes`` is
+    their shapes element in the image's pixels with the image's transformations, ready to add to the SpatialData.
     """
-    import geopandas as gpd
     import shapely
-    from scipy.spatial import cKDTree
-    from spatialdata.models import ShapesModel
-    from spatialdata.transformations import get_transformation
+
+    from omx.pp._tissue import grid_shapes, lattice
 
     side = bin_um / spots.mpp
     if side < 1:
@@ -308,28 +315,14 @@ def _square_bins(spots: Spots, bin_um: float, reach_px: np.ndarray, key: str):
             f"bin_um={bin_um} is below one pixel of the image ({spots.mpp:.3g} um per pixel); pass a larger bin_um."
         )
     reach_px = np.broadcast_to(np.asarray(reach_px, dtype=float), (spots.n_spots,))
-    lo = (spots.centers - reach_px.max()).min(axis=0)
-    hi = (spots.centers + reach_px.max()).max(axis=0)
-    cols = np.arange(np.floor(lo[0] / side), np.ceil(hi[0] / side) + 1)
-    rows = np.arange(np.floor(lo[1] / side), np.ceil(hi[1] / side) + 1)
-    if len(cols) * len(rows) > 50_000_000:
-        raise ValueError(f"{len(cols) * len(rows):,} bins of {bin_um} um are too many; pass a larger bin_um.")
-    cc, rr = np.meshgrid(cols, rows)
-    centres = np.c_[(cc.ravel() + 0.5) * side, (rr.ravel() + 0.5) * side]
-    tree = cKDTree(spots.centers)
-    d, nearest = tree.query(centres, k=1, distance_upper_bound=float(reach_px.max()))
-    ok = np.isfinite(d)
-    ok[ok] = d[ok] <= reach_px[nearest[ok]]
+    region = shapely.union_all(shapely.buffer(shapely.points(spots.centers), reach_px))
+    shapely.prepare(region)
     h, w = spots.shape
-    ok &= (centres[:, 0] >= 0) & (centres[:, 0] < w) & (centres[:, 1] >= 0) & (centres[:, 1] < h)
-    centres, rows_i, cols_i = centres[ok], rr.ravel()[ok].astype(np.int64), cc.ravel()[ok].astype(np.int64)
-    if len(centres) == 0:
+    r = side / 2
+    rows, cols, cx, cy = lattice("square", side, side, (r, r, w - r, h - r), region, over=f"{spots.shapes_key}")
+    if len(cx) == 0:
         raise ValueError(f"No bin of {bin_um} um lies within the spots of {spots.shapes_key!r}; pass a smaller bin_um.")
-    half = side / 2
-    boxes = shapely.box(centres[:, 0] - half, centres[:, 1] - half, centres[:, 0] + half, centres[:, 1] + half)
-    gdf = gpd.GeoDataFrame({"array_row": rows_i, "array_col": cols_i}, geometry=boxes)
-    transformations = get_transformation(spots.levels[0], get_all=True)
-    shapes = ShapesModel.parse(gdf, transformations=transformations)
+    shapes = grid_shapes("square", rows, cols, cx, cy, side, spots.levels[0])
     units = Spots(
         image_key=spots.image_key,
         shapes_key=key,
@@ -337,11 +330,11 @@ def _square_bins(spots: Spots, bin_um: float, reach_px: np.ndarray, key: str):
         coordinate_system=spots.coordinate_system,
         levels=spots.levels,
         level_scales=spots.level_scales,
-        centers=centres,
-        radius_px=np.full(len(centres), side / np.sqrt(np.pi)),
+        centers=np.c_[cx, cy],
+        radius_px=np.full(len(cx), side / np.sqrt(np.pi)),
         mpp=spots.mpp,
         index=shapes.index,
-        table_rows=np.full(len(centres), -1),
+        table_rows=np.full(len(cx), -1),
     )
     return units, shapes
 
