@@ -119,3 +119,22 @@ def test_refuses_to_replace_results():
         omx.tl.super_resolve(sdata, **kw)
     omx.tl.super_resolve(sdata, overwrite=True, **kw)
     np.testing.assert_allclose(sdata.tables["omx_superres"].X, first)  # deterministic
+
+
+def test_nuclei_get_their_expression_in_the_nuclei_table():
+    sdata = omx.datasets.toy_sdata(n_spots=30, n_genes=5, n_sections=2, seed=4)
+    omx.pp.segment_nuclei(sdata, image_key="S2_he", show_progress_bar=False)
+    cells = sdata.tables["omx_cells"]
+    morphology = cells.obs.copy()
+    assert cells.n_vars == 0 and cells.n_obs > 100
+    fine = {"S2": "S2_he_nuclei_shapes"}
+    omx.tl.super_resolve(sdata, train=["S1"], predict=["S2"], fine=fine, show_progress_bar=False)
+    assert "omx_superres" not in sdata.tables
+    cells = sdata.tables["omx_cells"]
+    assert cells.n_vars == 5 and cells.n_obs == len(morphology)
+    pd.testing.assert_frame_equal(cells.obs, morphology)
+    assert np.isfinite(cells.X).all() and (cells.X >= 0).all()
+    assert cells.uns["omx"]["omx_superres"]["function"] == "super_resolve"
+    assert "segment_nuclei" in {e["function"] for e in cells.uns["omx"].values()}
+    with pytest.raises(KeyError, match="already holds expression"):
+        omx.tl.super_resolve(sdata, train=["S1"], predict=["S2"], fine=fine, show_progress_bar=False)

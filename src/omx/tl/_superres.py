@@ -139,7 +139,10 @@ def super_resolve(
     log1p(counts / total x 1e4) in ``X``, ``obs["section"]``, ``obs["omx_spot"]`` (the measured spot a unit lies
     in, where there is one), ``obsm["spatial"]`` (centres in microns) and ``uns['omx'][key_added]`` (the call's
     parameters, the model, the genes, ``anchored`` sections). The spot table is never changed. Default bins of
-    predicted sections are added as shapes elements.
+    predicted sections are added as shapes elements. When the fine units are nuclei of
+    :func:`omx.pp.segment_nuclei` (its shapes ``"<image>_nuclei_shapes"``), the predictions go to the nuclei table
+    ``sdata.tables["omx_cells"]`` instead: genes in its ``X`` (NaN for nuclei of other images), its morphology
+    columns kept, the entry in its ``uns['omx'][key_added]``.
     """
     from omx.models import Ridge
 
@@ -186,7 +189,15 @@ def super_resolve(
                 written_bins[name] = (key, shapes)
         else:  # an H&E-only shapes element: its own shapes are the fine units
             units[name] = spots
-    check_free_elements(sdata, overwrite=overwrite, tables=[key_added], shapes=[k for k, _ in written_bins.values()])
+    cells = _cells_table(sdata, [units[n].shapes_key for n in predict])
+    if cells is None:
+        check_free_elements(
+            sdata, overwrite=overwrite, tables=[key_added], shapes=[k for k, _ in written_bins.values()]
+        )
+    elif sdata.tables[cells].n_vars and not overwrite:
+        raise KeyError(
+            f"sdata.tables[{cells!r}] already holds expression of its nuclei; pass `overwrite=True` to replace it."
+        )
     fine_diameter = float(np.median([units[n].diameter_um for n in names]))
     size_um, context = patch_settings(model.encoder, fine_diameter, size_um, context)
 
@@ -259,8 +270,48 @@ def super_resolve(
     new = prediction_table(out_sections, genes, preds, key_added=key_added, uns=entry)
     spot = np.concatenate([spot_of.get(n, np.full(units[n].n_spots, None, dtype=object)) for n in predict])
     new.obs[Key.SPOT] = pd.array(spot, dtype="string")
-    add_table(sdata, key_added, new, overwrite=overwrite, what="super-resolved predictions")
+    if cells is not None:
+        _fill_cells(sdata, cells, new, key_added, entry)
+    else:
+        add_table(sdata, key_added, new, overwrite=overwrite, what="super-resolved predictions")
     return model
+
+
+def _cells_table(sdata: SpatialData, shapes_keys: list[str]) -> str | None:
+    """The nuclei table (``Key.CELLS``) when every predicted unit is a nucleus it annotates, else None."""
+    from omx.pp._spots import table_regions
+
+    table = sdata.tables.get(Key.CELLS)
+    if table is None or table.uns.get(Key.TABLE_MARK) != "cells":
+        return None
+    return Key.CELLS if set(shapes_keys) <= set(table_regions(table)[0]) else None
+
+
+def _fill_cells(sdata: SpatialData, cells_key: str, new, key_added: str, entry: dict) -> None:
+    """Write per-nucleus predictions into the nuclei table: genes in ``X`` (NaN for nuclei not predicted).
+
+    The nuclei's rows, ``obs`` (morphology), ``obsm`` and earlier ``uns`` entries stay as they are.
+    """
+    import anndata as ad
+    from spatialdata.models import TableModel
+
+    from omx.pp._spots import table_regions
+
+    cells = sdata.tables[cells_key]
+    regions, region_key, instance_key = table_regions(cells)
+    row_of = pd.Series(np.arange(cells.n_obs), index=pd.MultiIndex.from_arrays(
+        [cells.obs[region_key].astype(str).to_numpy(), cells.obs[instance_key].astype(str).to_numpy()]
+    ))  # fmt: skip
+    rows = row_of.reindex(
+        pd.MultiIndex.from_arrays([new.obs["region"].astype(str).to_numpy(), new.obs["spot_id"].astype(str).to_numpy()])
+    ).to_numpy()
+    X = np.full((cells.n_obs, new.n_vars), np.nan, dtype=np.float32)
+    X[rows.astype(int)] = new.X
+    uns = {k: v for k, v in cells.uns.items() if k != "spatialdata_attrs"}
+    uns[Key.UNS] = {**uns.get(Key.UNS, {}), key_added: {**new.uns[Key.UNS][key_added], "written": ["X"]}}
+    filled = ad.AnnData(X=X, obs=cells.obs.copy(), var=new.var.copy(), obsm=dict(cells.obsm), uns=uns)
+    filled = TableModel.parse(filled, region=regions, region_key=region_key, instance_key=instance_key)
+    add_table(sdata, cells_key, filled, overwrite=True, what="nuclei with their super-resolved expression")
 
 
 def _fine_keys(fine, names: list[str], sections: dict[str, Section]) -> dict[str, str]:
