@@ -329,13 +329,14 @@ def main() -> None:
     parser.add_argument("--data", choices=["her2st", "hd", "both"], default="both")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--feature-store", type=Path, default=None, help="keep features here between runs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import omx
 
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="omx_superres_") as tmp:
-        omx.settings.feature_store = tmp  # each section's features once, across folds
+        omx.settings.feature_store = args.feature_store or tmp  # each section's features once, across folds
         if args.data in ("her2st", "both"):
             res = her2st(args.seed)
             res.to_csv(args.out / "superres_her2st.csv", index=False)
