@@ -114,6 +114,30 @@ def test_feature_store_for_spots_without_a_table(toy, tmp_path):
     np.testing.assert_array_equal(toy.tables["p"].X, toy.tables["q"].X)
 
 
+def test_predicting_unencoded_spots_fills_the_feature_store(toy, tmp_path):
+    """H&E-only spots that `omx.tl` encodes to predict them go to the store, in the spots' order, once."""
+    toy.shapes["new_spots"] = toy.shapes["S3_spots"].copy()
+    encoder = Counting()
+    store = tmp_path / "features.zarr"
+    model = omx.tl.fit_predict(toy, train=["S1", "S2"], predict="S3", model=ridge(encoder))
+    Counting.n = 0
+    with omx.settings.override(feature_store=store):
+        omx.tl.predict_expression(toy, model, shapes_key="new_spots", key_added="p", show_progress_bar=False)
+        assert Counting.n == 3 * 60 and len(list(store.iterdir())) == 1
+        Counting.n = 0
+        omx.tl.predict_expression(toy, model, shapes_key="new_spots", key_added="q", show_progress_bar=False)
+        assert Counting.n == 0  # read back from the store
+    np.testing.assert_allclose(toy.tables["p"].X, toy.tables["q"].X, rtol=1e-5, atol=1e-6)
+    stored = omx.pp.encode(toy, encoder, shapes_key="new_spots", image_key="S3_he", inplace=False)
+    found = omx.pp.encode(toy, encoder, shapes_key="new_spots", image_key="S3_he", store=store, inplace=False)
+    np.testing.assert_array_equal(found, stored)  # the rows follow the spots, whatever order the chunks came in
+    # without a store, nothing is kept and the spots are encoded again
+    Counting.n = 0
+    omx.tl.predict_expression(toy, model, shapes_key="new_spots", key_added="r", show_progress_bar=False)
+    assert Counting.n == 3 * 60
+    np.testing.assert_allclose(toy.tables["r"].X, toy.tables["p"].X, rtol=1e-5, atol=1e-6)
+
+
 def test_foundation_encoder_sees_its_native_resolution(toy):
     """A foundation encoder's patches are 224 px over 112 um (0.5 um/px) whatever the slide's resolution."""
     with warnings.catch_warnings():

@@ -176,6 +176,17 @@ def test_circles_are_drawn_at_their_true_radius(sdata):
     plt.close("all")
 
 
+def test_title_of_one_panel_stays_inside_the_figure(sdata):
+    add_hex_grid(sdata, shapes_key="S1_hexagonal_grid_of_55um", table_key="omx_predictions_on_the_grid")
+    a = omx.pl.prediction_map(sdata, "gene_0", table_key="omx_predictions_on_the_grid", show=False)[0]
+    fig = a.figure
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent()
+    assert "S1_hexagonal_grid_of_55um" in fig.get_suptitle().replace("\n", " ")
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1  # wrapped, not cut at the figure's edges
+    plt.close("all")
+
+
 def test_spot_predictions_in_a_layer_of_the_measured_table(sdata):
     table = sdata.tables["table"]
     pred = np.log1p(np.asarray(table.X.todense(), dtype=np.float32))

@@ -475,6 +475,7 @@ def prediction_map(
         cbar.set_label(scale, fontsize=8)
         cbar.ax.tick_params(labelsize=7)
     if ax is None:
-        fig.suptitle(f"{table_key}, section {section}: {spots.n_spots:,} {kind} of {spots.shapes_key!r}", fontsize=10)
+        title = f"{table_key}, section {section}: {spots.n_spots:,} {kind} of {spots.shapes_key!r}"
+        fig.suptitle(title, fontsize=10, wrap=True)  # wrapped within the figure: one panel is narrower than it
     logger.debug("Drew %d genes over %d %s of %r.", len(genes), spots.n_spots, kind, spots.shapes_key)
     return finish(list(axes), show=show, save=save, name="prediction_map")

@@ -163,19 +163,34 @@ def find_in_store(store: str | Path | None, spots: Spots, geo: dict[str, Any]) -
     return np.asarray(array[:], dtype=np.float32)
 
 
-def write_to_store(store: str | Path, spots: Spots, features: np.ndarray, geo: dict[str, Any]) -> str:
-    """Write the features of `spots` into the zarr feature store at `store`; returns the array's path."""
+def create_in_store(store: str | Path, spots: Spots, n_features: int, geo: dict[str, Any], *, chunk_rows: int = 65536):
+    """An empty float32 array ``(n_spots, n_features)`` for the features of `spots` in the feature store.
+
+    Its attributes describe the spots and geometry; it is not found by `find_in_store` until `mark_complete`.
+    """
     import zarr
 
     path = Path(store) / store_name(spots, geo)
     array = zarr.create_array(
-        str(path), shape=features.shape, chunks=(min(len(features), 65536) or 1, features.shape[1]), dtype="f4",
-        overwrite=True,
+        str(path), shape=(spots.n_spots, n_features), chunks=(max(1, min(spots.n_spots, chunk_rows)), n_features),
+        dtype="f4", overwrite=True,
     )  # fmt: skip
-    array[:] = features
     array.attrs.update(
         jsonable({"image_key": spots.image_key, "shapes_key": spots.shapes_key, "n_spots": spots.n_spots, **geo})
     )
-    array.attrs["complete"] = True  # last, so an interrupted write is never read back
-    logger.info("Added %d spots x %d features to the feature store %s", *features.shape, path)
+    return array
+
+
+def mark_complete(array, path: str | Path) -> None:
+    """Mark the feature-store array at ``path`` as fully written (last: an interrupted write is never read back)."""
+    array.attrs["complete"] = True
+    logger.info("Added %d spots x %d features to the feature store %s", *array.shape, path)
+
+
+def write_to_store(store: str | Path, spots: Spots, features: np.ndarray, geo: dict[str, Any]) -> str:
+    """Write the features of `spots` into the zarr feature store at `store`; returns the array's path."""
+    path = Path(store) / store_name(spots, geo)
+    array = create_in_store(store, spots, features.shape[1], geo)
+    array[:] = features
+    mark_complete(array, path)
     return str(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,7 +25,15 @@ from omx._utils import as_list, check_counts, log_normalize, logger
 from omx.metrics import gene_scores
 from omx.models import Context
 from omx.pp import Spots, resolve_spots
-from omx.pp._features import find_in_store, find_in_table, geometry, write_to_store
+from omx.pp._features import (
+    create_in_store,
+    find_in_store,
+    find_in_table,
+    geometry,
+    mark_complete,
+    store_name,
+    write_to_store,
+)
 from omx.pp._spots import table_regions
 from omx.pp._stream import collect, iter_chunks, patch_settings
 
@@ -435,9 +444,14 @@ def predict_stream(
     """Predict a section chunk by chunk, so memory does not grow with its inputs.
 
     Patch models predict each chunk of patches as it is cut. Feature models first write the features of all
-    chunks to a temporary zarr array on disk (``$TMPDIR``) while summing their per-section statistics, then
-    predict chunk by chunk with those statistics: the same predictions as from the whole section at once.
+    chunks to a zarr array on disk while summing their per-section statistics, then predict chunk by chunk with
+    those statistics: the same predictions as from the whole section at once. The array is kept in the feature
+    store (``omx.settings.feature_store``) when one is set and the encoder's features can be told from its
+    parameters, so that later calls on the same spots do not encode them again; else it is temporary
+    (``$TMPDIR``).
     """
+    from omx._settings import settings
+
     meta = model.meta_
     n = section.spots.n_spots
     chunks = input_chunks(section, model, meta["size_um"], meta["context"], show_progress_bar)
@@ -456,21 +470,31 @@ def predict_stream(
         return out
     import zarr
 
+    geo = geometry(model.encoder, meta["size_um"], meta["context"])
+    keep = settings.feature_store is not None and geo["encoder"] is not None
     with tempfile.TemporaryDirectory(prefix="omx_features_") as tmp:
         store, written, moments, start = None, [], Moments(), 0
         for positions, feats in chunks:
-            if store is None:
+            if store is None and keep:  # rows in the order of the spots, as `find_in_store` returns them
+                store = create_in_store(settings.feature_store, section.spots, feats.shape[1], geo, chunk_rows=4096)
+            elif store is None:  # rows in the order the chunks come
                 store = zarr.create_array(
                     f"{tmp}/features.zarr", shape=(n, feats.shape[1]), chunks=(4096, feats.shape[1]), dtype="f4"
                 )
-            store[start : start + len(positions)] = feats
+            rows = np.asarray(positions) if keep else slice(start, start + len(positions))
+            if keep:
+                store.oindex[rows] = feats
+            else:
+                store[rows] = feats
             moments.add(feats)
-            written.append((start, positions))
+            written.append((rows, positions))
             start += len(positions)
         stats = {section.name: moments.result()}
-        for start, positions in written:
-            X = store[start : start + len(positions)]
+        for rows, positions in written:
+            X = store.oindex[rows] if keep else store[rows]
             out[positions] = model.predict(X, chunk_context(positions, stats))
+        if keep and store is not None:
+            mark_complete(store, Path(settings.feature_store) / store_name(section.spots, geo))
     return out
 
 
