@@ -144,7 +144,6 @@ def super_resolve(
     ``sdata.tables["omx_cells"]`` instead: genes in its ``X`` (NaN for nuclei of other images), its morphology
     columns kept, the entry in its ``uns['omx'][key_added]``.
     """
-    from omx._settings import settings
     from omx.models import Ridge
 
     train, predict = as_list(train), as_list(predict)
@@ -203,12 +202,12 @@ def super_resolve(
     size_um, context = patch_settings(model.encoder, fine_diameter, size_um, context)
 
     # features of the fine units, their statistics per section, and each spot's mean over its units
-    # (predicted sections only: streamed at prediction, never held in memory, unless there is a feature store)
+    # (predicted sections only: streamed at prediction, never held in memory; a feature store keeps them too)
     feats, stats, member = {}, {}, {}
     for name in names:
         if sections[name].measured:
             member[name] = membership(sdata, sections[name].spots, units[name].centers)
-        if name in train or settings.feature_store is not None:  # with a store, features are kept for later calls
+        if name in train:
             section = Section(name=f"{name} (fine)", spots=units[name])
             feats[name] = section_inputs(section, model, size_um, context, show_progress_bar, None)
             moments = Moments()
