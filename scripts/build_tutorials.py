@@ -513,8 +513,9 @@ sdata.tables['omx_superres']""",
 Now suppose C4's spots had been measured, as they were. With `predict=['C4']` (C4 as a measured section) and
 the same bins as its fine units, each bin inside a spot gets that spot's measured value plus the image's detail:
 how far the bin's own prediction lies from the mean prediction of the spot's bins, scaled per gene by how well
-the image predicts that gene on the training sections (about 0 where it does not). Bins between spots get the
-same from the nearby spots, smoothly interpolated.
+the image predicts that gene on the training sections (about 0 where it does not) and by how much of the bins'
+variation survives averaging over a spot (a single small bin's prediction is noisier than a spot's). Bins between
+spots get the same from the nearby spots, smoothly interpolated.
 
 The two maps answer different questions. The image-only map is all you have on an H&E-only slide: every
 value, at every scale, comes from the image, and is as good as the model. The anchored map keeps what was
