@@ -81,7 +81,7 @@ class Lattice:
 
 def _polygons(sdata: SpatialData, spots):
     """The shapes of ``spots`` (in their order) when all are polygons, with the affine to level-0 pixels."""
-    from omx.pp._spots import _affine_xy
+    from omx.pp._spots import affine_xy
 
     shapes = sdata.shapes[spots.shapes_key]
     if not shapes.index.is_unique:
@@ -93,7 +93,7 @@ def _polygons(sdata: SpatialData, spots):
     if set(shapes.geometry.geom_type.unique()) != {"Polygon"}:
         return None
     cs = spots.coordinate_system
-    return shapes, np.linalg.inv(_affine_xy(spots.levels[0], cs)) @ _affine_xy(shapes, cs)
+    return shapes, np.linalg.inv(affine_xy(spots.levels[0], cs)) @ affine_xy(shapes, cs)
 
 
 def square_lattice(sdata: SpatialData, spots) -> Lattice | None:

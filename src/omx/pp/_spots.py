@@ -88,7 +88,7 @@ class Spots:
         )
 
 
-def _affine_xy(element, coordinate_system: str) -> np.ndarray:
+def affine_xy(element, coordinate_system: str) -> np.ndarray:
     t = get_transformation(element, to_coordinate_system=coordinate_system)
     return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
 
@@ -118,7 +118,7 @@ def image_mpp(sdata: SpatialData, image, mpp: float | None = None) -> float:
                 "Cannot tell the microns per pixel of the image: pass `mpp=`, or mark its coordinate system as "
                 "microns with `sdata.attrs['omx'] = {'units': {cs: 'um'}}`."
             )
-        mpp = float(np.sqrt(abs(np.linalg.det(_affine_xy(level0, cs)[:2, :2]))))
+        mpp = float(np.sqrt(abs(np.linalg.det(affine_xy(level0, cs)[:2, :2]))))
     mpp = float(mpp)
     if not np.isfinite(mpp) or mpp <= 0:
         raise ValueError(f"Microns per pixel must be positive, got {mpp}.")
@@ -224,8 +224,8 @@ def resolve_spots(
     _check_image(level0, image_key)
     level_scales = [float(level0.sizes["x"]) / float(lv.sizes["x"]) for lv in levels]
 
-    img_affine = _affine_xy(level0, cs)
-    to_pixels = np.linalg.inv(img_affine) @ _affine_xy(shapes, cs)
+    img_affine = affine_xy(level0, cs)
+    to_pixels = np.linalg.inv(img_affine) @ affine_xy(shapes, cs)
     centers_units, radius_units = _shape_geometry(shapes, shapes_key)
     homog = np.c_[centers_units, np.ones(len(centers_units))]
     centers = (homog @ to_pixels.T)[:, :2]

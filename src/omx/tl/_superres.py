@@ -24,7 +24,7 @@ from omx._schema import Key, add_table, check_free_elements
 from omx._utils import as_list, logger, resolve_table
 from omx.models import Context
 from omx.pp import Spots, resolve_spots
-from omx.pp._spots import _affine_xy
+from omx.pp._spots import affine_xy
 from omx.pp._stream import patch_settings
 from omx.tl._engine import (
     Moments,
@@ -407,7 +407,7 @@ def membership(sdata: SpatialData, spots: Spots, centres_px: np.ndarray) -> spar
         rows = np.repeat(np.arange(n), [len(f) for f in found])
         cols = np.concatenate([np.asarray(f, dtype=np.int64) for f in found]) if n else np.zeros(0, np.int64)
     else:
-        to_pixels = np.linalg.inv(_affine_xy(spots.levels[0], spots.coordinate_system)) @ _affine_xy(
+        to_pixels = np.linalg.inv(affine_xy(spots.levels[0], spots.coordinate_system)) @ affine_xy(
             sdata.shapes[spots.shapes_key], spots.coordinate_system
         )
         a = to_pixels
