@@ -35,23 +35,23 @@ resident memory just before the step (imports and the lazily read store, whose s
 0.3 GB for the 390,625 polygons of the 16-um grid over the image). ``r`` is the mean Pearson r over genes of the
 predictions with the truth, at the bins inside the tissue. Results go to
 ``benchmarks/results/slide_<size>px_<bin>um.json``; the table printed at the end holds the same numbers. Measured
-here on the CPU (two cores shared with other jobs, 1-minute load average 4-8, so the times are upper bounds), the
-default run:
+here on the CPU (two cores shared with other jobs, so the times are upper bounds), the default run:
 
-    Slide 20,000 x 20,000 px at 0.5 um/px, 16-um bins; 2 CPUs, load average 5.3 before
+    Slide 20,000 x 20,000 px at 0.5 um/px, 16-um bins; 2 CPUs, load average 3.5 before
     step                     units   seconds   peak GB  before GB   load       r
-    tile_grid (image)      390,625       0.8      0.40       0.22    4.3
-    detect_tissue                2       0.7      0.58       0.52    4.2
-    tile_grid (tissue)     250,741       0.6      0.63       0.52    4.0
-    predict (image)        390,625     765.1      1.60       0.58    3.8   0.472
-    predict (tissue)       250,741     423.7      1.45       0.58    5.7   0.865
-    prediction_map         250,741       5.1      0.92       0.72    7.6
+    tile_grid (image)      390,625       1.0      0.40       0.22    3.2
+    detect_tissue                2       0.9      0.58       0.52    3.0
+    tile_grid (tissue)     250,741       0.6      0.63       0.52    2.9
+    predict (image)        390,625     497.9      1.56       0.58    2.7   0.472
+    predict (tissue)       250,741     364.4      1.46       0.58    4.4   0.865
+    prediction_map         250,741       3.3      0.77       0.67    4.7
 
+An earlier run at load 4-8 took 765 s (1.60 GB) and 424 s (1.45 GB) to predict; peaks agree within 0.05 GB.
 Writing the slide took 345 s (drawing level 0: 267 s) and fitting the model 16 s (held-out r 0.86 against counts).
 Predicting stays under 3 GB. Above what was read, it holds 0.5 GB at 34,969 bins (``--size-px 6000``) and 1.0 GB
 at 390,625: the chunks of patches and features in flight (``omx.tl._engine.predict_stream``), arrays of one row per
 bin, and freed memory that glibc's per-thread arenas keep (run alone with ``MALLOC_ARENA_MAX=1``, predict (image)
-peaked at 1.34 GB, 0.26 GB less, having read 0.1 GB more; it took 546 s at load 3-4). The handcrafted encoder takes
+peaked at 1.34 GB, 0.2-0.3 GB less, having read 0.1 GB more; it took 546 s at load 3-4). The handcrafted encoder takes
 about 90 % of the time (cProfile on 22,822 bins). Over the whole image r drops to 0.47: the ridge standardises
 features with the statistics of the whole section, and 36 % of its bins are glass; a grid within the tissue
 (`omx.pp.tile_grid`'s default once `omx.pp.detect_tissue` has run) keeps them out.
@@ -93,9 +93,9 @@ def tissue_alpha(y_px, x_px, size_px: int):
     theta = np.arctan2(dv, du)
     radius = BLOB["radius"] * (1.0 + sum(a * np.cos(k * theta + p) for k, a, p in BLOB["harmonics"]))
     inside = radius - np.hypot(du, dv)  # > 0 inside the blob, in fractions of the side
-    for (cx, cy, r), sign in ((HOLE, -1.0), (FRAGMENT, 1.0)):
-        d = r - np.hypot(u - cx, v - cy)
-        inside = np.minimum(inside, -d) if sign < 0 else np.maximum(inside, d)
+    (hx, hy, hr), (fx, fy, fr) = HOLE, FRAGMENT
+    inside = np.minimum(inside, np.hypot(u - hx, v - hy) - hr)  # less the lumen
+    inside = np.maximum(inside, fr - np.hypot(u - fx, v - fy))  # plus the fragment
     edge = EDGE_UM / (size_px * MPP)  # the soft edge, in fractions of the side
     return np.clip(inside / edge + 0.5, 0.0, 1.0)
 
@@ -116,8 +116,8 @@ def draw_slide_tile(y0: int, x0: int, h: int, w: int, *, size_px: int):
 def make_slide(path: Path, size_px: int) -> dict:
     """Write the slide to ``path``: level 0 drawn tile by tile into a scratch zarr array, the pyramid built from it.
 
-    Level 0 is drawn once (into the scratch array) rather than once per pyramid level, as writing a lazily drawn
-    multiscale image would.
+    Level 0 is drawn once, into the scratch array, and every coarser level is averaged from that array, so no level
+    draws the tiles again.
     """
     import shutil
 
@@ -168,7 +168,7 @@ def make_train(path: Path, name: str, *, side: int, bin_um: float, offset_um: fl
     from spatialdata.models import Image2DModel, ShapesModel, TableModel
     from spatialdata.transformations import Scale
 
-    margin_um = 3 * bin_um  # room for the largest patch (three bins) around the outer bins
+    margin_um = 3 * bin_um  # more than the largest patches (three times the bin) reach past the outer bins
     size_px = int(np.ceil((2 * margin_um + side * bin_um) / MPP))
     off = int(round(offset_um / MPP))
     blocks = da.map_blocks(
