@@ -81,7 +81,7 @@ class Lattice:
 
 def _polygons(sdata: SpatialData, spots):
     """The shapes of ``spots`` (in their order) when all are polygons, with the affine to level-0 pixels."""
-    from omx.pp._spots import affine_xy
+    from omx.pp._spots import to_pixels
 
     shapes = sdata.shapes[spots.shapes_key]
     if not shapes.index.is_unique:
@@ -92,8 +92,7 @@ def _polygons(sdata: SpatialData, spots):
     shapes = shapes.iloc[pos]
     if set(shapes.geometry.geom_type.unique()) != {"Polygon"}:
         return None
-    cs = spots.coordinate_system
-    return shapes, np.linalg.inv(affine_xy(spots.levels[0], cs)) @ affine_xy(shapes, cs)
+    return shapes, to_pixels(shapes, spots.levels[0], spots.coordinate_system)
 
 
 def square_lattice(sdata: SpatialData, spots) -> Lattice | None:

@@ -93,6 +93,19 @@ def affine_xy(element, coordinate_system: str) -> np.ndarray:
     return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
 
 
+def to_pixels(element, level0, coordinate_system: str) -> np.ndarray:
+    """The ``(3, 3)`` affine from an element's own coordinates to the pixels of an image's finest level."""
+    return np.linalg.inv(affine_xy(level0, coordinate_system)) @ affine_xy(element, coordinate_system)
+
+
+def geometries_in_pixels(geometries, affine: np.ndarray):
+    """Shapely geometries mapped by a ``(3, 3)`` affine (e.g. `to_pixels`), vectorised."""
+    import shapely
+
+    linear, shift = affine[:2, :2], affine[:2, 2]
+    return shapely.transform(geometries, lambda xy: xy @ linear.T + shift)
+
+
 def _coordinate_systems(element) -> list[str]:
     return list(get_transformation(element, get_all=True).keys())
 
@@ -225,11 +238,11 @@ def resolve_spots(
     level_scales = [float(level0.sizes["x"]) / float(lv.sizes["x"]) for lv in levels]
 
     img_affine = affine_xy(level0, cs)
-    to_pixels = np.linalg.inv(img_affine) @ affine_xy(shapes, cs)
+    affine = to_pixels(shapes, level0, cs)
     centers_units, radius_units = _shape_geometry(shapes, shapes_key)
     homog = np.c_[centers_units, np.ones(len(centers_units))]
-    centers = (homog @ to_pixels.T)[:, :2]
-    radius_px = radius_units * np.sqrt(abs(np.linalg.det(to_pixels[:2, :2])))
+    centers = (homog @ affine.T)[:, :2]
+    radius_px = radius_units * np.sqrt(abs(np.linalg.det(affine[:2, :2])))
 
     if mpp is None and spot_diameter_um is not None:
         mpp = float(spot_diameter_um / (2 * np.median(radius_px)))

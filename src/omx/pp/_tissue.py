@@ -12,7 +12,7 @@ from omx._docs import doc_params
 from omx._schema import Key, base_entry, check_free_elements
 from omx._settings import warn
 from omx._utils import logger, resolve_key
-from omx.pp._spots import _check_image, _coordinate_systems, _levels, affine_xy, image_mpp
+from omx.pp._spots import _check_image, _coordinate_systems, _levels, geometries_in_pixels, image_mpp, to_pixels
 
 #: The level read for tissue detection has at most this many pixels (4096 x 4096); coarser than
 #: ``resolution_um`` when the image is larger, so memory stays bounded for any slide (about 25 bytes a pixel
@@ -350,7 +350,7 @@ def _within_geometry(sdata: SpatialData, key: str, level0, image_key: str):
             f"Shapes {key!r} share no coordinate system with image {image_key!r} (shapes: "
             f"{_coordinate_systems(shapes)}, image: {_coordinate_systems(level0)}); add a transformation."
         )
-    to_pixels = np.linalg.inv(affine_xy(level0, common[0])) @ affine_xy(shapes, common[0])
+    affine = to_pixels(shapes, level0, common[0])
     geoms = shapes.geometry.to_numpy()
     kinds = set(shapely.get_type_id(geoms).tolist())
     if kinds <= {0, 4}:  # (multi)points: circles
@@ -359,8 +359,7 @@ def _within_geometry(sdata: SpatialData, key: str, level0, image_key: str):
         geoms = shapely.buffer(geoms, shapes["radius"].to_numpy(dtype=float))
     elif not kinds <= {3, 6}:  # (multi)polygons
         raise ValueError(f"Shapes {key!r} are not polygons or circles; `within` needs areas.")
-    linear, shift = to_pixels[:2, :2], to_pixels[:2, 2]
-    geoms = shapely.transform(shapely.make_valid(geoms), lambda xy: xy @ linear.T + shift)
+    geoms = geometries_in_pixels(shapely.make_valid(geoms), affine)
     union = shapely.union_all(geoms)
     shapely.prepare(union)
     return union

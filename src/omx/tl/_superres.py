@@ -24,7 +24,7 @@ from omx._schema import Key, add_table, check_free_elements
 from omx._utils import as_list, logger, resolve_table
 from omx.models import Context
 from omx.pp import Spots, resolve_spots
-from omx.pp._spots import affine_xy
+from omx.pp._spots import geometries_in_pixels, to_pixels
 from omx.pp._stream import patch_settings
 from omx.tl._engine import (
     Moments,
@@ -407,13 +407,8 @@ def membership(sdata: SpatialData, spots: Spots, centres_px: np.ndarray) -> spar
         rows = np.repeat(np.arange(n), [len(f) for f in found])
         cols = np.concatenate([np.asarray(f, dtype=np.int64) for f in found]) if n else np.zeros(0, np.int64)
     else:
-        to_pixels = np.linalg.inv(affine_xy(spots.levels[0], spots.coordinate_system)) @ affine_xy(
-            sdata.shapes[spots.shapes_key], spots.coordinate_system
-        )
-        a = to_pixels
-        polys = shapely.transform(
-            np.asarray(geom.values), lambda xy: xy @ a[:2, :2].T + a[:2, 2]
-        )  # shapes' units to image pixels
+        affine = to_pixels(sdata.shapes[spots.shapes_key], spots.levels[0], spots.coordinate_system)
+        polys = geometries_in_pixels(np.asarray(geom.values), affine)
         tree = shapely.STRtree(polys)
         cols, rows = tree.query(shapely.points(centres_px), predicate="within")
     return sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, m))
@@ -425,12 +420,20 @@ def _mean_rows(M: sparse.csr_matrix) -> sparse.csr_matrix:
     return sparse.diags(np.divide(1.0, total, out=np.zeros_like(total), where=total > 0)) @ M
 
 
+def _first_row(M: sparse.csr_matrix) -> np.ndarray:
+    """For each unit (column of ``M``), the first spot (row) it lies in; -1 outside every spot."""
+    C = M.tocsc()
+    out = np.full(M.shape[1], -1)
+    has = np.diff(C.indptr) > 0
+    out[has] = C.indices[C.indptr[:-1][has]]
+    return out
+
+
 def _first_spot(M: sparse.csr_matrix, index: pd.Index) -> np.ndarray:
     """The spot (its shapes index, as a string) that each unit lies in; None outside every spot."""
-    C = M.tocsc()
+    first = _first_row(M)
     out = np.full(M.shape[1], None, dtype=object)
-    has = np.diff(C.indptr) > 0
-    out[has] = np.asarray(index.astype(str))[C.indices[C.indptr[:-1][has]]]
+    out[first >= 0] = np.asarray(index.astype(str))[first[first >= 0]]
     return out
 
 
@@ -513,10 +516,8 @@ def _anchored(table, section: Section, M, units: Spots, pred, slopes, genes, lay
     # smooth at the unit scale, about 1 / (units per spot) where the units' predictions vary by noise alone
     reliability = np.clip(spot_pred.var(axis=0) / np.maximum(pred.var(axis=0), 1e-12), 0.0, 1.0)
     # each unit's spot (the first, when spots overlap); units in no usable spot are interpolated
-    C = M.tocsc()
-    inside = np.diff(C.indptr) > 0
-    first = np.full(M.shape[1], -1)
-    first[inside] = C.indices[C.indptr[:-1][inside]]
+    first = _first_row(M)
+    inside = first >= 0
     base, ref = np.empty_like(pred), np.empty_like(pred)
     base[inside], ref[inside] = measured[first[inside]], spot_pred[first[inside]]
     if (~inside).any():
