@@ -203,13 +203,13 @@ def super_resolve(
 
     # features of the fine units, their statistics per section, and each spot's mean over its units
     # (predicted sections only: streamed at prediction, never held in memory; a feature store keeps them too)
-    feats, stats, member = {}, {}, {}
+    feats, stats, member, cache = {}, {}, {}, {}
+    fine_sections = {n: Section(name=f"{n} (fine)", spots=units[n]) for n in names}
     for name in names:
         if sections[name].measured:
             member[name] = membership(sdata, sections[name].spots, units[name].centers)
         if name in train:
-            section = Section(name=f"{name} (fine)", spots=units[name])
-            feats[name] = section_inputs(section, model, size_um, context, show_progress_bar, None)
+            feats[name] = section_inputs(fine_sections[name], model, size_um, context, show_progress_bar, cache)
             moments = Moments()
             moments.add(feats[name])
             stats[name] = moments.result()
@@ -242,12 +242,9 @@ def super_resolve(
 
     preds, anchored, spot_of = [], [], {}
     for name in predict:
-        if name in feats:
-            ctx = Context(groups=np.full(len(feats[name]), name), group_stats={name: stats[name]})
-            pred = model.predict(feats[name], ctx) * np.asarray(meta["target_std"]) + np.asarray(meta["target_mean"])
-        else:
-            section = Section(name=name, spots=units[name])
-            pred = predict_section(model, section, show_progress_bar=show_progress_bar)
+        # training sections' units from this call's memory, the others streamed
+        held = cache if name in train else None
+        pred = predict_section(model, fine_sections[name], show_progress_bar=show_progress_bar, cache=held)
         if name in member:
             M = member[name]
             spot_of[name] = _first_spot(M, sections[name].spots.index)
