@@ -134,7 +134,9 @@ FRAGMENTS: dict[str, str] = {
             """,
         "section_key": """
             section_key
-                The obs column naming each spot's section.
+                The obs column naming each spot's section; when the table has no column ``"section"`` (the
+                default), the table's region column, one section per shapes element (as spatialdata-io's readers
+                make them: a Visium sample's spots, a Visium HD bin size, Xenium's cells).
             """,
         "mpp": """
             mpp

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -51,8 +52,35 @@ def resolve_table(sdata: SpatialData, table_key: str | None) -> tuple[str, AnnDa
     if table_key is None:
         measured = [k for k in candidates if Key.TABLE_MARK not in sdata.tables[k].uns]
         candidates = measured or candidates
+        table_key = default_bin_table(candidates)
+        if table_key is None and len(candidates) > 1:
+            raise KeyError(
+                f"Ambiguous table: the SpatialData object has {len(candidates)} ({candidates}). Pass one of them as "
+                "`table_key=`; tables of several samples read one by one are joined with "
+                "`spatialdata.concatenate(sdatas, concatenate_tables=True)`."
+            )
     table_key = resolve_key(table_key, candidates, kind="table", argument="table_key")
     return table_key, sdata.tables[table_key]
+
+
+#: Tables that `spatialdata_io.visium_hd` names after its bin sizes, and the one used when none is named.
+_HD_TABLE = re.compile(r"^square_(\d{3})um$")
+HD_DEFAULT_TABLE = "square_008um"
+
+
+def default_bin_table(candidates: Sequence[str]) -> str | None:
+    """Visium HD's 8 um bins when the candidates are spatialdata-io's bin tables (``square_002um``, ...), else None.
+
+    8 um is Space Ranger's and spatialdata-io's default bin size; the choice is logged with the argument that
+    changes it, so it is never silent.
+    """
+    if len(candidates) > 1 and HD_DEFAULT_TABLE in candidates and all(_HD_TABLE.match(k) for k in candidates):
+        logger.info(
+            f"Using Visium HD's {HD_DEFAULT_TABLE} bins (tables {sorted(candidates)}); pass `table_key=` for another "
+            "bin size."
+        )
+        return HD_DEFAULT_TABLE
+    return None
 
 
 def check_counts(X: Any, *, name: str = "counts") -> None:

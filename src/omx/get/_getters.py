@@ -12,13 +12,13 @@ from spatialdata import SpatialData
 from omx._docs import doc_params
 from omx._schema import Key, entries, get_entry, scores_frame
 from omx._utils import as_list, log_normalize, resolve_table
+from omx.pp._spots import section_column
 
 
 def _sections_mask(table: AnnData, section: str | Sequence[str] | None, section_key: str) -> np.ndarray:
     if section is None:
         return np.ones(table.n_obs, dtype=bool)
-    if section_key not in table.obs:
-        raise KeyError(f"The table has no obs column {section_key!r}; pass `section_key=` naming the sections.")
+    section_key = section_column(table, section_key)
     wanted = as_list(section)
     labels = table.obs[section_key].astype(str)
     unknown = sorted(set(wanted) - set(labels))

@@ -21,8 +21,9 @@ from omx._docs import doc_params
 from omx._settings import warn
 from omx._utils import as_list, check_counts, log_normalize, logger, resolve_table
 from omx.metrics import pearson
-from omx.pl._tissue import canvas, robust_norm, section_column
+from omx.pl._tissue import canvas, robust_norm
 from omx.pl._utils import axes_list, finish
+from omx.pp._spots import section_column
 
 _PANEL_IN = 3.6
 

@@ -20,8 +20,9 @@ from spatialdata import SpatialData
 from omx._docs import doc_params
 from omx._utils import as_list, resolve_table
 from omx.pl._expression import _check_genes, _dense_columns, _observed, _pick_section
-from omx.pl._tissue import canvas, robust_norm, section_column
+from omx.pl._tissue import canvas, robust_norm
 from omx.pl._utils import axes_list, finish
+from omx.pp._spots import section_column
 
 _PANEL_IN = 3.2
 

@@ -26,8 +26,9 @@ from omx._schema import Key, entries
 from omx._utils import as_list, logger
 from omx.pl._expression import _check_genes, _pick_section
 from omx.pl._maps import _grid
-from omx.pl._tissue import frame, padded_bounds, placed_spots, section_column
+from omx.pl._tissue import frame, padded_bounds, placed_spots
 from omx.pl._utils import finish
+from omx.pp._spots import section_column
 
 #: Above this many circles, they are painted into one raster instead of drawn one by one: an EllipseCollection
 #: of 400,000 circles takes about 2.5 s per panel to render, and at that density a circle is a pixel or two

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.collections import EllipseCollection
 from matplotlib.colors import Normalize
@@ -20,23 +19,6 @@ if TYPE_CHECKING:
 #: Side (pixels) that the background image is read at: the coarsest pyramid level that still has this many
 #: pixels across the spots' extent, then subsampled to at most twice that.
 _TARGET_PX = 800
-
-
-def section_column(table: AnnData, section_key: str = "section") -> str:
-    """The obs column that names sections: ``section_key``; without a ``"section"`` column, the region column.
-
-    The fallback applies to the default name only, so that a mistyped ``section_key`` is an error, not a silent
-    switch to the region column.
-    """
-    if section_key in table.obs.columns:
-        return section_key
-    _, region_key, _ = get_table_keys(table)
-    if section_key == "section":
-        return region_key
-    raise KeyError(
-        f"The table has no obs column {section_key!r} (columns: {list(table.obs.columns)}). "
-        "Pass `section_key=` naming each spot's section."
-    )
 
 
 @dataclass

@@ -15,9 +15,18 @@ from spatialdata import SpatialData
 
 from omx._docs import doc_params
 from omx._schema import Key, add_table, base_entry, check_free_elements, entries, fill_column
-from omx._utils import logger, progress, resolve_key
+from omx._utils import default_bin_table, logger, progress, resolve_key
 from omx.pp._patches import _read_region
-from omx.pp._spots import _check_image, _coordinate_systems, _levels, image_mpp, resolve_spots, table_regions
+from omx.pp._spots import (
+    _check_image,
+    _coordinate_systems,
+    _levels,
+    annotated_shapes,
+    image_mpp,
+    resolve_image,
+    resolve_spots,
+    table_regions,
+)
 
 #: Name of the table of single cells (nuclei) that omx writes.
 #: Longest side (pixels) of the pyramid level read to choose the global hematoxylin threshold.
@@ -157,9 +166,20 @@ def _pick_spots(sdata: SpatialData, image_key: str, shapes_key: str | None, tabl
         ]
         if not candidates:
             return None
+        # shapes that a measured table annotates are the spots (Xenium: its cells, not its nuclei); among Visium
+        # HD's bin tables, the default bin size
+        measured = {
+            t: [k for k in annotated_shapes(sdata, sdata.tables[t]) if k in candidates]
+            for t in sdata.tables
+            if Key.TABLE_MARK not in sdata.tables[t].uns
+        }
+        measured = {t: ks for t, ks in measured.items() if ks}
+        table_key = default_bin_table(list(measured)) or (next(iter(measured)) if len(measured) == 1 else None)
+        if table_key is not None and len(measured[table_key]) == 1:
+            candidates = measured[table_key]
         shapes_key = resolve_key(None, candidates, kind="shapes element", argument="shapes_key")
     if table_key is None:
-        tables = [k for k in sdata.tables if shapes_key in table_regions(sdata.tables[k])[0]]
+        tables = [k for k in sdata.tables if shapes_key in annotated_shapes(sdata, sdata.tables[k])]
         table_key = tables[0] if len(tables) == 1 else None
     return resolve_spots(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp)
 
@@ -256,7 +276,7 @@ def segment_nuclei(
     from spatialdata.models import Labels2DModel, ShapesModel, TableModel
     from spatialdata.transformations import get_transformation
 
-    image_key = resolve_key(image_key, sdata.images.keys(), kind="image", argument="image_key")
+    image_key = resolve_image(sdata, image_key)
     image = sdata.images[image_key]
     levels = _levels(image)
     level0 = levels[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,9 +14,21 @@ from spatialdata.transformations import get_transformation
 
 from omx._docs import doc_params
 from omx._schema import Key
-from omx._utils import logger, resolve_key
+from omx._utils import default_bin_table, logger, resolve_key
 
 _MICRON_NAMES = {"um", "micron", "microns", "micrometer", "micrometre", "µm"}
+#: Channel names of an RGB image; an image whose channels have other names (``"DAPI"``, ...) is not an H&E.
+_RGB_NAMES = {"r", "g", "b", "a", "red", "green", "blue", "alpha"}
+#: Visium spots are 55 um across; spatialdata-io names Visium HD bins ``<dataset>_square_008um``.
+VISIUM_SPOT_UM = 55.0
+_HD_SHAPES = re.compile(r"square_(\d{3})um$")
+#: Shapes read for a platform's scale (enough for a robust median, cheap on a million bins).
+_SCALE_SAMPLE = 2000
+_NO_MPP = (
+    "Pass `mpp=` (microns per pixel of the image's finest level), or mark the coordinate system as microns with "
+    "`sdata.attrs['omx'] = {{'units': {{{cs!r}: 'um'}}}}`. omx finds it by itself in coordinate systems in microns and "
+    "in objects read by spatialdata_io.visium, visium_hd and xenium (sdata.attrs['spatialdata_io_reader'])."
+)
 
 
 @dataclass
@@ -121,21 +134,148 @@ def image_mpp(sdata: SpatialData, image, mpp: float | None = None) -> float:
 
     A coordinate system is in microns when ``sdata.attrs["omx"]["units"]`` says so or its name is a micron unit
     (``"um"``, ``"microns"``, ...); the pixel size is the square root of the area scale of the level's transformation
-    to it. Raises a `ValueError` telling the user to pass ``mpp=`` otherwise, or when ``mpp`` is not positive.
+    to it. Otherwise `platform_mpp` reads it from what a spatialdata-io object carries. Raises a `ValueError` telling
+    the user to pass ``mpp=`` when neither tells, or when ``mpp`` is not positive.
     """
     if mpp is None:
         level0 = _levels(image)[0]
-        cs = next((c for c in _coordinate_systems(level0) if _is_micron_system(sdata, c)), None)
-        if cs is None:
-            raise ValueError(
-                "Cannot tell the microns per pixel of the image: pass `mpp=`, or mark its coordinate system as "
-                "microns with `sdata.attrs['omx'] = {'units': {cs: 'um'}}`."
-            )
-        mpp = float(np.sqrt(abs(np.linalg.det(affine_xy(level0, cs)[:2, :2]))))
+        systems = _coordinate_systems(level0)
+        cs = next((c for c in systems if _is_micron_system(sdata, c)), None)
+        if cs is not None:
+            mpp = float(np.sqrt(abs(np.linalg.det(affine_xy(level0, cs)[:2, :2]))))
+        else:
+            found = next((f for c in systems if (f := platform_mpp(sdata, level0, c)) is not None), None)
+            if found is None:
+                raise ValueError("Cannot tell the microns per pixel of the image. " + _NO_MPP.format(cs=systems[0]))
+            mpp = found[0]
     mpp = float(mpp)
     if not np.isfinite(mpp) or mpp <= 0:
         raise ValueError(f"Microns per pixel must be positive, got {mpp}.")
     return mpp
+
+
+def reader_of(sdata: SpatialData) -> str | None:
+    """The spatialdata-io reader that made the object (``"visium"``, ``"visium_hd"``, ``"xenium"``, ...), if any."""
+    return (sdata.attrs or {}).get("spatialdata_io_reader")
+
+
+def platform_mpp(sdata: SpatialData, level0, cs: str, shapes_key: str | None = None) -> tuple[float, str] | None:
+    """Microns per pixel of an image's finest level from what a spatialdata-io object carries, and how it was found.
+
+    - Visium HD (shapes named ``..._square_008um``): the bins' side is the bin size.
+    - Visium (``attrs["spatialdata_io_reader"] == "visium"``): the spots are 55 um across.
+    - Xenium: the shapes' own coordinates are microns (spatialdata-io scales them by ``1 / pixel_size`` to
+      ``"global"``, whose unit is a morphology pixel).
+
+    ``shapes_key`` is the shapes element to read; None tries each one in ``cs``. Returns None when none tells.
+    """
+    reader = reader_of(sdata)
+    keys = [shapes_key] if shapes_key is not None else list(sdata.shapes.keys())
+    for key in keys:
+        shapes = sdata.shapes[key]
+        if cs not in _coordinate_systems(shapes) or len(shapes) == 0:
+            continue
+        px_per_unit = float(np.sqrt(abs(np.linalg.det(to_pixels(shapes, level0, cs)[:2, :2]))))
+        hd = _HD_SHAPES.search(key)
+        if hd is not None and reader in (None, "visium_hd"):
+            sample = shapes.iloc[:_SCALE_SAMPLE]
+            _, radius = _shape_geometry(sample, key)
+            squares = set(sample.geometry.geom_type.unique()) <= {"Polygon", "MultiPolygon"}
+            side = float(np.median(radius)) * (np.sqrt(np.pi) if squares else 2.0)
+            bin_um = float(hd.group(1))
+            return bin_um / (side * px_per_unit), f"Visium HD's {bin_um:g} um bins ({key!r})"
+        if reader == "visium" or (reader is None and _visium_like(shapes, cs)):
+            _, radius = _shape_geometry(shapes.iloc[:_SCALE_SAMPLE], key)
+            return VISIUM_SPOT_UM / (2 * float(np.median(radius)) * px_per_unit), f"Visium's 55 um spots ({key!r})"
+        if reader == "xenium":
+            return 1.0 / px_per_unit, f"Xenium's shapes in microns ({key!r})"
+    return None
+
+
+def _visium_like(shapes, cs: str) -> bool:
+    """Circles with spatialdata-io's Visium coordinate systems (``<cs>_downscaled_hires``), attrs or not.
+
+    `spatialdata.concatenate` drops ``attrs`` unless told otherwise, so the reader's name may be gone.
+    """
+    systems = _coordinate_systems(shapes)
+    return f"{cs}_downscaled_hires" in systems and "radius" in shapes.columns
+
+
+def looks_rgb(level) -> bool:
+    """Whether an image level can be an H&E: 3 or 4 channels, not named as fluorescence channels are."""
+    if "c" not in level.dims or level.sizes["c"] not in (3, 4):
+        return False
+    names = [c for c in np.asarray(level.coords["c"].values).tolist() if isinstance(c, str)]
+    return all(n.lower() in _RGB_NAMES for n in names)
+
+
+def pick_image(sdata: SpatialData, candidates: list[str], *, argument: str = "image_key") -> str:
+    """The H&E among candidate images: RGB ones only (when any), then the finest in a shared coordinate system.
+
+    spatialdata-io's Visium readers add the full-resolution image with its hires and lowres copies, and Xenium's
+    its fluorescence morphology images beside the H&E; the finest RGB image is the one to cut patches from. A real
+    choice (several images of the same pixel size, or in no shared coordinate system) raises a `KeyError` listing
+    the options and the argument to pass.
+    """
+    if len(candidates) <= 1:
+        return resolve_key(None, candidates, kind="image", argument=argument)
+    levels0 = {k: _levels(sdata.images[k])[0] for k in candidates}
+    rgb = [k for k in candidates if looks_rgb(levels0[k])]
+    options = rgb or candidates
+    if len(options) == 1:
+        return options[0]
+    shared = set.intersection(*(set(_coordinate_systems(levels0[k])) for k in options))
+    if shared:
+        cs = sorted(shared)[0]
+        size = {k: float(np.sqrt(abs(np.linalg.det(affine_xy(levels0[k], cs)[:2, :2])))) for k in options}
+        finest = min(size, key=size.get)
+        if sum(np.isclose(v, size[finest], rtol=0.01) for v in size.values()) == 1:
+            others = [k for k in options if k != finest]
+            logger.info(f"Using image {finest!r}, finer than {others}; pass `{argument}=` for another.")
+            return finest
+    raise KeyError(
+        f"Ambiguous image: {options} all fit and none is finer than the others. Pass one of them as `{argument}=`."
+    )
+
+
+def resolve_image(sdata: SpatialData, image_key: str | None) -> str:
+    """``image_key`` when given (checked), else the object's H&E as `pick_image` finds it among all images."""
+    if image_key is None:
+        return pick_image(sdata, list(sdata.images.keys()))
+    return resolve_key(image_key, sdata.images.keys(), kind="image", argument="image_key")
+
+
+def region_shapes(sdata: SpatialData, table, region: str) -> str | None:
+    """The shapes element holding a table region's instances: the region itself, or shapes that share its ids.
+
+    spatialdata-io's Xenium table annotates the labels ``"cell_labels"``; the cells' polygons
+    ``"cell_boundaries"`` are indexed by the table's ``cell_id`` (its obs names), so omx takes them as the cells.
+    """
+    if region in sdata.shapes:
+        return region
+    ids = pd.Index(table.obs_names)
+    linked = [k for k, s in sdata.shapes.items() if len(s) and pd.Index(s.index).isin(ids).mean() > 0.5]
+    if len(linked) > 1:
+        linked = [k for k in linked if "nucle" not in k.lower()] or linked
+    return linked[0] if len(linked) == 1 else None
+
+
+def section_column(table, section_key: str | None = "section") -> str:
+    """The obs column that names sections: ``section_key``; without a ``"section"`` column, the region column.
+
+    spatialdata-io's readers make one shapes element per sample and no ``"section"`` column, so their region column
+    names the sections. The fallback applies to the default name only, so that a mistyped ``section_key`` is an
+    error, not a silent switch to the region column.
+    """
+    if section_key in table.obs.columns:
+        return section_key
+    _, region_key, _ = get_table_keys(table)
+    if section_key in (None, Key.SECTION):
+        return region_key
+    raise KeyError(
+        f"The table has no obs column {section_key!r} (columns: {list(table.obs.columns)}). "
+        "Pass `section_key=` naming each spot's section."
+    )
 
 
 def table_regions(table) -> tuple[list[str], str, str]:
@@ -150,12 +290,25 @@ def _pick_table(sdata: SpatialData, table_key: str | None, shapes_key: str | Non
         return resolve_key(table_key, sdata.tables.keys(), kind="table", argument="table_key")
     annotating = list(sdata.tables.keys())
     if shapes_key is not None:
-        annotating = [k for k in annotating if shapes_key in table_regions(sdata.tables[k])[0]]
+        annotating = [k for k in annotating if shapes_key in annotated_shapes(sdata, sdata.tables[k])]
     # omx's own tables (predictions, nuclei) hold no measurement of the shapes: only `table_key=` picks them
     annotating = [k for k in annotating if Key.TABLE_MARK not in sdata.tables[k].uns]
     if len(annotating) > 1:
-        raise KeyError(f"Ambiguous table: {annotating} all fit. Pass `table_key=`.")
+        chosen = default_bin_table(annotating)
+        if chosen is not None:
+            return chosen
+        raise KeyError(f"Ambiguous table: {annotating} all fit. Pass one of them as `table_key=`.")
     return annotating[0] if annotating else None
+
+
+def annotated_shapes(sdata: SpatialData, table) -> dict[str, str]:
+    """The shapes elements whose instances a table measures, each with the table region it comes from."""
+    out = {}
+    for region in table_regions(table)[0]:
+        key = region_shapes(sdata, table, region)
+        if key is not None:
+            out[key] = region
+    return out
 
 
 @doc_params()
@@ -187,19 +340,23 @@ def resolve_spots(
     Returns
     -------
     The resolved :class:`Spots`. Microns per pixel come from ``mpp``, else from ``spot_diameter_um``, else from
-    the image's transformation when the coordinate system is in microns (``sdata.attrs["omx"]["units"]``).
+    the image's transformation when the coordinate system is in microns (``sdata.attrs["omx"]["units"]``), else
+    from what a spatialdata-io object carries (`platform_mpp`: Visium's 55 um spots, Visium HD's bin size,
+    Xenium's shapes in microns). An omitted ``image_key`` picks the finest RGB image that shares a coordinate
+    system with the shapes (Visium's full-resolution image over hires and lowres, Xenium's H&E over its
+    fluorescence images).
     """
     table_key = _pick_table(sdata, table_key, shapes_key)
     table = sdata.tables[table_key] if table_key is not None else None
     if shapes_key is None:
         candidates = list(sdata.shapes.keys())
         if table is not None:
-            candidates = [r for r in table_regions(table)[0] if r in sdata.shapes]
+            candidates = list(annotated_shapes(sdata, table))
         shapes_key = resolve_key(None, candidates, kind="shapes element", argument="shapes_key")
     shapes_key = resolve_key(shapes_key, sdata.shapes.keys(), kind="shapes element", argument="shapes_key")
     if table is not None:
         regions = table_regions(table)[0]
-        if shapes_key not in regions:
+        if shapes_key not in annotated_shapes(sdata, table):
             raise ValueError(
                 f"Table {table_key!r} does not annotate shapes {shapes_key!r} (it annotates {regions}). "
                 "Pass the `table_key=` of a table that does, or set its region with "
@@ -215,7 +372,7 @@ def resolve_spots(
                 f"Images: {list(sdata.images.keys())}. Pass `image_key=` and give it a transformation "
                 "to the shapes' coordinate system."
             )
-        image_key = resolve_key(None, candidates, kind="image", argument="image_key")
+        image_key = pick_image(sdata, candidates)
     image_key = resolve_key(image_key, sdata.images.keys(), kind="image", argument="image_key")
     image = sdata.images[image_key]
     common = [c for c in _coordinate_systems(image) if c in shapes_systems]
@@ -246,14 +403,17 @@ def resolve_spots(
 
     if mpp is None and spot_diameter_um is not None:
         mpp = float(spot_diameter_um / (2 * np.median(radius_px)))
-    if mpp is None:
-        if not _is_micron_system(sdata, cs):
-            raise ValueError(
-                f"Cannot tell the microns per pixel of image {image_key!r}: coordinate system {cs!r} is not marked "
-                "as microns. Pass `mpp=` (microns per pixel of the full-resolution image) or `spot_diameter_um=` "
-                "(ST v1: 100, Visium: 55), or mark it with `sdata.attrs['omx'] = {'units': {cs: 'um'}}`."
-            )
+    if mpp is None and _is_micron_system(sdata, cs):
         mpp = float(np.sqrt(abs(np.linalg.det(img_affine[:2, :2]))))
+    if mpp is None:
+        found = platform_mpp(sdata, level0, cs, shapes_key)
+        if found is None:
+            raise ValueError(
+                f"Cannot tell the microns per pixel of image {image_key!r}: coordinate system {cs!r} is not in "
+                "microns and the object does not say its platform. " + _NO_MPP.format(cs=cs)
+            )
+        mpp, how = found
+        logger.info(f"Image {image_key!r}: {mpp:.4g} um per pixel, from {how}.")
     if not np.isfinite(mpp) or mpp <= 0:
         raise ValueError(f"Microns per pixel must be positive, got {mpp}.")
 
@@ -269,8 +429,11 @@ def resolve_spots(
     table_rows = np.full(len(shapes), -1, dtype=np.int64)
     if table is not None:
         _, region_key, instance_key = table_regions(table)
-        rows = np.flatnonzero((table.obs[region_key] == shapes_key).to_numpy())
-        instance = pd.Index(table.obs[instance_key].to_numpy()[rows])
+        region = annotated_shapes(sdata, table)[shapes_key]
+        rows = np.flatnonzero((table.obs[region_key] == region).to_numpy())
+        # shapes that share the table's ids (Xenium's cells) are matched by obs name, the others by instance key
+        ids = table.obs_names if region != shapes_key else table.obs[instance_key]
+        instance = pd.Index(np.asarray(ids)[rows])
         pos = instance.get_indexer(shapes.index)
         table_rows[pos >= 0] = rows[pos[pos >= 0]]
         if (pos < 0).any():

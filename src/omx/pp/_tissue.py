@@ -12,7 +12,15 @@ from omx._docs import doc_params
 from omx._schema import Key, base_entry, check_free_elements
 from omx._settings import warn
 from omx._utils import logger, resolve_key
-from omx.pp._spots import _check_image, _coordinate_systems, _levels, geometries_in_pixels, image_mpp, to_pixels
+from omx.pp._spots import (
+    _check_image,
+    _coordinate_systems,
+    _levels,
+    geometries_in_pixels,
+    image_mpp,
+    resolve_image,
+    to_pixels,
+)
 
 #: The level read for tissue detection has at most this many pixels (4096 x 4096); coarser than
 #: ``resolution_um`` when the image is larger, so memory stays bounded for any slide (about 25 bytes a pixel
@@ -280,7 +288,7 @@ def detect_tissue(
     from spatialdata.models import ShapesModel
     from spatialdata.transformations import get_transformation
 
-    image_key = resolve_key(image_key, sdata.images.keys(), kind="image", argument="image_key")
+    image_key = resolve_image(sdata, image_key)
     image = sdata.images[image_key]
     levels = _levels(image)
     level0 = levels[0]
@@ -520,7 +528,7 @@ def tile_grid(
             f"stride_um={stride_um:g} is smaller than size_um={size_um:g}: the square bins overlap (sliding "
             "windows), so a pixel belongs to several bins. Pass stride_um >= size_um for contiguous bins."
         )
-    image_key = resolve_key(image_key, sdata.images.keys(), kind="image", argument="image_key")
+    image_key = resolve_image(sdata, image_key)
     image = sdata.images[image_key]
     level0 = _levels(image)[0]
     mpp = image_mpp(sdata, image, mpp)

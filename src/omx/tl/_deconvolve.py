@@ -23,7 +23,7 @@ from omx._schema import (
 )
 from omx._settings import warn
 from omx._utils import as_list, logger, resolve_table
-from omx.pp._spots import table_regions
+from omx.pp._spots import section_column, table_regions
 from omx.tl._engine import (
     as_dense,
     counts,
@@ -57,8 +57,7 @@ def _top_type(n_obs: int, rows: np.ndarray, proportions: np.ndarray, types: list
 def _section_rows(table: AnnData, sections: Sequence[str] | None, section_key: str) -> np.ndarray:
     if sections is None:
         return np.arange(table.n_obs)
-    if section_key not in table.obs:
-        raise KeyError(f"The table has no obs column {section_key!r}; pass `section_key=` naming the sections.")
+    section_key = section_column(table, section_key)
     labels = table.obs[section_key].astype(str)
     known = set(labels)
     missing = [s for s in sections if s not in known]

@@ -34,7 +34,7 @@ from omx.pp._features import (
     store_name,
     write_to_store,
 )
-from omx.pp._spots import table_regions
+from omx.pp._spots import region_shapes, section_column, table_regions
 from omx.pp._stream import collect, iter_chunks, patch_settings
 
 if TYPE_CHECKING:
@@ -74,8 +74,7 @@ def resolve_sections(
     """Resolve sections by name: a value of ``table.obs[section_key]``, or a shapes element with no measurement."""
     table = sdata.tables[table_key]
     _, region_key, _ = table_regions(table)
-    if section_key not in table.obs:
-        raise KeyError(f"Table {table_key!r} has no obs column {section_key!r}; pass `section_key=` naming sections.")
+    section_key = section_column(table, section_key)
     labels = table.obs[section_key].astype(str).to_numpy()
     known = pd.unique(labels).tolist()
     out = {}
@@ -84,7 +83,7 @@ def resolve_sections(
             regions = pd.unique(table.obs[region_key].to_numpy()[labels == name]).tolist()
             if len(regions) != 1:
                 raise ValueError(f"Section {name!r} spans several shapes elements {regions}; give each section one.")
-            shapes_key = str(regions[0])
+            shapes_key = region_shapes(sdata, table, str(regions[0])) or str(regions[0])
         elif name in sdata.shapes:
             shapes_key = name
         else:
@@ -297,7 +296,11 @@ def fit_sections(
     total = np.asarray(X.sum(axis=1)).ravel()
     keep = total >= min_counts
     if keep.sum() < 2:
-        raise ValueError(f"Fewer than 2 training spots have at least min_counts={min_counts} counts.")
+        raise ValueError(
+            f"Fewer than 2 of {len(total)} training spots have at least min_counts={min_counts} counts (median "
+            f"{float(np.median(total)) if len(total) else 0:g}). Pass a lower `min_counts=`, or train on larger units "
+            "(Visium HD: `table_key='square_008um'` or `'square_016um'`)."
+        )
     if (~keep).any():
         logger.info("Left out %d training spots with fewer than %d counts.", int((~keep).sum()), min_counts)
     genes = choose_genes(table, genes, X[keep], n_top_genes=n_top_genes)

@@ -12,6 +12,7 @@ from spatialdata import SpatialData
 from omx._docs import doc_params
 from omx._schema import Key, base_entry, check_free, gene_layer, jsonable, model_entry, scores_columns, write_results
 from omx._utils import as_list, logger, progress, resolve_table
+from omx.pp._spots import section_column
 from omx.tl._engine import (
     fit_sections,
     make_model,
@@ -100,6 +101,8 @@ def cross_validate(
     where = f"sdata.tables[{table_key!r}]"
     if key_added is not None:
         check_free(table, key=key_added, overwrite=overwrite, where=where, layers=[key_added])
+    section_key = section_column(table, section_key)
+    groups = section_key if groups in (None, Key.SECTION) and groups not in table.obs else groups
     for col in (groups, section_key):
         if col not in table.obs:
             raise KeyError(f"Table {table_key!r} has no obs column {col!r}; its columns: {list(table.obs.columns)}.")
