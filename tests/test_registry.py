@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import io
 import json
 import logging
 import re
+import shutil
 import tarfile
 import threading
 import warnings
@@ -237,6 +239,68 @@ def test_fetch_downloads_over_http(monkeypatch, tmp_path, data_home, server, cap
     (root / "payload.txt").unlink()  # HTTP 404 reads as a connection problem with placement hints
     with pytest.raises(ConnectionError, match=re.escape(str(tmp_path / "other" / "dir" / "payload.txt"))):
         omx.datasets.fetch("tiny", path=tmp_path / "other", progressbar=False)
+
+
+# ------------------------------------------------------------------------------------------------------- her2st
+def test_download_her2st_sections_from_placed_files(monkeypatch, data_home, her2st_dir, no_network):
+    """Files already in $OMX_DATA_DIR/her2st are used; `her2st()` then finds the study there."""
+    dest = data_home / "her2st"
+    for f in DATASETS["her2st"].files:
+        if "C2" in f.path or f.path.endswith("motivation.csv"):
+            (dest / f.path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(her2st_dir / f.path, dest / f.path)
+    assert omx.datasets.download_her2st(sections="C2") == dest
+    assert (dest / "genes_785.txt").is_file()
+    monkeypatch.delenv("OMX_HER2ST_DIR", raising=False)
+    monkeypatch.chdir(data_home)
+    from omx.datasets import _her2st
+
+    monkeypatch.setattr(_her2st, "_REPO_ROOT", data_home)  # not ../shared/data/her2st: the downloaded copy
+    assert _her2st._find_her2st_dir() == dest
+    sdata = omx.datasets.her2st(sections="C2", genes=["GNAS"])
+    assert sdata.tables["table"].n_obs == 187
+
+
+def test_download_her2st_over_http(monkeypatch, tmp_path, data_home, her2st_dir, server, caplog):
+    """Per-file download of one section from a local copy of the repository, with the pinned hashes."""
+    root, base = server
+    her2st = DATASETS["her2st"]
+    monkeypatch.setitem(
+        DATASETS,
+        "her2st",
+        dataclasses.replace(her2st, files=tuple(dataclasses.replace(f, url=f"{base}/{f.path}") for f in her2st.files)),
+    )
+    shutil.copytree(her2st_dir / "data", root / "data")
+    shutil.copytree(her2st_dir / "res", root / "res")
+    with caplog.at_level(logging.INFO, logger="omx"):
+        folder = omx.datasets.download_her2st(tmp_path / "dl", sections=["C4"], progressbar=False)
+    assert folder == tmp_path / "dl"
+    assert "Downloading 5 files (4.7 MB) of her2st" in caplog.text
+    got = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert got == [
+        "data/ST-cnts/C4.tsv.gz",
+        "data/ST-imgs/C/C4/5714_HE_BT_D2.jpg",
+        "data/ST-spotfiles/C4_selection.tsv",
+        "genes_785.txt",
+        "res/ST-cluster/lbl/C4-cluster-annotation.tsv.gz",
+        "res/ST-cluster/motivation.csv",
+    ]
+    assert omx.datasets.her2st(folder, "C4", genes=["GNAS"]).tables["table"].n_obs == 184
+
+    with pytest.warns(omx.OmxWarning, match="A1 has no image"):
+        omx.datasets.download_her2st(tmp_path / "dl", sections="A1", progressbar=False)
+    with pytest.raises(ValueError, match="H1"):
+        omx.datasets.download_her2st(tmp_path / "dl", sections=["H1"])
+    with pytest.raises(ValueError, match="url"):
+        omx.datasets.download_her2st(tmp_path / "dl", sections=["C4"], url=f"{base}/master.zip")
+
+
+def test_download_her2st_offline(data_home, offline):
+    with pytest.raises(ConnectionError) as err:
+        omx.datasets.download_her2st(sections="B4")
+    msg = str(err.value)
+    assert "https://github.com/almaan/her2st/raw/" in msg and "BT10737_D2_HE.jpg" in msg
+    assert str(data_home / "her2st" / "data" / "ST-cnts" / "B4.tsv.gz") in msg
 
 
 # ------------------------------------------------------------------------------------------------------- Visium
