@@ -187,6 +187,7 @@ def test_her2st_path_from_env(monkeypatch):
 
 
 def test_her2st_missing_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMX_DATA_DIR", str(tmp_path / "omx_data"))  # nothing downloaded there either
     with pytest.raises(FileNotFoundError, match="almaan/her2st"):
         omx.datasets.her2st(tmp_path)
     monkeypatch.setenv("OMX_HER2ST_DIR", str(tmp_path / "nowhere"))
@@ -214,7 +215,10 @@ def test_her2st_real(monkeypatch):
 
 @pytest.fixture
 def served_archive(tmp_path):
-    """A zip of the packaged sample laid out as GitHub's archive (one top folder), served over local HTTP."""
+    """A zip of the packaged sample laid out as GitHub's archive (one top folder), served over local HTTP.
+
+    For the whole-archive option of `download_her2st` (`url=`).
+    """
     root = tmp_path / "served"
     root.mkdir()
     archive = root / "master.zip"
@@ -234,7 +238,7 @@ def served_archive(tmp_path):
 
 def test_download_her2st(tmp_path, served_archive):
     url, sha256 = served_archive
-    assert omx.datasets.download_her2st(_SAMPLE_DIR) == _SAMPLE_DIR  # already there: no download
+    assert omx.datasets.download_her2st(_SAMPLE_DIR, url=url) == _SAMPLE_DIR  # already there: no download
 
     root = omx.datasets.download_her2st(tmp_path / "dl", url=url, known_hash=f"sha256:{sha256}")
     assert root == tmp_path / "dl" / "her2st-master"
