@@ -80,13 +80,8 @@ def download_visium(
 
 
 def _read(name: str, path: str | Path | None, fullres_image: bool, progressbar: bool) -> SpatialData:
-    try:
-        from spatialdata_io import visium
-    except ImportError as err:
-        raise ImportError(
-            "Reading 10x Visium data needs spatialdata-io: `pip install spatialdata-io`. "
-            f"`omx.datasets.download_visium({name!r})` downloads the files without it."
-        ) from err
+    from spatialdata_io import visium
+
     folder = download_visium(name, path, fullres_image=fullres_image, progressbar=progressbar)
     dataset = get_dataset(name)
     logger.info(f"Reading {name} from {folder}. Licence {dataset.licence}; cite: {dataset.citation}")
