@@ -116,3 +116,88 @@ def _synthetic_sdata(size=400, n_nuclei=120, mpp=0.5, seed=0, spots=True):
 def synthetic_sdata():
     """Factory of synthetic H&E SpatialData objects with known nuclei (see `_synthetic_sdata`)."""
     return _synthetic_sdata
+
+
+def write_hest_folder(root, sdata, section, ids=("S1", "S2"), *, genes=None, patients=None, n_levels=3):
+    """Write ``section`` of an omx-layout SpatialData as HEST-1k samples ``ids`` in a folder in HEST's layout.
+
+    ``root/st/<id>.h5ad`` (counts as float32 in a csr ``X``, as HEST stores them; ``obsm["spatial"]`` and
+    ``obs["pxl_col_in_fullres"]`` / ``["pxl_row_in_fullres"]`` in pixels of the WSI; ``in_tissue``, ``array_row``,
+    ``array_col``), ``root/wsis/<id>.tif`` (the level-0 image as a tiled TIFF with ``n_levels`` levels as reduced
+    pages, as pyvips writes HEST's), ``root/metadata/<id>.json`` and ``root/HEST_v1_1_0.csv``. ``genes`` maps an id
+    to the genes its h5ad keeps; ``patients`` maps an id to its patient (default ``"P_<id>"``).
+
+    Returns a dict with what was written: ``mpp``, ``image`` (y, x, 3), ``centres_um`` (n, 2), ``counts`` (csr),
+    ``genes`` and ``paths`` (``{id: {"h5ad": ..., "wsi": ..., "json": ...}}``, and ``"csv"``).
+    """
+    import json
+    from pathlib import Path
+
+    import spatialdata as sd
+    import tifffile
+    from scipy import sparse
+
+    root = Path(root)
+    img = sd.get_pyramid_levels(sdata.images[f"{section}_he"], n=0)
+    image = np.ascontiguousarray(img.values.transpose(1, 2, 0))
+    affine = sd.transformations.get_transformation(
+        sdata.images[f"{section}_he"], to_coordinate_system=section
+    ).to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    mpp = float(affine[0, 0])
+    table = sdata.tables["table"]
+    rows = table[(table.obs["section"] == section).to_numpy()]
+    centres_um = np.asarray(rows.obsm["spatial"], dtype=np.float64)
+    centres_px = centres_um / mpp
+    counts = sparse.csr_matrix(rows.X)
+    all_genes = [str(g) for g in rows.var_names]
+    h, w = image.shape[:2]
+    paths, csv_rows = {}, []
+    for d in ("st", "wsis", "metadata"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for sample in ids:
+        keep = list(genes[sample]) if genes and sample in genes else all_genes
+        cols = [all_genes.index(g) for g in keep]
+        obs = pd.DataFrame(
+            {
+                "in_tissue": 1,
+                "pxl_col_in_fullres": centres_px[:, 0],
+                "pxl_row_in_fullres": centres_px[:, 1],
+                "array_col": rows.obs["array_x"].to_numpy(),
+                "array_row": rows.obs["array_y"].to_numpy(),
+            },
+            index=[f"{x}x{y}" for x, y in zip(rows.obs["array_x"], rows.obs["array_y"], strict=True)],
+        )
+        adata = AnnData(X=counts[:, cols].astype(np.float32), obs=obs, var=pd.DataFrame(index=keep))
+        adata.obsm["spatial"] = centres_px.copy()
+        h5ad = root / "st" / f"{sample}.h5ad"
+        adata.write_h5ad(h5ad)
+        wsi = root / "wsis" / f"{sample}.tif"
+        with tifffile.TiffWriter(wsi) as tw:
+            opts = {"tile": (256, 256), "photometric": "rgb", "compression": "zlib"}
+            tw.write(image, **opts)
+            for level in range(1, n_levels):
+                tw.write(image[:: 2**level, :: 2**level], subfiletype=1, **opts)
+        meta = {
+            "pixel_size_um_estimated": mpp,
+            "pixel_size_um_embedded": None,
+            "spot_diameter": 100.0,
+            "inter_spot_dist": 200.0,
+            "st_technology": "Spatial Transcriptomics",
+            "magnification": "10x",
+            "fullres_px_width": w,
+            "fullres_px_height": h,
+        }
+        js = root / "metadata" / f"{sample}.json"
+        js.write_text(json.dumps(meta))
+        paths[sample] = {"h5ad": h5ad, "wsi": wsi, "json": js}
+        patient = (patients or {}).get(sample, f"P_{sample}")
+        csv_rows.append({"id": sample, "patient": patient, "organ": "Breast", "species": "Homo sapiens", **meta})
+    paths["csv"] = root / "HEST_v1_1_0.csv"
+    pd.DataFrame(csv_rows).to_csv(paths["csv"], index=False)
+    return {"mpp": mpp, "image": image, "centres_um": centres_um, "counts": counts, "genes": all_genes, "paths": paths}
+
+
+@pytest.fixture
+def hest_folder():
+    """Writer of HEST-1k-layout folders from an omx-layout SpatialData (see `write_hest_folder`)."""
+    return write_hest_folder

@@ -1,10 +1,11 @@
-"""Tests of omx.io.read_st on synthetic folders, the packaged sample and (when present) the real her2st data."""
+"""Tests of omx.io.read_st and read_hest on synthetic folders, the packaged sample and (when present) her2st."""
 
 from __future__ import annotations
 
 import gzip
 import logging
 
+import anndata
 import numpy as np
 import pandas as pd
 import pytest
@@ -324,3 +325,125 @@ def test_her2st_counts_match_files(her2st_dir, her2st_all):
     ids = [n.split("_", 1)[1] for n in sub.obs_names]
     genes = ["ERBB2", "GNAS", raw.columns[0]]
     np.testing.assert_array_equal(sub[:, genes].X.toarray(), raw.loc[ids, genes].to_numpy())
+
+
+# ------------------------------------------------------------------------------------------------------ HEST-1k
+@pytest.fixture(scope="module")
+def c2_sample():
+    return omx.datasets.her2st_sample("C2")
+
+
+def test_read_hest_layout(tmp_path, c2_sample, hest_folder, caplog):
+    written = hest_folder(tmp_path, c2_sample, "C2", ids=("S1", "S2"))
+    with caplog.at_level(logging.INFO, logger="omx"):
+        sdata = omx.io.read_hest(tmp_path)
+    assert set(sdata.images) == {"S1_he", "S2_he"} and set(sdata.shapes) == {"S1_spots", "S2_spots"}
+    assert sdata.attrs["omx"] == {"units": {"S1": "um", "S2": "um"}}
+    assert "um per pixel (pixel_size_um_estimated of" in caplog.text
+    table = sdata.tables["table"]
+    assert table.X.dtype == np.int32 and sparse.issparse(table.X)
+    assert list(table.var_names) == written["genes"]
+    assert table.obs["patient"].tolist() == ["P_S1"] * 187 + ["P_S2"] * 187
+    assert table.obs_names[0] == "S1_" + f"{table.obs['array_x'].iloc[0]}x{table.obs['array_y'].iloc[0]}"
+    assert set(table.obs["in_tissue"].astype(int)) == {1}
+    c2 = c2_sample.tables["table"]
+    for s in ("S1", "S2"):
+        rows = (table.obs["section"] == s).to_numpy()
+        assert (table.X[rows] != c2.X).nnz == 0
+        np.testing.assert_allclose(table.obsm["spatial"][rows], written["centres_um"], atol=1e-6)
+        spots = sdata.shapes[f"{s}_spots"]
+        np.testing.assert_allclose(np.c_[spots.geometry.x, spots.geometry.y], c2.obsm["spatial"], atol=1e-6)
+        assert np.all(spots["radius"] == 50.0)
+        img = sdata.images[f"{s}_he"]
+        assert len(img) == 3  # the TIFF's own levels
+        level0 = sd.get_pyramid_levels(img, n=0)
+        assert not isinstance(level0.data, np.ndarray)  # lazy
+        np.testing.assert_array_equal(level0.values.transpose(1, 2, 0), written["image"])
+        np.testing.assert_array_equal(
+            sd.get_pyramid_levels(img, n=2).values.transpose(1, 2, 0), written["image"][::4, ::4]
+        )
+        affine = sd.transformations.get_transformation(img, to_coordinate_system=s).to_affine_matrix(
+            input_axes=("x", "y"), output_axes=("x", "y")
+        )
+        assert affine[0, 0] == pytest.approx(written["mpp"]) and affine[1, 1] == pytest.approx(written["mpp"])
+    # the spots land on the same tissue: the pixels under the centres equal the sample's
+    px = np.round(written["centres_um"] / written["mpp"]).astype(int)
+    ours = sd.get_pyramid_levels(sdata.images["S2_he"], n=0).values[:, px[:, 1], px[:, 0]]
+    theirs = sd.get_pyramid_levels(c2_sample.images["C2_he"], n=0).values[:, px[:, 1], px[:, 0]]
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_read_hest_round_trip_and_fit_predict(tmp_path, c2_sample, hest_folder):
+    hest_folder(tmp_path / "hest", c2_sample, "C2", ids=("S1", "S2"), n_levels=1)
+    sdata = omx.io.read_hest(tmp_path / "hest", ["S2", "S1"])
+    assert list(sdata.tables["table"].obs["section"].cat.categories) == ["S2", "S1"]
+    assert len(sdata.images["S1_he"]) == 2  # one level in the file: spatialdata halves it
+    sdata.write(tmp_path / "hest.zarr")
+    back = sd.read_zarr(tmp_path / "hest.zarr")
+    np.testing.assert_array_equal(
+        sd.get_pyramid_levels(back.images["S1_he"], n=0).values, sd.get_pyramid_levels(sdata.images["S1_he"], n=0)
+    )
+    omx.tl.fit_predict(back, train="S1", predict="S2", model="ridge", show_progress_bar=False)
+    table = back.tables["table"]
+    assert np.isfinite(table.layers["omx_pred"][(table.obs["section"] == "S2").to_numpy()]).all()
+
+
+def test_read_hest_gene_intersection(tmp_path, c2_sample, hest_folder, caplog):
+    genes = list(c2_sample.tables["table"].var_names)
+    hest_folder(tmp_path, c2_sample, "C2", ids=("S1", "S2"), genes={"S1": genes[:500], "S2": genes[100:]})
+    with caplog.at_level(logging.INFO, logger="omx"):
+        sdata = omx.io.read_hest(tmp_path)
+    assert list(sdata.tables["table"].var_names) == genes[100:500]
+    assert "Keeping the 400 genes that all 2 samples measured; 385 measured in only some" in caplog.text
+    X = sdata.tables["table"].X
+    ref = c2_sample.tables["table"].X
+    assert (X[:187] != ref[:, 100:500]).nnz == 0 and (X[187:] != ref[:, 100:500]).nnz == 0
+    with pytest.warns(omx.OmxWarning, match="1 of 3 requested genes are not measured in every sample"):
+        sub = omx.io.read_hest(tmp_path, genes=[genes[300], genes[0], genes[200]])
+    assert list(sub.tables["table"].var_names) == [genes[300], genes[200]]
+
+
+def test_read_hest_pixel_size_sources(tmp_path, c2_sample, hest_folder, caplog):
+    written = hest_folder(tmp_path, c2_sample, "C2", ids=("S1",))
+    paths = written["paths"]
+    csv = pd.read_csv(paths["csv"])
+    csv["pixel_size_um_estimated"] = 1.5
+    csv.to_csv(paths["csv"], index=False)
+
+    def mpp_of(sdata):
+        return sd.transformations.get_transformation(sdata.images["S1_he"], to_coordinate_system="S1").scale[0]
+
+    assert mpp_of(omx.io.read_hest(tmp_path)) == pytest.approx(written["mpp"])  # the json wins
+    paths["S1"]["json"].unlink()
+    with caplog.at_level(logging.INFO, logger="omx"):
+        sdata = omx.io.read_hest(tmp_path)
+    assert mpp_of(sdata) == pytest.approx(1.5) and "pixel_size_um_estimated of HEST_v1_1_0.csv" in caplog.text
+    assert sdata.shapes["S1_spots"]["radius"].iloc[0] == 50.0  # spot_diameter from the csv
+    assert mpp_of(omx.io.read_hest(tmp_path, mpp={"S1": 0.25})) == pytest.approx(0.25)
+    csv = csv.drop(columns=["pixel_size_um_estimated"])
+    csv["pixel_size_um_embedded"] = 0.75
+    csv.to_csv(paths["csv"], index=False)
+    assert mpp_of(omx.io.read_hest(tmp_path)) == pytest.approx(0.75)
+    paths["csv"].unlink()
+    with pytest.raises(ValueError, match=r"S1: no pixel size.*metadata/S1\.json.*`mpp=`"):
+        omx.io.read_hest(tmp_path)
+
+
+def test_read_hest_errors(tmp_path, c2_sample, hest_folder):
+    with pytest.raises(FileNotFoundError, match="does not look like a HEST-1k folder"):
+        omx.io.read_hest(tmp_path)
+    written = hest_folder(tmp_path, c2_sample, "C2", ids=("S1", "S2"))
+    with pytest.raises(KeyError, match=r"\['S3'\].*Available samples: \['S1', 'S2'\]"):
+        omx.io.read_hest(tmp_path, ["S1", "S3"])
+    with pytest.raises(ValueError, match="listed twice"):
+        omx.io.read_hest(tmp_path, ["S1", "S1"])
+    with pytest.raises(ValueError, match="`mpp` for S1 must be a positive number"):
+        omx.io.read_hest(tmp_path, "S1", mpp=-1)
+    written["paths"]["S2"]["wsi"].unlink()
+    with pytest.raises(FileNotFoundError, match=r"S2: no whole-slide image .*wsis/S2\.tif"):
+        omx.io.read_hest(tmp_path)
+    a = anndata.read_h5ad(written["paths"]["S1"]["h5ad"])
+    a.X = a.X * 0.5
+    a.write_h5ad(written["paths"]["S1"]["h5ad"])
+    with pytest.raises(ValueError, match=r"S1 \(.*S1\.h5ad\): the counts are not integers"):
+        omx.io.read_hest(tmp_path, "S1")

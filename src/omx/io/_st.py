@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -53,8 +53,10 @@ class SectionParts:
     """One section's pieces, before they are turned into SpatialData elements."""
 
     name: str
-    patient: str
-    image: np.ndarray  # (y, x, 3) uint8
+    patient: str | None  # None where it is not known (no category in ``obs["patient"]``)
+    #: (y, x, 3) uint8 in memory, or the levels of a lazy pyramid: dask arrays (c, y, x) uint8, full resolution
+    #: first (a single level is downsampled by spatialdata, several are used as they are)
+    image: np.ndarray | Sequence[Any]
     mpp: float  # microns per pixel of ``image``
     centres_px: np.ndarray  # (n, 2) spot centres (x, y) in pixels of ``image``
     array_xy: np.ndarray  # (n, 2) integer array coordinates
@@ -63,6 +65,7 @@ class SectionParts:
     radius_um: float
     obs: pd.DataFrame | None = None  # extra per-spot columns, rows in spot order
     obsm: dict[str, pd.DataFrame | np.ndarray] = field(default_factory=dict)
+    spot_names: Sequence[str] | None = None  # row names after "<section>_"; None: "<array_x>x<array_y>"
 
 
 @doc_params()
@@ -298,8 +301,10 @@ def _read_counts(path: Path, section: str) -> pd.DataFrame:
     return df
 
 
-def _counts_matrix(df: pd.DataFrame, section: str) -> sparse.csr_matrix:
-    values = df.to_numpy()
+def _counts_matrix(counts: pd.DataFrame | np.ndarray | sparse.spmatrix, section: str) -> sparse.csr_matrix:
+    """Check that ``counts`` (spots x genes: a DataFrame, an array or a sparse matrix) are raw counts; int32 csr."""
+    matrix = sparse.csr_matrix(counts) if sparse.issparse(counts) else None
+    values = matrix.data if matrix is not None else np.asarray(counts)
     if not np.issubdtype(values.dtype, np.integer):
         values = values.astype(np.float64)
         if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
@@ -308,7 +313,9 @@ def _counts_matrix(df: pd.DataFrame, section: str) -> sparse.csr_matrix:
         raise ValueError(f"{section}: the counts hold negative values; omx expects raw UMI counts.")
     if values.size and values.max() > np.iinfo(np.int32).max:
         raise ValueError(f"{section}: counts exceed the int32 range.")
-    return sparse.csr_matrix(values.astype(np.int32))
+    if matrix is None:
+        return sparse.csr_matrix(values.astype(np.int32))
+    return sparse.csr_matrix((values.astype(np.int32), matrix.indices, matrix.indptr), shape=matrix.shape)
 
 
 def _read_spotfile(path: Path, section: str) -> pd.DataFrame:
@@ -480,6 +487,50 @@ def _read_section(
 
 
 # ------------------------------------------------------------------------------------------------------- assemble
+def _image_element(image: np.ndarray | Sequence[Any], transformations: dict):
+    """An RGB image element: (y, x, 3) in memory, or pyramid levels as dask arrays (c, y, x), full resolution first.
+
+    An in-memory image or a single level is halved by spatialdata until its smallest side is below ~1000 px; the
+    levels of a pyramidal file are used as they are, each one scaled to the full-resolution pixels.
+    """
+    import xarray as xr
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import set_transformation
+
+    if isinstance(image, np.ndarray) or len(image) == 1:
+        data = np.transpose(image, (2, 0, 1)) if isinstance(image, np.ndarray) else image[0]
+        return Image2DModel.parse(
+            data,
+            dims=("c", "y", "x"),
+            c_coords=["r", "g", "b"],
+            scale_factors=_pyramid_factors(data.shape[1:]) or None,
+            chunks=_CHUNKS,
+            transformations=transformations,
+        )
+    # coordinates at pixel centres in full-resolution pixels, as spatialdata gives the levels it computes itself
+    full_y, full_x = image[0].shape[1:]
+    levels = {
+        f"scale{i}": xr.Dataset(
+            {
+                "image": xr.DataArray(
+                    level,
+                    dims=("c", "y", "x"),
+                    coords={
+                        "c": ["r", "g", "b"],
+                        "y": (np.arange(level.shape[1]) + 0.5) * full_y / level.shape[1],
+                        "x": (np.arange(level.shape[2]) + 0.5) * full_x / level.shape[2],
+                    },
+                )
+            }
+        )
+        for i, level in enumerate(image)
+    }
+    tree = xr.DataTree.from_dict(levels)
+    set_transformation(tree, transformations, set_all=True)
+    Image2DModel.validate(tree)
+    return tree
+
+
 def _gene_index(parts: Sequence[SectionParts], genes: Sequence[str] | None) -> list[str]:
     union = list(dict.fromkeys(g for p in parts for g in p.genes))
     if genes is None:
@@ -509,7 +560,7 @@ def assemble_sections(parts: Sequence[SectionParts], *, genes: Sequence[str] | N
     """Turn sections into one SpatialData in the omx layout (see the module docstring of `omx.io`)."""
     import anndata as ad
     from spatialdata import SpatialData
-    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.models import ShapesModel, TableModel
     from spatialdata.transformations import Identity, Scale
 
     var_names = _gene_index(parts, genes)
@@ -520,14 +571,7 @@ def assemble_sections(parts: Sequence[SectionParts], *, genes: Sequence[str] | N
     images, shapes, obs_frames, blocks = {}, {}, [], []
     for part, region in zip(parts, regions, strict=True):
         s, n = part.name, len(part.centres_px)
-        images[f"{s}_he"] = Image2DModel.parse(
-            np.transpose(part.image, (2, 0, 1)),
-            dims=("c", "y", "x"),
-            c_coords=["r", "g", "b"],
-            scale_factors=_pyramid_factors(part.image.shape[:2]) or None,
-            chunks=_CHUNKS,
-            transformations={s: Scale([part.mpp, part.mpp], axes=("y", "x"))},
-        )
+        images[f"{s}_he"] = _image_element(part.image, {s: Scale([part.mpp, part.mpp], axes=("y", "x"))})
         centres_um = part.centres_px * part.mpp
         shapes[region] = ShapesModel.parse(
             centres_um,
@@ -546,7 +590,9 @@ def assemble_sections(parts: Sequence[SectionParts], *, genes: Sequence[str] | N
                 "array_x": ax.astype(np.int64),
                 "array_y": ay.astype(np.int64),
             },
-            index=[f"{s}_{x}x{y}" for x, y in zip(ax, ay, strict=True)],
+            index=[f"{s}_{x}x{y}" for x, y in zip(ax, ay, strict=True)]
+            if part.spot_names is None
+            else [f"{s}_{name}" for name in part.spot_names],
         )
         if part.obs is not None and len(part.obs.columns):
             extra = part.obs.copy()
@@ -557,7 +603,7 @@ def assemble_sections(parts: Sequence[SectionParts], *, genes: Sequence[str] | N
 
     obs = pd.concat([o for o, _ in obs_frames], axis=0)
     for col in ("section", "patient", "region"):
-        order = list(dict.fromkeys(obs[col]))
+        order = [c for c in dict.fromkeys(obs[col]) if not pd.isna(c)]
         obs[col] = pd.Categorical(obs[col], categories=order)
     for col in obs.columns.difference(["section", "patient", "region", "spot_id", "array_x", "array_y"]):
         obs[col] = obs[col].astype("category")
