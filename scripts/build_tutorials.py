@@ -660,6 +660,301 @@ worth what that gene's score on held-out measured spots says.""",
     ),
 ]
 
+PLATFORMS = [
+    (
+        "md",
+        """# Your own Visium or Xenium data
+
+This tutorial starts where your data start: the output folder of 10x Genomics' pipeline. It reads Visium folders
+with [spatialdata-io](https://spatialdata.scverse.org/projects/io), fits a model on the measured sections,
+predicts expression on a section that has only an H&E image, draws the result with
+[spatialdata-plot](https://spatialdata.scverse.org/projects/plot) and tells how to open it in
+napari-spatialdata. Short sections then do the same with Visium HD and Xenium.
+
+It runs offline, in under two minutes on two CPU cores, on folders that omx writes from its packaged her2st
+sample (HER2-positive breast tumour; Andersson et al., *Nat Commun* 12, 6012 (2021), CC BY 4.0) in 10x's
+layout. Their counts and H&E are real, at about 2 um per pixel; the spots are Spatial Transcriptomics spots (100
+um) declared as Visium's 55 um spots, and what Visium HD and Xenium would have measured at a finer scale is
+simulated from the spots' counts (each writer's docstring says how). Everything is written into a temporary
+folder. With your own data, replace the paths.""",
+    ),
+    (
+        "code",
+        """import tempfile
+import warnings
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import spatialdata as sd
+import spatialdata_io
+import spatialdata_plot  # noqa: F401  (adds sdata.pl)
+
+import omx
+
+# spatialdata-io's readers warn that they make the table's region column categorical: nothing to act on
+warnings.filterwarnings('ignore', message='.*region.*categorical', category=UserWarning)
+root = Path(tempfile.mkdtemp())
+
+
+def tree(folder):
+    \"\"\"Print the files under ``folder`` with their sizes.\"\"\"
+    for p in sorted(folder.rglob('*')):
+        if p.is_file():
+            print(f'{p.relative_to(folder.parent)!s:60} {p.stat().st_size / 1e6:6.2f} MB')""",
+    ),
+    (
+        "md",
+        """## Visium: from Space Ranger folders to one SpatialData
+
+`write_sample_visium` writes one section as Space Ranger 2 does: the filtered count matrix, the full-resolution
+H&E that was given to Space Ranger, and the `spatial/` folder with the spot positions, the scale factors and the
+downscaled images. Write three: C2 and C3 to train on, C4 to check the model on a measured section it has not
+seen.""",
+    ),
+    (
+        "code",
+        """with omx.settings.override(verbosity='warning'):  # quiet: the writers' own reading of the sample
+    folders = {s: omx.datasets.write_sample_visium(root / 'visium', s) for s in ['C2', 'C3', 'C4']}
+tree(folders['C2'])""",
+    ),
+    (
+        "md",
+        """`spatialdata_io.visium` reads one folder into a SpatialData: the images (`C2_full_image` when you name the
+full-resolution file, `C2_hires_image`, `C2_lowres_image`), the spots as circles named after the sample (`C2`),
+and a table `table` whose `obs['region']` says which circles each row annotates. `spatialdata.concatenate` joins
+the samples. 10x barcodes repeat from one slide to the next, so prefix each table's barcodes with its sample
+first: the joined table then has unique row names.""",
+    ),
+    (
+        "code",
+        """samples = []
+for section, folder in folders.items():
+    sample = spatialdata_io.visium(folder, fullres_image_file=f'{section}_full_image.tif')
+    table = sample.tables['table']
+    table.obs_names = section + '_' + table.obs_names
+    samples.append(sample)
+sdata = sd.concatenate(samples, concatenate_tables=True)
+sdata""",
+    ),
+    (
+        "md",
+        """## Fit a model
+
+omx needs no more than that. For each section it takes the H&E at full resolution rather than the hires or
+lowres PNG, finds the microns per pixel from Visium's spots (55 um across, and spatialdata-io's circles know their
+diameter in pixels), and reads the sections from the table's `region` column: `C2`, `C3` and `C4`, the names of
+the circles. The log says what it chose (the INFO lines below; `omx.settings.verbosity = 'warning'` silences
+them).
+
+Fit a ridge on C2 and C3 and predict C4, whose measured counts score the prediction gene by gene. Then save the
+model: model weights are never stored inside the SpatialData.""",
+    ),
+    (
+        "code",
+        """model = omx.tl.fit_predict(sdata, train=['C2', 'C3'], predict=['C4'], model='ridge', show_progress_bar=False)
+model_path = root / 'ridge_visium'
+model.save(model_path)
+genes = ['FASN', 'FN1', 'IGKC']
+omx.get.scores(sdata, 'omx_pred').set_index('gene').loc[genes, ['pearson', 'spearman']].round(2)""",
+    ),
+    (
+        "md",
+        """FASN (fatty acid synthase, high in HER2-positive tumour cells), FN1 (fibronectin, in the stroma) and IGKC
+(immunoglobulin kappa, from plasma cells) mark the tumour's main compartments, and the model predicts them
+better than the average gene. `omx.tl.cross_validate(sdata)` holds out each section in turn, for a score that
+does not rest on one section.
+
+## A section with only an H&E image
+
+Most slides have an H&E image and nothing else: a file from the slide scanner. Take C4's full-resolution TIFF
+alone, as if it were such a slide, and read it with `spatialdata_io.image` into a SpatialData of one image.
+
+An image alone does not say how large its pixels are, and omx cuts patches at a fixed physical size, so it needs
+them. Give them in one of two ways:
+
+- pass `mpp=` (microns per pixel of the full resolution) to `detect_tissue`, `tile_grid` and
+  `predict_expression`, as below. The scanner records it: about 0.25 at 40x and 0.5 at 20x; openslide reads it
+  as `openslide.mpp-x`. This sample was scanned at 2 um per pixel;
+- or put the image in a coordinate system in microns, i.e. a `Scale` of `mpp` from its pixels, and mark that
+  coordinate system as microns: `sdata.attrs['omx'] = {'units': {'<name>': 'um'}}`, or name it `'um'`. Then no
+  call needs `mpp=`.""",
+    ),
+    (
+        "code",
+        """image = spatialdata_io.image(
+    folders['C4'] / 'C4_full_image.tif', data_axes=('y', 'x', 'c'), coordinate_system='C4', use_tiff_memmap=False,
+    scale_factors=[2, 2, 2],
+)
+he = sd.SpatialData(images={'C4_he': image})
+mpp = 2.0  # microns per pixel, from the scanner
+he""",
+    ),
+    (
+        "md",
+        """Find the tissue (`detect_tissue` adds its outline as polygons, `C4_he_tissue`), lay a Visium-like grid
+over it (`tile_grid`: circles of 55 um on a hexagonal lattice 100 um apart, those whose centre lies in the tissue)
+and predict each circle with the saved model. As no table annotates the circles, `predict_expression` writes a
+new table, `omx_pred`, one row per circle, predictions on the scale log1p(counts / total x 1e4).""",
+    ),
+    (
+        "code",
+        """model = omx.models.Model.load(model_path)
+omx.pp.detect_tissue(he, mpp=mpp)
+omx.pp.tile_grid(he, kind='hex', size_um=55, within='C4_he_tissue', mpp=mpp)
+omx.tl.predict_expression(he, model, shapes_key='C4_he_hex_55um', mpp=mpp, show_progress_bar=False)
+he.tables['omx_pred']""",
+    ),
+    (
+        "md",
+        """## View the result with spatialdata-plot
+
+spatialdata-plot draws the image, the tissue outline and the circles coloured by a gene of the table that
+annotates them. Name the coordinate system to draw (here `C4`, in the image's pixels). Above 10,000 shapes its
+default renderer wants a coordinate system called `global`; with another one, pass `method='matplotlib'` to
+`render_shapes`.""",
+    ),
+    (
+        "code",
+        """(
+    he.pl.render_images('C4_he')
+    .pl.render_shapes('C4_he_tissue', fill_alpha=0, outline_alpha=1, outline_color='red', outline_width=1.5)
+    .pl.render_shapes('C4_he_hex_55um', color='FASN', table_name='omx_pred')
+    .pl.show(coordinate_systems='C4', figsize=(6, 5), title='C4 from its H&E alone: FASN, predicted')
+)""",
+    ),
+    (
+        "md",
+        """`omx.pl.prediction_map` draws several genes side by side, each with its own colour scale (1st to 99th
+percentile) and a scale bar:""",
+    ),
+    ("code", "omx.pl.prediction_map(he, genes, table_key='omx_pred', ncols=3)"),
+    (
+        "md",
+        """C4 was measured after all, so compare with what its spots measured (left) and what the same model
+predicted for them (right). The grid's maps above should show the same compartments, in more places:""",
+    ),
+    ("code", "omx.pl.expression(sdata, genes=['FASN', 'IGKC'], section='C4', ncols=2);"),
+    (
+        "md",
+        """## Open it in napari-spatialdata
+
+To pan and zoom over the whole slide, toggle layers and colour the circles by any gene, open the same object in
+[napari-spatialdata](https://spatialdata.scverse.org/projects/napari) (a desktop application; not installed
+here, so this cell is not run):
+
+```python
+# pip install 'napari-spatialdata[all]'
+from napari_spatialdata import Interactive
+
+Interactive(he)
+```
+
+In the viewer, pick the coordinate system `C4`, add the image `C4_he` and the shapes `C4_he_hex_55um`, and
+choose a gene of the table `omx_pred` to colour them. To keep the result, write it to zarr (`he.write(path)`)
+and read it back with `spatialdata.read_zarr` later, in napari or in Python.
+
+## Visium HD
+
+`write_sample_visium_hd` writes a Space Ranger 3 folder of an 800 um square of C4, with 2, 8 and 16 um bins.
+`spatialdata_io.visium_hd` reads one table per bin size (`square_002um`, `square_008um`, `square_016um`) and the
+bins as squares (`C4_square_008um`, ...).""",
+    ),
+    (
+        "code",
+        """with omx.settings.override(verbosity='warning'):
+    hd_folder = omx.datasets.write_sample_visium_hd(root / 'visium_hd', 'C4', bin_sizes=(2, 8, 16), crop_um=800)
+hd = spatialdata_io.visium_hd(hd_folder, load_segmentations_only=False)
+hd""",
+    ),
+    (
+        "md",
+        """omx uses the 8 um bins unless told otherwise (`table_key='square_016um'` picks the 16 um ones) and finds
+the microns per pixel from their side. The bins' predictions go into their table, `layers['omx_pred']`, beside the
+measured counts; the model was fitted on Visium spots, and cuts the same patches (a spot with its context)
+around each bin's centre.
+
+In this sample, bins exist only where the her2st spots were (their counts are those spots' counts, split among
+the bins), so the maps show discs of bins. Neighbouring bins share most of their patch, so their predictions
+vary smoothly: a model fitted on 55 um spots does not see 8 um detail. `omx.tl.super_resolve` fits a model for
+units smaller than the training spots (see the tutorial on H&E-only slides).""",
+    ),
+    (
+        "code",
+        """omx.tl.predict_expression(hd, model, show_progress_bar=False)
+bins16 = omx.tl.predict_expression(hd, model, table_key='square_016um', inplace=False, show_progress_bar=False)
+hd.tables['square_008um'], bins16""",
+    ),
+    ("code", "omx.pl.prediction_map(hd, genes, table_key='square_008um', layer='omx_pred', ncols=3)"),
+    (
+        "md",
+        """## Xenium
+
+`spatialdata_io.xenium(path)` reads a Xenium output folder; the H&E that 10x scans after the run comes with
+its alignment file, through `spatialdata_io.xenium_aligned_image(image_path, alignment_file)`, added as an image
+registered to the morphology pixels. `omx.datasets.sample_xenium` builds such an object from the sample: the same
+element names (`he_image`, `morphology_focus`, `cell_boundaries`, `nucleus_boundaries`, labels `cell_labels`) and
+a table `table` that annotates the labels, with simulated cells inside C4's spots.""",
+    ),
+    (
+        "code",
+        "with omx.settings.override(verbosity='warning'):\n    xenium = omx.datasets.sample_xenium('C4')\nxenium",
+    ),
+    (
+        "md",
+        """A Xenium panel measures a few hundred genes. Fit a model on those genes of the Visium sections, and predict
+the cells: omx takes the RGB `he_image` over the fluorescence `morphology_focus`, reaches each row's cell polygon
+through its `cell_id`, and reads the microns per pixel from the cell boundaries (spatialdata-io keeps them in
+microns).""",
+    ),
+    (
+        "code",
+        """panel = list(xenium.tables['table'].var_names)
+panel_model = omx.tl.fit_predict(
+    sdata, train=['C2', 'C3'], predict=['C4'], genes=panel, key_added='omx_panel', show_progress_bar=False
+)
+omx.tl.predict_expression(xenium, panel_model, show_progress_bar=False)
+cells = omx.get.predictions(xenium, 'omx_pred')  # predictions in X, the measured cells in layers['observed']
+cell_scores = omx.metrics.gene_scores(cells.layers['observed'], cells.X, cells.var_names)
+print(f"{cells.n_obs} cells: mean Pearson r {cell_scores['pearson'].mean():.3f} over {cells.n_vars} genes")
+cell_scores.loc[genes, ['pearson', 'spearman']].round(2)""",
+    ),
+    (
+        "md",
+        """A cell's measured counts are about 130 UMIs here, a random share of its spot's: cells of one spot differ by
+sampling noise alone, which no image predicts, so read these scores as a check that the cells were matched to
+their place in the H&E, not as single-cell accuracy.
+
+`omx.pp.segment_nuclei` finds nuclei in the H&E, not in the fluorescence image, and counts those whose
+centre lies in each cell (`obs['omx_n_nuclei']`). This sample's H&E has 2 um pixels, where a nucleus is a few
+pixels across: most of the simulated 12 um cells get none. Xenium's post-run H&E is scanned at about 0.25 um per
+pixel.""",
+    ),
+    (
+        "code",
+        """omx.pp.segment_nuclei(xenium, show_progress_bar=False)
+xenium.tables['table'].obs['omx_n_nuclei'].value_counts()""",
+    ),
+    (
+        "md",
+        """## Your own data
+
+Replace the written folders with yours; nothing else changes:
+
+```python
+sdata = spatialdata_io.visium('path/to/outs', fullres_image_file='path/to/image.tif')
+sdata = spatialdata_io.visium_hd('path/to/outs')
+sdata = spatialdata_io.xenium('path/to/output')
+```
+
+`omx.datasets.visium_breast_ffpe()` downloads a real Visium sample from 10x Genomics (human breast cancer,
+FFPE) with pinned checksums and reads it with spatialdata-io, full-resolution image included (not run here: it
+needs the network; `fullres_image=False` leaves out the largest file). `omx.datasets.registry()` lists every
+file omx can download, with its URL, checksum, licence and citation, and `omx.io.read_hest` reads samples of
+HEST-1k. The [user guide](/guide.md#visium-visium-hd-xenium-and-hest) says what omx reads from each
+platform.""",
+    ),
+]
+
 
 def build(name: str, cells: list[tuple[str, str]]) -> Path:
     """Write the notebook ``tutorials/{name}.ipynb`` from its cells, executed, and return its path."""
@@ -684,6 +979,7 @@ NOTEBOOKS = {
     "scanpy_squidpy": SCVERSE,
     "cell_types": DECONV,
     "he_only": HE_ONLY,
+    "platforms": PLATFORMS,
 }
 
 if __name__ == "__main__":
