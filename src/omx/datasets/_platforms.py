@@ -237,8 +237,9 @@ def write_sample_visium_hd(
     bin_sizes
         Bin sizes in microns to write (multiples of 2).
     crop_um
-        Side of the square, centred on the spots, whose bins are written (an 800 um square holds about 20 spots
-        and 30,000 2 um bins); None writes the whole section (about 370,000 2 um bins).
+        Side of the square, centred on the spots, whose spots' bins are written (spots cut by its edge are left
+        out; an 800 um square holds 8 to 10 whole spots and about 17,000 2 um bins); None writes the whole section
+        (about 360,000 2 um bins).
     seed
         Seed of the counts' split into bins and of the barcodes.
 
@@ -259,7 +260,13 @@ def write_sample_visium_hd(
         half = crop_um / mpp / 2
         box = np.clip(np.array([mid - half, mid + half]), 0, [w, h])
     radius_px = 50.0 / mpp  # ST v1 spots are 100 um across
-    rows2, cols2, spot = _bins_in_spots(centres, radius_px, 2.0 / mpp, box)
+    # whole spots only: a spot cut by the crop would pour all its UMIs into its few bins inside
+    inside = ((centres - radius_px) >= box[0]).all(axis=1) & ((centres + radius_px) <= box[1]).all(axis=1)
+    whole = np.flatnonzero(inside)
+    if len(whole) == 0:
+        raise ValueError(f"No whole spot of {section} lies in a {crop_um} um square; pass a larger `crop_um=`.")
+    rows2, cols2, spot = _bins_in_spots(centres[whole], radius_px, 2.0 / mpp, box)
+    spot = whole[spot]
     fine = _split_counts(counts, spot, rng)
     logger.info(f"{section}: {len(rows2)} 2 um bins in {len(np.unique(spot))} spots.")
 
