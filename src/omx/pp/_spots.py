@@ -233,9 +233,8 @@ def pick_image(sdata: SpatialData, candidates: list[str], *, argument: str = "im
             others = [k for k in options if k != finest]
             logger.info(f"Using image {finest!r}, finer than {others}; pass `{argument}=` for another.")
             return finest
-    raise KeyError(
-        f"Ambiguous image: {options} all fit and none is finer than the others. Pass one of them as `{argument}=`."
-    )
+    why = "none is finer than the others" if shared else "they share no coordinate system to compare them in"
+    raise KeyError(f"Ambiguous image: {options} all fit and {why}. Pass one of them as `{argument}=`.")
 
 
 def resolve_image(sdata: SpatialData, image_key: str | None) -> str:
