@@ -246,3 +246,41 @@ def test_reader_attrs_survive_write(xenium, tmp_path):
     back = sd.read_zarr(tmp_path / "x.zarr")
     assert back.attrs.get("spatialdata_io_reader") == "xenium"
     assert image_mpp(back, back.images["he_image"]) == pytest.approx(SAMPLE_MPP, rel=0.01)
+
+
+def test_visium_hd_nuclei_and_deconvolution(visium_hd_folder, sample):
+    sdata = _read_hd(visium_hd_folder)
+    omx.pp.segment_nuclei(sdata, show_progress_bar=False)
+    assert "C2_full_image_nuclei" in sdata.labels
+    assert "omx_n_nuclei" in sdata.tables["square_008um"].obs  # the default bins, not the 2 or 16 um ones
+    assert "omx_n_nuclei" not in sdata.tables["square_016um"].obs
+    signatures = omx.tl.signatures_from_proportions(sample, sections=["C3"])
+    omx.tl.deconvolve(sdata, signatures, n_steps=50, show_progress_bar=False)
+    props = sdata.tables["square_008um"].obsm["omx_proportions"].to_numpy()
+    done = np.isfinite(props).all(axis=1)
+    assert done.mean() > 0.9 and np.allclose(props[done].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_xenium_samples_concatenated(sample):
+    """Two Xenium runs joined by spatialdata.concatenate (suffixed names, attrs dropped) train and predict."""
+    with omx.settings.override(verbosity="warning"):
+        x = sd.concatenate({s: omx.datasets.sample_xenium(s) for s in ("C2", "C3")}, concatenate_tables=True)
+    assert not x.attrs
+    spots = omx.pp.resolve_spots(x, shapes_key="cell_boundaries-C3")
+    assert spots.image_key == "he_image-C3" and spots.mpp == pytest.approx(SAMPLE_MPP, rel=0.01)
+    assert (spots.table_rows >= 0).all()
+    omx.tl.fit_predict(
+        x,
+        train=["cell_labels-C2"],
+        predict=["cell_labels-C3"],
+        model="ridge",
+        min_counts=1,
+        show_progress_bar=False,
+    )
+    table = x.tables["table"]
+    c3 = (table.obs["region"] == "cell_labels-C3").to_numpy()
+    assert np.isfinite(table.layers["omx_pred"][c3]).any(axis=1).all() and np.isnan(table.layers["omx_pred"][~c3]).all()
+    genes = list(table.var_names)
+    signatures = omx.tl.signatures_from_proportions(sample, sections=["C4"], genes=genes)
+    omx.tl.deconvolve(x, signatures, n_cells_key=None, n_steps=50, show_progress_bar=False)
+    assert x.tables["table"].obsm["omx_proportions"].shape == (table.n_obs, signatures.n_obs)

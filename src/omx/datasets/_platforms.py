@@ -17,15 +17,13 @@ import pandas as pd
 from scipy import sparse
 
 from omx._utils import logger
+from omx.pp._spots import VISIUM_SPOT_UM, XENIUM_PIXEL_UM
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 __all__ = ["sample_xenium", "write_sample_visium", "write_sample_visium_hd"]
 
-#: Visium spots are 55 um across; Xenium's morphology images have 0.2125 um pixels.
-VISIUM_SPOT_UM = 55.0
-XENIUM_PIXEL_UM = 0.2125
 _HIRES_SIDE = 2000
 _LOWRES_SIDE = 600
 

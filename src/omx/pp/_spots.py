@@ -21,6 +21,7 @@ _MICRON_NAMES = {"um", "micron", "microns", "micrometer", "micrometre", "µm"}
 _RGB_NAMES = {"r", "g", "b", "a", "red", "green", "blue", "alpha"}
 #: Visium spots are 55 um across; spatialdata-io names Visium HD bins ``<dataset>_square_008um``.
 VISIUM_SPOT_UM = 55.0
+XENIUM_PIXEL_UM = 0.2125
 _HD_SHAPES = re.compile(r"square_(\d{3})um$")
 #: Shapes read for a platform's scale (enough for a robust median, cheap on a million bins).
 _SCALE_SAMPLE = 2000
@@ -187,7 +188,7 @@ def platform_mpp(sdata: SpatialData, level0, cs: str, shapes_key: str | None = N
         if reader == "visium" or (reader is None and _visium_like(shapes, cs)):
             _, radius = _shape_geometry(shapes.iloc[:_SCALE_SAMPLE], key)
             return VISIUM_SPOT_UM / (2 * float(np.median(radius)) * px_per_unit), f"Visium's 55 um spots ({key!r})"
-        if reader == "xenium":
+        if reader == "xenium" or (reader is None and _xenium_like(shapes, cs)):
             return 1.0 / px_per_unit, f"Xenium's shapes in microns ({key!r})"
     return None
 
@@ -199,6 +200,16 @@ def _visium_like(shapes, cs: str) -> bool:
     """
     systems = _coordinate_systems(shapes)
     return f"{cs}_downscaled_hires" in systems and "radius" in shapes.columns
+
+
+def _xenium_like(shapes, cs: str) -> bool:
+    """Shapes scaled by ``1 / 0.2125`` into ``cs``: spatialdata-io's Xenium shapes, microns to morphology pixels.
+
+    Recognised without ``attrs`` (which `spatialdata.concatenate` drops); every Xenium instrument so far images at
+    0.2125 um per pixel.
+    """
+    m = affine_xy(shapes, cs)
+    return bool(np.allclose(m[:2, :2], np.eye(2) / XENIUM_PIXEL_UM, rtol=1e-3) and np.allclose(m[:2, 2], 0))
 
 
 def looks_rgb(level) -> bool:
@@ -244,16 +255,35 @@ def resolve_image(sdata: SpatialData, image_key: str | None) -> str:
     return resolve_key(image_key, sdata.images.keys(), kind="image", argument="image_key")
 
 
+def linked_ids(table) -> pd.Index:
+    """The ids by which shapes that a table does not annotate hold its rows: ``obs["cell_id"]``, else obs names.
+
+    spatialdata-io's Xenium table annotates the labels ``"cell_labels"`` and keeps each cell's id in
+    ``obs["cell_id"]``, the index of the polygons ``"cell_boundaries"``; `spatialdata.concatenate` suffixes the obs
+    names but not that column.
+    """
+    return pd.Index(table.obs["cell_id"].astype(str) if "cell_id" in table.obs else table.obs_names)
+
+
 def region_shapes(sdata: SpatialData, table, region: str) -> str | None:
     """The shapes element holding a table region's instances: the region itself, or shapes that share its ids.
 
-    spatialdata-io's Xenium table annotates the labels ``"cell_labels"``; the cells' polygons
-    ``"cell_boundaries"`` are indexed by the table's ``cell_id`` (its obs names), so omx takes them as the cells.
+    A table region that is a labels element (Xenium's ``"cell_labels"``) is reached through the shapes of its
+    coordinate system whose index holds the region's `linked_ids` (``"cell_boundaries"``; cells before nuclei).
     """
     if region in sdata.shapes:
         return region
-    ids = pd.Index(table.obs_names)
-    linked = [k for k, s in sdata.shapes.items() if len(s) and pd.Index(s.index).isin(ids).mean() > 0.5]
+    _, region_key, _ = get_table_keys(table)
+    rows = (table.obs[region_key] == region).to_numpy()
+    ids = linked_ids(table)[rows]
+    systems = set(_coordinate_systems(sdata.labels[region])) if region in sdata.labels else None
+    linked = [
+        k
+        for k, sh in sdata.shapes.items()
+        if len(sh)
+        and (systems is None or systems & set(_coordinate_systems(sh)))
+        and pd.Index(sh.index.astype(str)).isin(ids).mean() > 0.5
+    ]
     if len(linked) > 1:
         linked = [k for k in linked if "nucle" not in k.lower()] or linked
     return linked[0] if len(linked) == 1 else None
@@ -430,10 +460,10 @@ def resolve_spots(
         _, region_key, instance_key = table_regions(table)
         region = annotated_shapes(sdata, table)[shapes_key]
         rows = np.flatnonzero((table.obs[region_key] == region).to_numpy())
-        # shapes that share the table's ids (Xenium's cells) are matched by obs name, the others by instance key
-        ids = table.obs_names if region != shapes_key else table.obs[instance_key]
+        # shapes that share the table's ids (Xenium's cells) are matched by cell id, the others by instance key
+        ids = linked_ids(table) if region != shapes_key else table.obs[instance_key]
         instance = pd.Index(np.asarray(ids)[rows])
-        pos = instance.get_indexer(shapes.index)
+        pos = instance.get_indexer(shapes.index.astype(str) if region != shapes_key else shapes.index)
         table_rows[pos >= 0] = rows[pos[pos >= 0]]
         if (pos < 0).any():
             logger.info(
