@@ -30,7 +30,7 @@ import pandas as pd
 from omx._docs import doc_params
 from omx._settings import warn
 from omx._utils import as_list, logger
-from omx.io._st import SectionParts, _counts_matrix, _per_section, _read_image, assemble_sections
+from omx.io._st import SectionParts, _counts_matrix, _per_section, _read_image, assemble_sections, select_samples
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -114,16 +114,7 @@ def read_hest(
             "Pass the folder that holds st/, wsis/ and metadata/."
         )
     available = sorted(p.name[: -len(".h5ad")] for p in st_dir.glob("*.h5ad"))
-    names = as_list(ids)
-    if names is None:
-        names = available
-        if not names:
-            raise FileNotFoundError(f"No samples (<id>.h5ad) in {st_dir}.")
-    missing = [s for s in names if s not in available]
-    if missing:
-        raise KeyError(f"Samples {missing} have no {st_dir}/<id>.h5ad. Available samples: {available}.")
-    if len(set(names)) != len(names):
-        raise ValueError(f"Samples are listed twice: {names}.")
+    names = select_samples(ids, available, what="Samples", file=f"{st_dir}/<id>.h5ad")
 
     table = _read_metadata_csv(root)
     parts = [

@@ -124,17 +124,7 @@ def read_st(
             f"{root} does not look like an ST / her2st study folder: {cnt_dir} is missing. "
             "Pass the folder that holds data/ST-cnts, data/ST-spotfiles and data/ST-imgs."
         )
-    available = _find_sections(root)
-    names = as_list(sections)
-    if names is None:
-        names = available
-        if not names:
-            raise FileNotFoundError(f"No counts files (<section>.tsv[.gz]) in {cnt_dir}.")
-    missing = [s for s in names if s not in available]
-    if missing:
-        raise KeyError(f"Sections {missing} have no counts file in {cnt_dir}. Available sections: {available}.")
-    if len(set(names)) != len(names):
-        raise ValueError(f"Sections are listed twice: {names}.")
+    names = select_samples(sections, _find_sections(root), what="Sections", file=f"{cnt_dir}/<section>.tsv[.gz]")
 
     cluster_names = _read_cluster_names(root)
     parts = [
@@ -153,6 +143,21 @@ def read_st(
 
 
 # ----------------------------------------------------------------------------------------------------------- files
+def select_samples(requested, available: list[str], *, what: str, file: str) -> list[str]:
+    """The requested samples (all available when None), each once and each with its ``file``; else a clear error."""
+    names = as_list(requested)
+    if names is None:
+        if not available:
+            raise FileNotFoundError(f"No {what.lower()} found: no {file}.")
+        return list(available)
+    missing = [s for s in names if s not in available]
+    if missing:
+        raise KeyError(f"{what} {missing} have no {file}. Available {what.lower()}: {available}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} are listed twice: {names}.")
+    return names
+
+
 def _find_sections(root: Path) -> list[str]:
     names = {re.sub(r"\.tsv(\.gz)?$", "", p.name) for p in (root / "data" / "ST-cnts").glob("*.tsv*")}
     return sorted(n for n in names if n and not n.endswith(".tsv"))
