@@ -381,7 +381,10 @@ def fetch(
     sizes = [f.size if f.size is not None else _remote_size(f.url, min(timeout, 10.0)) for f, _ in missing]
     known = sum(s for s in sizes if s is not None)
     unknown = sum(s is None for s in sizes)
-    total = format_size(known) + (f" and {unknown} of unknown size" if unknown else "")
+    if unknown == len(sizes):
+        total = "sizes unknown: the server did not say"
+    else:
+        total = format_size(known) + (f" and {unknown} of unknown size" if unknown else "")
     listing = "\n".join(f"  {f.path} ({format_size(s)}) from {f.url}" for (f, _), s in zip(missing, sizes, strict=True))
     logger.info(
         f"Downloading {len(missing)} file{'s' if len(missing) > 1 else ''} ({total}) of {name} to {folder}:\n"
