@@ -413,6 +413,6 @@ def segment_nuclei(
             overwrite=overwrite, where=f"sdata.tables[{spots.table_key!r}]",
         )  # fmt: skip
         logger.info(
-            "Nuclei per spot: median %g over %d spots", float(np.median(counts[has_row])) if has_row.any() else 0.0,
-            int(has_row.sum()),
+            "Nuclei per shape of %r: median %g over %d", spots.shapes_key,
+            float(np.median(counts[has_row])) if has_row.any() else 0.0, int(has_row.sum()),
         )  # fmt: skip
