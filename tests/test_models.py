@@ -1,5 +1,6 @@
 import inspect
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -487,3 +488,233 @@ def test_group_standardizer_equals_the_function_it_replaced():
     np.testing.assert_array_equal(restored.transform(X, groups), std.transform(X, groups))
     with pytest.raises(ValueError, match="standardize must be"):
         GroupStandardizer("section")
+
+
+# ---------------------------------------------------------------- model files: format, checksums, clear errors
+def _edit_params(folder, **changes):
+    """Change top-level entries of params.json (a value of None deletes the entry)."""
+    params = json.loads((folder / "params.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            params.pop(key, None)
+        else:
+            params[key] = value
+    (folder / "params.json").write_text(json.dumps(params))
+    return params
+
+
+def _edit_nested(folder, entry, drop=(), **changes):
+    params = json.loads((folder / "params.json").read_text())
+    params[entry] = {k: v for k, v in {**params[entry], **changes}.items() if k not in drop}
+    (folder / "params.json").write_text(json.dumps(params))
+
+
+def _restamp(folder, name):
+    """Record the current size and sha256 of `name` in params.json, as a writer that knew the format would."""
+    import hashlib
+
+    data = (folder / name).read_bytes()
+    _edit_nested(folder, "files", **{name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}})
+
+
+def _truncate(folder):
+    data = (folder / "weights.npz").read_bytes()
+    (folder / "weights.npz").write_bytes(data[: len(data) // 2])
+
+
+def _flip_byte(folder):
+    data = bytearray((folder / "weights.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "weights.npz").write_bytes(bytes(data))
+
+
+def _object_array(folder):
+    np.savez(folder / "weights.npz", coef=np.array([{"run": "anything"}], dtype=object))
+    _restamp(folder, "weights.npz")
+
+
+def _pickle_in_torch_file(folder):
+    import fractions
+
+    torch = pytest.importorskip("torch")
+    torch.save({"module": {}, "arrays": {}, "extra": fractions.Fraction(1, 3)}, folder / "weights.pt")
+    _restamp(folder, "weights.pt")
+
+
+FUTURE = {"omx_version": "99.0.0"}
+CORRUPTIONS = {
+    "truncated weights": ("ridge", _truncate, r"weights.npz is \d[\d,]* bytes.*recorded.*truncated"),
+    "flipped byte": ("ridge", _flip_byte, r"weights.npz is corrupt: its sha256"),
+    "weights deleted": ("ridge", lambda f: (f / "weights.npz").unlink(), r"weights.npz is missing"),
+    "garbage params.json": (
+        "ridge",
+        lambda f: (f / "params.json").write_bytes(b"\x00\xff{garbage"),
+        r"params.json is not valid JSON",
+    ),
+    "another program's params.json": (
+        "ridge",
+        lambda f: (f / "params.json").write_text(json.dumps({"architectures": ["BertModel"], "hidden_size": 768})),
+        r"params.json is not the params.json of an omx model.*'architectures'",
+    ),
+    "params.json not an object": (
+        "ridge",
+        lambda f: (f / "params.json").write_text("[1, 2]"),
+        r"not the params.json of an omx model.*a JSON list",
+    ),
+    "future format": (
+        "ridge",
+        lambda f: _edit_params(f, format=2, **FUTURE),
+        r"written by omx 99.0.0 in model-file format 2, but this omx \(.+\) reads formats up to 1\. Upgrade omx",
+    ),
+    "format of the wrong type": ("ridge", lambda f: _edit_params(f, format="one"), r"has format 'one'"),
+    "files entry lost": ("ridge", lambda f: _edit_params(f, files=None), r"lacks the entries \['files'\]"),
+    "weights outside the folder": (
+        "ridge",
+        lambda f: _edit_params(f, weights="../weights.npz"),
+        r"names '\.\./weights\.npz' as its weights, which is not a file in",
+    ),
+    "unknown class from a newer omx": (
+        "ridge",
+        lambda f: _edit_params(f, **{"class": "FancyRegressor"}, **FUTURE),
+        r"holds a 'FancyRegressor', which this omx does not know\. It was written by omx 99.0.0.*upgrade omx",
+    ),
+    "unknown parameter from a newer omx": (
+        "ridge",
+        lambda f: (_edit_params(f, **FUTURE), _edit_nested(f, "init_params", new_option=1)),
+        r"written by omx 99.0.0, newer than this omx.*parameters \['new_option'\].*Upgrade omx",
+    ),
+    "missing state": (
+        "ridge",
+        lambda f: _edit_nested(f, "state", drop=("n_targets", "alpha_")),
+        r"lacks the fitted values \['n_targets', 'alpha_'\] that Ridge needs",
+    ),
+    "object array (pickle)": ("ridge", _object_array, r"holds 'coef' as an object array.*never loads"),
+    "pickle file as weights": (
+        "ridge",
+        lambda f: ((f / "weights.npz").write_bytes(pickle.dumps({"coef": [1.0]})), _restamp(f, "weights.npz")),
+        r"weights.npz is a pickle file.*never loads",
+    ),
+    "torch weights truncated": (
+        "cnn",
+        lambda f: (f / "weights.pt").write_bytes((f / "weights.pt").read_bytes()[:100]),
+        r"weights.pt is 100 bytes.*truncated",
+    ),
+    "pickled object in torch weights": ("cnn", _pickle_in_torch_file, r"weights.pt holds pickled Python objects"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory, linear_data, cnn_data):
+    """A fitted Ridge and CNNRegressor and the folders they were saved in."""
+    X, Y, groups = linear_data
+    ridge = Ridge(alpha=1.0, show_progress_bar=False).fit(X, Y, groups=groups)
+    patches, Yp, pgroups = cnn_data
+    cnn = CNNRegressor(**{**CNN_FAST, "epochs": 1}).fit(patches, Yp, groups=pgroups)
+    root = tmp_path_factory.mktemp("saved")
+    ridge.save(root / "ridge")
+    cnn.save(root / "cnn")
+    return {"ridge": (ridge, root / "ridge", (X, groups)), "cnn": (cnn, root / "cnn", (patches, None))}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_damaged_foreign_or_newer_model_files_give_clear_errors(case, saved_models, tmp_path):
+    import shutil
+
+    name, damage, message = CORRUPTIONS[case]
+    folder = shutil.copytree(saved_models[name][1], tmp_path / name)
+    damage(folder)
+    with pytest.raises(omx.models.ModelFileError, match=message) as info:
+        omx.models.load(folder)
+    assert isinstance(info.value, ValueError)
+
+
+def test_no_model_in_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
+        omx.models.load(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match=r"No params.json in .*holds no saved model"):
+        omx.models.load(tmp_path)
+    (tmp_path / ".weights.npz.x1.tmp").write_bytes(b"")  # what a save killed half-way leaves
+    with pytest.raises(FileNotFoundError, match=r"save into it was cut short"):
+        omx.models.load(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["ridge", "cnn"])
+def test_saved_files_are_recorded_and_round_trip_bit_identical(name, saved_models):
+    import hashlib
+
+    model, folder, (X, groups) = saved_models[name]
+    params = json.loads((folder / "params.json").read_text())
+    assert params["format"] == omx.models._files.FORMAT == 1
+    weights = folder / params["weights"]
+    assert params["files"] == {
+        weights.name: {"size": weights.stat().st_size, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    }
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["params.json", weights.name])  # no temporary files
+    loaded = omx.models.load(folder, device="cpu")
+    kwargs = {} if groups is None else {"groups": groups}
+    np.testing.assert_array_equal(loaded.predict(X, **kwargs), model.predict(X, **kwargs))
+    (state, arrays), (state2, arrays2) = model._get_state(), loaded._get_state()
+    assert state == state2 and arrays.keys() == arrays2.keys()
+    for key in arrays:
+        assert arrays[key].dtype == arrays2[key].dtype
+        np.testing.assert_array_equal(arrays[key], arrays2[key])
+
+
+@pytest.mark.parametrize("name", ["ridge", "cnn"])
+def test_models_saved_before_the_format_still_load(name, saved_models, tmp_path):
+    import shutil
+    import warnings
+
+    model, original, (X, groups) = saved_models[name]
+    folder = shutil.copytree(original, tmp_path / name)
+    _edit_params(folder, format=None, files=None)  # what omx wrote before it recorded format and checksums
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = omx.models.load(folder, device="cpu")
+    kwargs = {} if groups is None else {"groups": groups}
+    np.testing.assert_array_equal(loaded.predict(X, **kwargs), model.predict(X, **kwargs))
+    weights = folder / json.loads((folder / "params.json").read_text())["weights"]
+    weights.write_bytes(weights.read_bytes()[:200])  # no checksum to catch it: the reader's error is wrapped
+    with pytest.raises(omx.models.ModelFileError, match=r"cannot be read as the weights of a .*before omx recorded"):
+        omx.models.load(folder, device="cpu")
+
+
+def test_model_from_a_newer_omx_of_the_same_format_loads_with_a_warning(saved_models, tmp_path):
+    import shutil
+
+    model, original, (X, groups) = saved_models["ridge"]
+    folder = shutil.copytree(original, tmp_path / "ridge")
+    _edit_params(folder, omx_version="99.0.0")
+    with pytest.warns(omx.OmxWarning, match=r"written by omx 99.0.0, newer than this omx \(.+\).*upgrade omx"):
+        loaded = omx.models.load(folder)
+    np.testing.assert_array_equal(loaded.predict(X, groups=groups), model.predict(X, groups=groups))
+
+
+def test_a_failed_save_leaves_the_previous_model(saved_models, tmp_path, monkeypatch):
+    import shutil
+
+    model, original, (X, groups) = saved_models["ridge"]
+    folder = shutil.copytree(original, tmp_path / "ridge")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def half_written(file, arrays):
+        file.write_bytes(b"PK\x03\x04 half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "_save_arrays", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(folder, overwrite=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no debris, the old model intact
+    monkeypatch.undo()
+    cnn = saved_models["cnn"][0]
+    cnn.save(folder, overwrite=True)  # another class: the old weights file goes with the old model
+    assert sorted(p.name for p in folder.iterdir()) == ["params.json", "weights.pt"]
+    assert isinstance(omx.models.load(folder, device="cpu"), CNNRegressor)
+
+
+def test_version_tuple():
+    from omx.models._files import version_tuple
+
+    assert version_tuple("0.2.1.dev3+g12ab") == (0, 2, 1)
+    assert version_tuple("1.0") == version_tuple("1.0.0") == (1,)
+    assert version_tuple("unknown") is None and version_tuple(None) is None

@@ -14,6 +14,7 @@ from omx.models._cnn import CNNRegressor
 from omx.models._context import Context
 from omx.models._contrastive import Contrastive
 from omx.models._distributed import fit_distributed
+from omx.models._files import ModelFileError
 from omx.models._gnn import SpatialGraph
 from omx.models._graph_ridge import GraphRidge
 from omx.models._retrieval import RetrievalBank
@@ -38,6 +39,7 @@ __all__ = [
     "GroupStandardizer",
     "MODELS",
     "Model",
+    "ModelFileError",
     "RetrievalBank",
     "Ridge",
     "SpatialGraph",
@@ -91,5 +93,12 @@ def load(path: str | Path, **overrides: Any) -> Model:
     Returns
     -------
     The fitted model.
+
+    Raises
+    ------
+    FileNotFoundError
+        When `path` holds no ``params.json``.
+    ModelFileError
+        When the saved model is damaged, foreign or too new for this omx (see `Model.load`).
     """
     return Model.load(path, **overrides)

@@ -5,16 +5,28 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import warnings
+import pickle
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
+from omx._settings import warn
 from omx._utils import check_counts, get_device, logger
 from omx.encoders._base import check_patches
 from omx.models._context import Context
+from omx.models._files import (
+    PARAMS_FILE,
+    ModelFileError,
+    check_files,
+    read_npz,
+    read_params,
+    warn_if_newer,
+    write_model_folder,
+    written_by_newer,
+)
 from omx.models._training import BatchLoss, Checkpoints, autocast, train
 
 if TYPE_CHECKING:
@@ -24,7 +36,6 @@ if TYPE_CHECKING:
 
     from omx.encoders import Encoder
 
-PARAMS_FILE = "params.json"
 #: What each `Context` field is, and how to pass it, for the error of a missing required field.
 _FIELD_HELP = {
     "groups": "the section of each row",
@@ -406,6 +417,10 @@ class Model:
     def save(self, path: str | Path, *, overwrite: bool = False) -> None:
         """Write the fitted model to the directory `path`: ``params.json`` and the weights.
 
+        ``params.json`` records the model-file format, the omx version, the model's class, parameters and fitted
+        state, and the byte size and sha256 of the weights file, which :meth:`load` checks. The files are written
+        under temporary names and moved into place, ``params.json`` last: a save cut short leaves no model that loads.
+
         Parameters
         ----------
         path
@@ -417,7 +432,6 @@ class Model:
         path = Path(path)
         if (path / PARAMS_FILE).exists() and not overwrite:
             raise FileExistsError(f"A model is already saved in {path}; pass `overwrite=True` to replace it.")
-        path.mkdir(parents=True, exist_ok=True)
         state, arrays = self._get_state()
         from omx import __version__
 
@@ -430,13 +444,18 @@ class Model:
             "meta": getattr(self, "meta_", None),
             "weights": self._weights_file,
         }
-        text = json.dumps(meta, indent=2)  # before writing anything, so an un-serialisable value leaves no debris
-        self._save_arrays(path / self._weights_file, arrays)
-        (path / PARAMS_FILE).write_text(text)
+        json.dumps(meta)  # before creating anything, so an un-serialisable value leaves no debris
+        path.mkdir(parents=True, exist_ok=True)
+        write_model_folder(path, meta, {self._weights_file: lambda file: self._save_arrays(file, arrays)})
 
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> Model:
         """Rebuild a model saved with :meth:`save`, whatever its class.
+
+        Before anything is built, the folder is checked: ``params.json`` must be an omx model's, of a format this omx
+        reads, and the weights file must have the size and sha256 recorded there (folders saved before omx recorded
+        them load without this check). Arrays are read without pickle. A model written by a newer omx loads with an
+        `omx.OmxWarning`, unless it has parameters this omx does not know.
 
         Parameters
         ----------
@@ -449,44 +468,109 @@ class Model:
         Returns
         -------
         The fitted model.
+
+        Raises
+        ------
+        FileNotFoundError
+            When `path` holds no ``params.json``.
+        ModelFileError
+            When the folder is damaged (unreadable ``params.json``, a weights file missing, truncated or corrupt,
+            fitted state missing), foreign (not an omx model, pickled objects) or too new for this omx.
         """
+        from omx import __version__
+
         path = Path(path)
-        if not (path / PARAMS_FILE).exists():
-            raise FileNotFoundError(f"No {PARAMS_FILE} in {path}; pass a directory written by `model.save(path)`.")
-        meta = json.loads((path / PARAMS_FILE).read_text())
+        meta = read_params(path)
+        params = path / PARAMS_FILE
+        newer = written_by_newer(meta)
+        by = f"omx {meta.get('omx_version')}, newer than this omx ({__version__})"
         klass = Model._registry.get(meta["class"])
         if klass is None:
-            raise ValueError(f"{path} holds a {meta['class']!r}, which this version of omx does not know.")
+            fix = (
+                f"It was written by {by}: upgrade omx."
+                if newer
+                else "Is it a model class of your own? Import it first."
+            )
+            raise ModelFileError(f"{params} holds a {meta['class']!r}, which this omx does not know. {fix}")
         if not issubclass(klass, cls):
             raise TypeError(f"{path} holds a {klass.__name__}, not a {cls.__name__}; use `omx.models.load(path)`.")
         saved = dict(meta["init_params"])
         accepted = inspect.signature(klass).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-            if unknown := sorted(set(saved) - set(accepted)):  # saved by an older omx
-                warnings.warn(
+            if unknown := sorted(set(saved) - set(accepted)):
+                if newer:
+                    raise ModelFileError(
+                        f"{params} was written by {by}, with parameters {unknown} that this omx's {klass.__name__} "
+                        "does not take; loading without them could predict differently. Upgrade omx to load it."
+                    )
+                warn(  # saved by an older omx
                     f"{path} was saved with parameters {unknown} that {klass.__name__} no longer takes; they are "
-                    "ignored.",
-                    stacklevel=2,
+                    "ignored."
                 )
                 saved = {k: v for k, v in saved.items() if k in accepted}
+        weights = check_files(path, meta)
         model = klass(**{**saved, **overrides})
-        state = dict(meta["state"])
-        model.n_targets_ = state.pop("n_targets")
-        n_features_in = state.pop("n_features_in")
-        if n_features_in is not None:
-            model.n_features_in_ = n_features_in
-        model._set_state(state, model._load_arrays(path / meta["weights"]))
+        try:
+            arrays = model._load_arrays(weights)
+        except ModelFileError:
+            raise
+        except Exception as err:
+            unchecked = " (it was saved before omx recorded checksums, so nothing caught it sooner)"
+            raise ModelFileError(
+                f"{weights} cannot be read as the weights of a {klass.__name__}: {type(err).__name__}: {err}. It is "
+                f"damaged{unchecked if meta['format'] == 0 else ' or was not written by omx'}. Save the model again."
+            ) from err
+        _set_saved_state(model, dict(meta["state"]), arrays, params, weights)
         model.history_ = {k: list(v) for k, v in meta["history"].items()}
         model.meta_ = meta.get("meta")
         model.is_fitted_ = True
+        warn_if_newer(path, meta)
         return model
 
     def _save_arrays(self, file: Path, arrays: dict[str, np.ndarray]) -> None:
-        np.savez(file, **arrays)
+        with open(file, "wb") as f:  # a file object: `np.savez` would add ".npz" to a name without it
+            np.savez(f, **arrays)
 
     def _load_arrays(self, file: Path) -> dict[str, np.ndarray]:
-        with np.load(file, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        return read_npz(file)
+
+
+def _set_saved_state(model: Model, state: dict[str, Any], arrays: dict[str, Any], params: Path, weights: Path) -> None:
+    """Give `model` its saved state; a `ModelFileError` lists every saved value missing that it needs."""
+    missing = [key for key in ("n_targets", "n_features_in") if key not in state]
+    model.n_targets_ = state.pop("n_targets", None)
+    if (n_features_in := state.pop("n_features_in", None)) is not None:
+        model.n_features_in_ = n_features_in
+    first_missing: KeyError | None = None
+    failure: Exception | None = None
+    for _ in range(len(state) + len(arrays) + 32):  # each round finds one more missing value
+        try:
+            model._set_state(state, arrays)
+        except KeyError as err:
+            key = err.args[0] if err.args else None
+            if not isinstance(key, str) or key in state or key in arrays:  # not a saved value that is missing
+                failure = err
+                break
+            missing.append(key)
+            first_missing = first_missing or err
+            state, arrays = {**state, key: None}, {**arrays, key: None}  # stand-ins, to find the next one missing
+        except Exception as err:  # noqa: BLE001 (raised below, as a ModelFileError)
+            failure = err
+            break
+        else:
+            break
+    if missing:
+        raise ModelFileError(
+            f"The saved model in {params.parent} lacks the fitted values {missing} that {type(model).__name__} needs "
+            f"(neither in the 'state' of {params.name} nor in {weights.name}): it is damaged or was written by "
+            "another version of omx. Save the model again."
+        ) from first_missing or failure
+    if failure is not None:
+        raise ModelFileError(
+            f"The saved state in {params.parent} does not fit this omx's {type(model).__name__} "
+            f"({type(failure).__name__}: {failure}): it is damaged or was written by another version of omx. Save "
+            "the model again."
+        ) from failure
 
 
 def _recording_init_params(init: Callable[..., None]) -> Callable[..., None]:
@@ -618,7 +702,25 @@ class TorchModel(Model):
     def _load_arrays(self, file: Path) -> dict[str, Any]:
         import torch
 
-        data = torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            data = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            raise ModelFileError(
+                f"{file} holds pickled Python objects besides tensors{f' ({found[1]})' if found else ''}, which omx "
+                "never loads: unpickling can run any code, so omx reads weights with `weights_only=True`. An omx "
+                "model's weights are tensors only; save the model again with omx."
+            ) from err
+        if not (
+            isinstance(data, dict)
+            and isinstance(data.get("module"), dict)
+            and isinstance(data.get("arrays"), dict)
+            and all(isinstance(v, torch.Tensor) for v in [*data["module"].values(), *data["arrays"].values()])
+        ):
+            raise ModelFileError(
+                f"{file} is not the weights file of an omx torch model (a dict of 'module' and 'arrays' tensors). "
+                "Save the model again with omx."
+            )
         return {**{k: v.numpy() for k, v in data["arrays"].items()}, "__module__": data["module"]}
 
     def _set_state(self, state: dict[str, Any], arrays: dict[str, Any]) -> None:
