@@ -187,7 +187,7 @@ def test_checkpoint_resume_with_a_backbone(vit, data, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit(patches, Y, groups=groups)
     monkeypatch.undo()
-    written = torch.load(tmp_path / "checkpoint_1.pt", weights_only=False)["module"]
+    written = torch.load(tmp_path / "checkpoint_1.pt", weights_only=True)["module"]
     assert written and not any(k.endswith(("qkv.base.weight", "patch_embed.proj.weight")) for k in written)
     resumed = CNNRegressor(**params)
     resumed.checkpoint_dir = tmp_path

@@ -59,7 +59,7 @@ class TorchEncoder(Encoder):
     >>> import torch
     >>> from omx.encoders import TorchEncoder
     >>> net = MyViT()  # doctest: +SKIP
-    >>> net.load_state_dict(torch.load("uni_weights.pt", map_location="cpu"))  # doctest: +SKIP
+    >>> net.load_state_dict(torch.load("uni_weights.pt", map_location="cpu", weights_only=True))  # doctest: +SKIP
     >>> encoder = TorchEncoder(net, patch_px=224, name="uni")  # doctest: +SKIP
     >>> features = encoder.transform(patches)  # doctest: +SKIP
 

@@ -277,7 +277,7 @@ class Checkpoint:
         """Restore the run from the file (weights, optimiser, random states, history); return its loop state."""
         import torch
 
-        payload = torch.load(self.file, map_location="cpu", weights_only=False)
+        payload = torch.load(self.file, map_location="cpu", weights_only=True)
         if payload["fingerprint"] != self.fingerprint:
             raise ValueError(
                 f"The checkpoint {self.file} comes from another model or other data than this fit. Use another "
