@@ -122,3 +122,15 @@ def test_predict_genes_argument_checks(saved_ridge):
         omx.tl.predict_expression(_fresh(), path, shapes_key="S2_spots", genes=["NOPE"], show_progress_bar=False)
     with pytest.raises(ValueError, match=r"genes=\[\]"):
         omx.tl.predict_expression(_fresh(), path, shapes_key="S2_spots", genes=[], show_progress_bar=False)
+
+
+def test_deconvolve_refuses_a_type_without_profile():
+    """A cell type whose signature is all zeros would take a share of every spot (17.5 % measured): refused."""
+    sdata = omx.datasets.her2st_sample()
+    signatures = omx.tl.signatures_from_proportions(sdata, sections=["C2"])
+    X = np.asarray(signatures.X, dtype=float).copy()
+    X[0] = 0
+    signatures.X = X
+    with pytest.raises(ValueError, match=rf"Cell types \['{signatures.obs_names[0]}'\] express none"):
+        omx.tl.deconvolve(sdata, signatures, sections=["C3"], n_cells_key=None, n_steps=10, show_progress_bar=False)
+    assert "omx_proportions" not in sdata.tables["table"].obsm
