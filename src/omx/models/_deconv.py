@@ -210,6 +210,12 @@ class DeconvolutionModel:
         lib = Y.sum(1)
         if (lib <= 0).any():
             raise ValueError(f"{int((lib <= 0).sum())} spots have no counts in the shared genes; drop them first.")
+        empty = np.flatnonzero(S.sum(1) <= 0)
+        if len(empty):
+            raise ValueError(
+                f"Cell types at positions {empty.tolist()} of the signatures express none of the {S.shape[1]} shared "
+                "genes; a type with no profile would still take a share of every spot. Drop them from the reference."
+            )
         keep_gene = S.sum(0) > 0
         if not keep_gene.all():
             logger.info("Left out %d genes that no cell type expresses.", int((~keep_gene).sum()))

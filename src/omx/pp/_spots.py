@@ -149,6 +149,13 @@ def image_mpp(sdata: SpatialData, image, mpp: float | None = None) -> float:
             if found is None:
                 raise ValueError("Cannot tell the microns per pixel of the image. " + _NO_MPP.format(cs=systems[0]))
             mpp = found[0]
+    return check_mpp(mpp)
+
+
+def check_mpp(mpp) -> float:
+    """``mpp`` as a positive finite float; a `TypeError` for a string or other non-number, a `ValueError` otherwise."""
+    if isinstance(mpp, bool) or not isinstance(mpp, int | float | np.integer | np.floating):
+        raise TypeError(f"mpp (microns per pixel) must be a number, got {mpp!r} ({type(mpp).__name__}).")
     mpp = float(mpp)
     if not np.isfinite(mpp) or mpp <= 0:
         raise ValueError(f"Microns per pixel must be positive, got {mpp}.")
@@ -430,6 +437,21 @@ def resolve_spots(
     centers = (homog @ affine.T)[:, :2]
     radius_px = radius_units * np.sqrt(abs(np.linalg.det(affine[:2, :2])))
 
+    bad = ~(np.isfinite(centers).all(axis=1) & np.isfinite(radius_px))
+    if bad.any():
+        raise ValueError(
+            f"{int(bad.sum())} of {len(centers)} spots of {shapes_key!r} have NaN or infinite coordinates or sizes, "
+            f"e.g. {shapes.index[bad][:10].tolist()}; a spot without a place gives a garbage patch that shifts the "
+            "whole section's features. Drop them or fix their geometry."
+        )
+    if not shapes.index.is_unique:
+        dup = pd.unique(shapes.index[shapes.index.duplicated()])[:10].tolist()
+        raise ValueError(
+            f"Shapes {shapes_key!r} have duplicated index values, e.g. {dup}: spots are matched to table rows by "
+            "index, so each needs its own. Make the index unique (and the table's instance key column to match)."
+        )
+    if mpp is not None:
+        mpp = check_mpp(mpp)
     if mpp is None and spot_diameter_um is not None:
         mpp = float(spot_diameter_um / (2 * np.median(radius_px)))
     if mpp is None and _is_micron_system(sdata, cs):
@@ -458,11 +480,24 @@ def resolve_spots(
     table_rows = np.full(len(shapes), -1, dtype=np.int64)
     if table is not None:
         _, region_key, instance_key = table_regions(table)
+        for column, what in ((region_key, "region key"), (instance_key, "instance key")):
+            if column not in table.obs:
+                raise KeyError(
+                    f"Table {table_key!r} has no obs column {column!r}, its {what} "
+                    f"(uns['spatialdata_attrs']); its columns: {list(table.obs.columns)}. Restore the column, or "
+                    "re-parse the table with `TableModel.parse(adata, region=..., region_key=..., instance_key=...)`."
+                )
         region = annotated_shapes(sdata, table)[shapes_key]
         rows = np.flatnonzero((table.obs[region_key] == region).to_numpy())
         # shapes that share the table's ids (Xenium's cells) are matched by cell id, the others by instance key
         ids = linked_ids(table) if region != shapes_key else table.obs[instance_key]
         instance = pd.Index(np.asarray(ids)[rows])
+        if not instance.is_unique:
+            dup = pd.unique(instance[instance.duplicated()])[:10].tolist()
+            raise ValueError(
+                f"Table {table_key!r} has rows with the same instance id for shapes {shapes_key!r}, e.g. {dup} "
+                f"(obs[{instance_key!r}]): one spot cannot have two measurements. Make the ids unique."
+            )
         pos = instance.get_indexer(shapes.index.astype(str) if region != shapes_key else shapes.index)
         table_rows[pos >= 0] = rows[pos[pos >= 0]]
         if (pos < 0).any():

@@ -283,8 +283,10 @@ def patch_settings(encoder, diameter_um: float, size_um: float | None, context: 
     if context is None:
         context = (1.0,) if native else DEFAULT_CONTEXT
     context = tuple(float(c) for c in context)
-    if not context or min(context) <= 0:
-        raise ValueError(f"context must hold positive multiples of size_um, got {context}.")
+    if not context or not all(np.isfinite(c) and c > 0 for c in context):
+        raise ValueError(f"context must hold positive multiples of size_um (e.g. (1, 2, 3)), got {context}.")
+    if size_um is not None and (not np.isfinite(float(size_um)) or float(size_um) <= 0):
+        raise ValueError(f"size_um must be a positive number of microns, got {size_um}.")
     return float(size_um), context
 
 

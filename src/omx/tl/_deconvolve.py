@@ -178,6 +178,12 @@ def deconvolve(
             )
         shared = pd.Index(genes)
     S_shared = S[:, reference.var_names.get_indexer(shared)]
+    if empty := [t for t, total in zip(types, S_shared.sum(1), strict=True) if total <= 0]:
+        raise ValueError(
+            f"Cell types {empty} express none of the {len(shared)} genes the reference shares with the spots; a type "
+            "with no profile would still take a share of every spot. Drop them from the reference (or check its "
+            "genes and `reference_layer=`)."
+        )
     used = S_shared.sum(0) > 0
     shared, S_shared = shared[used], S_shared[:, used]
     if len(shared) < min_shared_genes:

@@ -163,7 +163,18 @@ def counts(table: AnnData, rows: np.ndarray, *, layer: str | None = None):
     if X is None:
         raise ValueError("The table has no counts in X; pass `layer=` naming the raw counts.")
     X = X[rows]
-    check_counts(X, name=f"counts of {len(rows)} spots")
+    where = f"table.layers[{layer!r}]" if layer is not None else "table.X"
+    check_counts(X, name=f"counts in {where} ({len(rows)} spots)")
+    data = X.data if sparse.issparse(X) else np.asarray(X)
+    if data.size and not np.issubdtype(data.dtype, np.integer):
+        sample = data[: 1 << 20]
+        frac = sample[sample != np.round(sample)]
+        if frac.size:
+            raise ValueError(
+                f"{where} holds non-integer values (e.g. {float(frac[0]):.4g}): it looks normalised or "
+                "log-transformed, not raw counts. omx normalises counts itself (per training section); pass "
+                "`layer=` naming the raw integer counts (e.g. `layer='counts'`)."
+            )
     return X
 
 
@@ -176,6 +187,8 @@ def choose_genes(table: AnnData, genes: Sequence[str] | None, train_counts, *, n
     var_names = table.var_names
     if genes is not None:
         genes = list(genes)
+        if not genes:
+            raise ValueError("genes=[] selects no gene; pass None to use the detected genes, or a non-empty list.")
         missing = [g for g in genes if g not in var_names]
         if missing:
             raise KeyError(

@@ -193,6 +193,7 @@ def predict_expression(
     shapes_key: str | None = None,
     table_key: str | None = None,
     mpp: float | None = None,
+    genes: Sequence[str] | None = None,
     key_added: str = Key.PRED,
     overwrite: bool = False,
     device: str = "auto",
@@ -214,6 +215,10 @@ def predict_expression(
     table_key
         A table annotating the spots; predictions then go to its ``layers[key_added]``.
     {mpp}
+    genes
+        The model's genes to write; all of them when omitted. Predictions go into a table's columns by gene name:
+        when the table lacks some of the model's genes (another panel, renamed symbols), omx raises an error
+        naming them, and ``genes=`` chooses the ones to write.
     key_added
         Layer name (spots with a table) or new table name (spots without one).
     {overwrite}
@@ -246,6 +251,8 @@ def predict_expression(
     model.to(device)
     spots = omx.pp.resolve_spots(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp)
     has_table = spots.table_key is not None and (spots.table_rows >= 0).any()
+    model_genes = list(model.meta_["genes"])
+    keep = _genes_to_write(model_genes, genes, sdata.tables[spots.table_key] if has_table and inplace else None)
     where = f"sdata.tables[{spots.table_key!r}]"
     if inplace:
         if has_table:
@@ -262,10 +269,12 @@ def predict_expression(
     section = Section(name=name, spots=spots)
     patients = section_patients(sdata.tables[spots.table_key], section) if has_table else None
     pred, var = predict_section(model, section, show_progress_bar=show_progress_bar, return_var=True, patients=patients)
-    genes = model.meta_["genes"]
+    genes = [model_genes[i] for i in keep]
+    pred = pred[:, keep]
+    var = var[:, keep] if var is not None else None
     params = {
         "image_key": spots.image_key, "shapes_key": spots.shapes_key, "table_key": spots.table_key, "mpp": mpp,
-        "section": name,
+        "section": name, "genes": genes if len(genes) < len(model_genes) else None,
     }  # fmt: skip
     entry = prediction_entry("predict_expression", model, params)
     if not inplace:
@@ -284,3 +293,28 @@ def predict_expression(
         new = prediction_table([section], genes, [pred], key_added=key_added, uns=entry)
         add_table(sdata, key_added, new, overwrite=overwrite, what="predictions")
     return None
+
+
+def _genes_to_write(model_genes: list[str], genes: Sequence[str] | None, table: AnnData | None) -> np.ndarray:
+    """Positions of the model genes to write: ``genes`` (all when None), each of which the table must hold by name."""
+    if genes is not None:
+        genes = list(genes)
+        if not genes:
+            raise ValueError("genes=[] selects no gene; pass None for all of the model's genes.")
+        unknown = [g for g in genes if g not in model_genes]
+        if unknown:
+            raise KeyError(f"The model does not predict genes {unknown[:10]}; its genes are e.g. {model_genes[:10]}.")
+    chosen = model_genes if genes is None else genes
+    if table is not None:
+        lacking = [g for g in chosen if g not in table.var_names]
+        if lacking:
+            present = [g for g in chosen if g in table.var_names]
+            raise KeyError(
+                f"The table lacks {len(lacking)} of the {len(chosen)} genes the model predicts, e.g. {lacking[:10]} "
+                "(another panel, or renamed symbols); predictions go into the table's columns by name, never into "
+                f"another gene's. Pass `genes=` with the {len(present)} genes the table has (e.g. "
+                "`genes=[g for g in model.meta_['genes'] if g in table.var_names]`), or `inplace=False` for all "
+                "predictions as a new table."
+            )
+    index = {g: i for i, g in enumerate(model_genes)}
+    return np.array([index[g] for g in chosen], dtype=int)
