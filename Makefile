@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+DEMO_OUT ?= omx_demo
+
 demo: install
-	$(VENV)/bin/omx demo --out omx_demo
+	$(VENV)/bin/omx demo --out $(DEMO_OUT)
 
 test: install
 	$(PY) -m pytest
