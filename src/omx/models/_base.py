@@ -565,6 +565,10 @@ def _set_saved_state(model: Model, state: dict[str, Any], arrays: dict[str, Any]
             f"(neither in the 'state' of {params.name} nor in {weights.name}): it is damaged or was written by "
             "another version of omx. Save the model again."
         ) from first_missing or failure
+    if isinstance(failure, RuntimeError):
+        # a network refusing its weights already names the cause (e.g. an override such as n_blocks= that does not
+        # fit what was saved); calling the file damaged would mislead
+        raise failure
     if failure is not None:
         raise ModelFileError(
             f"The saved state in {params.parent} does not fit this omx's {type(model).__name__} "
