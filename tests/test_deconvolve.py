@@ -149,3 +149,43 @@ def test_predict_proportions_toy():
     assert t.obs["omx_cell_type"][m].notna().all()
     with pytest.raises(ValueError, match="both"):
         omx.tl.predict_proportions(sdata, train=secs[:2], predict=secs[1], key="ref_props", show_progress_bar=False)
+
+
+def test_single_cells_without_labels_are_refused():
+    ref, Y, _, _, n_cells = simulate(n_spots=20, n_ref=300)
+    del ref.obs["cell_type"]
+    with pytest.raises(ValueError, match="looks like single cells"):
+        signatures_from_reference(ref, None)
+    S = np.abs(np.random.default_rng(0).normal(size=(300, Y.shape[1])))
+    with pytest.raises(ValueError, match="300 cell types"):
+        DeconvolutionModel(n_steps=2, show_progress_bar=False).fit(Y, S)
+
+
+def test_assign_cells_matches_types_by_name(synthetic_sdata):
+    sdata, ref, _, types = _spot_sdata(synthetic_sdata)
+    omx.tl.deconvolve(sdata, ref, labels_key="cell_type", n_steps=20, show_progress_bar=False)
+    t = sdata.tables["table"]
+    omx.tl.assign_cells(sdata)
+    before = np.asarray(sdata.tables["omx_cells"].X).copy()
+    # the same types in another order: each nucleus still gets the profile of its own type
+    sig = t.varm["omx_proportions_signatures"]
+    t.varm["omx_proportions_signatures"] = sig[types[::-1]]
+    omx.tl.assign_cells(sdata, overwrite=True)
+    np.testing.assert_allclose(np.asarray(sdata.tables["omx_cells"].X), before, rtol=1e-5)
+    # proportions that lack a type the signatures keep
+    t.obsm["omx_proportions"] = t.obsm["omx_proportions"].drop(columns=types[0])
+    with pytest.raises(ValueError, match=rf"the proportions lack \['{types[0]}'\]"):
+        omx.tl.assign_cells(sdata, overwrite=True)
+
+
+def test_section_without_spots_fails_before_fitting():
+    sdata = omx.datasets.toy_sdata(seed=0)
+    t = sdata.tables["table"]
+    ids = t.obs["spot_id"].to_numpy().copy()
+    ids[(t.obs["section"].astype(str) == "S2").to_numpy()] += 10**6
+    t.obs["spot_id"] = ids
+    with pytest.raises(ValueError, match="Section 'S2' has no spots"):
+        omx.tl.fit_predict(sdata, train=["S1"], predict=["S2"], show_progress_bar=False)
+    with pytest.raises(ValueError, match="Section 'S2' has no spots"):
+        omx.tl.cross_validate(sdata, show_progress_bar=False)
+    assert "omx_pred" not in t.layers

@@ -134,6 +134,11 @@ def assign_cells(
 
     # imputed expression: each spot's counts shared by its cells in proportion to their types' signatures
     S = np.asarray(signatures, dtype=float)
+    if S.ndim != 2 or S.shape[0] != P.shape[1]:
+        raise ValueError(
+            f"The signatures have shape {S.shape}: they need one row per cell type of the proportions "
+            f"({P.shape[1]}), in the same order."
+        )
     Y = spot_counts[uniq]
     Y = np.asarray(Y.toarray() if sparse.issparse(Y) else Y, dtype=np.float64)
     X = np.zeros((len(Z), S.shape[1]), dtype=np.float32)

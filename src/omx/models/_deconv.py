@@ -30,6 +30,9 @@ from omx._utils import check_counts, get_device, logger, progress
 
 __all__ = ["DeconvolutionModel", "jsd", "nnls_proportions", "signatures_from_reference"]
 
+#: Most rows a reference of signatures (``labels_key=None``) may have: more are single cells without labels.
+_MAX_SIGNATURE_TYPES = 200
+
 
 def signatures_from_reference(
     reference: AnnData, labels_key: str | None, *, min_cells_per_type: int = 10, layer: str | None = None
@@ -43,6 +46,14 @@ def signatures_from_reference(
         raise ValueError("The reference has no values in X; pass `layer=` naming its counts.")
     check_counts(X, name="reference counts")
     if labels_key is None:
+        if reference.n_obs > _MAX_SIGNATURE_TYPES:
+            columns = [c for c in reference.obs.columns if not pd.api.types.is_numeric_dtype(reference.obs[c])]
+            raise ValueError(
+                f"labels_key=None reads the reference as signatures, one row per cell type, but it has "
+                f"{reference.n_obs} rows (more than {_MAX_SIGNATURE_TYPES} types): it looks like single cells. Pass "
+                f"the obs column with their cell types as `labels_key=` (text columns: {columns or 'none'}; add one "
+                "if the reference has no labels)."
+            )
         names = [str(n) for n in reference.obs_names]
         if len(set(names)) != len(names):
             raise ValueError("The reference signatures have duplicate cell type names (obs_names); make them unique.")
@@ -221,6 +232,12 @@ class DeconvolutionModel:
             logger.info("Left out %d genes that no cell type expresses.", int((~keep_gene).sum()))
             Y, S = Y[:, keep_gene], S[:, keep_gene]
         n, K = Y.shape[0], S.shape[0]
+        if K > _MAX_SIGNATURE_TYPES:
+            raise ValueError(
+                f"The signatures have {K} cell types (more than {_MAX_SIGNATURE_TYPES}); proportions over that many "
+                "types are not a simplex in float32. Were single cells passed as signatures? Average them by type "
+                "first (`signatures_from_reference(reference, labels_key)`)."
+            )
         if n_cells is not None:
             n_cells = np.asarray(n_cells, dtype=np.float64)
             if n_cells.shape != (n,) or not np.all(np.isfinite(n_cells)) or (n_cells < 0).any():

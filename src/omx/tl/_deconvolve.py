@@ -406,8 +406,7 @@ def assign_cells(
     if not (spot_row >= 0).any():
         raise ValueError(f"No nucleus lies in a spot with proportions in obsm[{proportions_key!r}].")
 
-    sig = table.varm[sig_key]
-    sig = sig.to_numpy(dtype=float) if isinstance(sig, pd.DataFrame) else np.asarray(sig, dtype=float)
+    sig = _signatures_by_type(table, proportions_key, types, where=f"sdata.tables[{table_key!r}]")
     if genes is None:
         genes = entries(table).get(proportions_key, {}).get("genes")
         genes = list(table.var_names[sig.sum(1) > 0]) if genes is None else [str(g) for g in genes]
@@ -453,6 +452,42 @@ def assign_cells(
         "Cell types of %d nuclei (%d in spots): %s; %d imputed genes",
         cells.n_obs, int(result.in_spot.sum()), ", ".join(f"{k}: {v}" for k, v in counts_by_type.items()), len(gidx),
     )  # fmt: skip
+
+
+def _signatures_by_type(table: AnnData, proportions_key: str, types: list, *, where: str) -> np.ndarray:
+    """``varm`` signatures (genes x types) with their columns matched BY NAME to the proportions' ``types``.
+
+    A DataFrame's columns name its types; a plain array takes the names the deconvolution recorded in
+    ``uns['omx'][proportions_key]['cell_types']``. The two lists of types must hold the same names.
+    """
+    sig_key = Key.signatures(proportions_key)
+    sig = table.varm[sig_key]
+    if isinstance(sig, pd.DataFrame):
+        sig_types = [str(c) for c in sig.columns]
+        values = sig.to_numpy(dtype=float)
+    else:
+        values = np.asarray(sig, dtype=float)
+        sig_types = entries(table).get(proportions_key, {}).get("cell_types")
+        if sig_types is None:
+            if values.shape[1] != len(types):
+                raise ValueError(
+                    f"{where}.varm[{sig_key!r}] has {values.shape[1]} cell types without names and "
+                    f"obsm[{proportions_key!r}] {len(types)}; store the signatures as a DataFrame with one column per "
+                    "cell type."
+                )
+            sig_types = [str(t) for t in types]
+        sig_types = [str(t) for t in sig_types]
+    names = [str(t) for t in types]
+    missing = [t for t in names if t not in sig_types]
+    extra = [t for t in sig_types if t not in names]
+    if missing or extra or len(set(sig_types)) != len(sig_types) or len(set(names)) != len(names):
+        raise ValueError(
+            f"The cell types of {where}.obsm[{proportions_key!r}] and of varm[{sig_key!r}] differ: the signatures lack "
+            f"{missing or 'none'} and the proportions lack {extra or 'none'} (duplicates count too). Each nucleus "
+            "must get the profile of its own type: give both the same types (rerun omx.tl.deconvolve, or add the "
+            "missing columns to the proportions with 0)."
+        )
+    return values[:, [sig_types.index(t) for t in names]]
 
 
 def _table_spatial(table: AnnData, cells: AnnData, spot_row: np.ndarray, rows: np.ndarray) -> np.ndarray:

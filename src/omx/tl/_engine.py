@@ -106,6 +106,14 @@ def resolve_sections(
             spots = spots.subset(labels[spots.table_rows] == name)
         else:  # H&E only: rows of any other table (e.g. earlier predictions) are not measurements
             spots = replace(spots, table_key=None, table_rows=np.full(spots.n_spots, -1))
+        if spots.n_spots == 0:
+            where = (
+                f"table.obs[{section_key!r}] == {name!r} matches no spot of sdata.shapes[{shapes_key!r}] (its rows' "
+                "instance ids are not among the shapes' index)"
+                if name in known
+                else f"sdata.shapes[{name!r}] holds no spots"
+            )
+            raise ValueError(f"Section {name!r} has no spots: {where}. Leave it out of the call.")
         out[name] = Section(name=name, spots=spots, table=table if name in known else None)
     return out
 
