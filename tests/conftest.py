@@ -1,3 +1,6 @@
+import sys
+from pathlib import Path
+
 import geopandas as gpd
 import numpy as np
 import pandas as pd
@@ -9,6 +12,9 @@ from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Scale
 
 from omx.datasets._her2st import _find_her2st_dir
+
+# shared test data modules (tests/deconv_data.py) are imported by name
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def pytest_collection_modifyitems(config, items):

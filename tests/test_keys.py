@@ -14,9 +14,9 @@ USER = "the user's"
 
 
 def _deconv_sdata(synthetic_sdata):
-    from test_deconvolve import _spot_sdata
+    from deconv_data import spot_sdata
 
-    return _spot_sdata(synthetic_sdata)
+    return spot_sdata(synthetic_sdata)
 
 
 def _user_value(table, slot, name):
@@ -98,11 +98,6 @@ def test_encode_checks_its_obsm():
     assert _is_user_value(t, "obsm", name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="segment_nuclei checks obs['omx_n_nuclei'] only after adding the labels, shapes and nuclei table "
-    "(src/omx/pp/_nuclei.py, being edited elsewhere)",
-)
 def test_segment_nuclei_checks_n_nuclei_first(synthetic_sdata):
     sdata, _ = synthetic_sdata(seed=0)
     t = sdata.tables["table"]

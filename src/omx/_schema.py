@@ -282,6 +282,17 @@ def write_results(
     )
 
 
+def check_column_free(table: AnnData, column: str, *, key: str, overwrite: bool, where: str) -> None:
+    """Raise the `KeyError` that `fill_column` would: the column is the user's, or ``uns["omx"][key]`` exists."""
+    if column in table.obs.columns and f"obs/{column}" not in owned(table) and not overwrite:
+        raise KeyError(
+            f"{where}.obs[{column!r}] exists and was not written by omx. Rename it, or pass `overwrite=True` to "
+            "replace it."
+        )
+    if key in entries(table) and not overwrite:
+        raise KeyError(f"{where}.uns[{Key.UNS!r}][{key!r}] exists; pass another `key_added=` or `overwrite=True`.")
+
+
 def fill_column(
     table: AnnData,
     column: str,
@@ -299,15 +310,9 @@ def fill_column(
     that omx did not write (the user's) is refused unless ``overwrite``. ``entry`` is recorded as
     ``uns["omx"][key]`` and owns the column from then on.
     """
+    check_column_free(table, column, key=key, overwrite=overwrite, where=where)
     slot = f"obs/{column}"
     exists = column in table.obs.columns
-    if exists and slot not in owned(table) and not overwrite:
-        raise KeyError(
-            f"{where}.obs[{column!r}] exists and was not written by omx. Rename it, or pass `overwrite=True` to "
-            "replace it."
-        )
-    if key in entries(table) and not overwrite:
-        raise KeyError(f"{where}.uns[{Key.UNS!r}][{key!r}] exists; pass another `key_added=` or `overwrite=True`.")
     col = (
         pd.to_numeric(table.obs[column], errors="coerce").to_numpy(dtype=float)
         if exists and slot in owned(table)

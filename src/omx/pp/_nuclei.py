@@ -14,7 +14,7 @@ from anndata import AnnData
 from spatialdata import SpatialData
 
 from omx._docs import doc_params
-from omx._schema import Key, add_table, base_entry, check_free_elements, entries, fill_column
+from omx._schema import Key, add_table, base_entry, check_column_free, check_free_elements, entries, fill_column
 from omx._utils import default_bin_table, logger, progress, resolve_key
 from omx.pp._patches import _read_region
 from omx.pp._spots import (
@@ -288,6 +288,11 @@ def segment_nuclei(
     if chunk_px < 64 or overlap_px < 0:
         raise ValueError(f"chunk_px must be >= 64 and overlap_px >= 0, got {chunk_px} and {overlap_px}.")
     check_free_elements(sdata, overwrite=overwrite, labels=[key_added], shapes=[shapes_added])
+    if spots is not None and spots.table_key is not None:  # the count column too, before anything is written
+        check_column_free(
+            sdata.tables[spots.table_key], Key.N_NUCLEI, key=key_added, overwrite=overwrite,
+            where=f"sdata.tables[{spots.table_key!r}]",
+        )  # fmt: skip
     if labels_store is not None and Path(labels_store).exists():
         raise FileExistsError(f"labels_store {str(labels_store)!r} exists; pass a path that does not exist yet.")
     old_cells = sdata.tables.get(cells_key)
