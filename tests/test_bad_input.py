@@ -134,3 +134,111 @@ def test_deconvolve_refuses_a_type_without_profile():
     with pytest.raises(ValueError, match=rf"Cell types \['{signatures.obs_names[0]}'\] express none"):
         omx.tl.deconvolve(sdata, signatures, sections=["C3"], n_cells_key=None, n_steps=10, show_progress_bar=False)
     assert "omx_proportions" not in sdata.tables["table"].obsm
+
+
+# ------------------------------------------------------------------------------------------ images that are not H&E
+def _with_image(values: np.ndarray | None = None, *, crop: int | None = None):
+    """The toy object with ``S1_he`` replaced by ``values`` (its pixels converted) or cropped to ``crop`` px."""
+    import spatialdata as sd
+    from spatialdata.models import Image2DModel
+
+    sdata = _fresh()
+    level0 = sd.get_pyramid_levels(sdata.images["S1_he"], n=0)
+    rgb = np.asarray(level0.values) if values is None else values
+    if crop is not None:
+        rgb = rgb[:, :crop, :crop]
+    transformations = sd.transformations.get_transformation(level0, get_all=True)
+    sdata.images["S1_he"] = Image2DModel.parse(
+        rgb, dims=("c", "y", "x"), transformations=transformations, scale_factors=[2]
+    )
+    return sdata
+
+
+@pytest.fixture(scope="module")
+def toy_rgb():
+    import spatialdata as sd
+
+    return np.asarray(sd.get_pyramid_levels(_fresh().images["S1_he"], n=0).values)
+
+
+def _patches(sdata):
+    return omx.pp.extract_patches(sdata, shapes_key="S1_spots", image_key="S1_he", size_px=32)
+
+
+# (case, how the uint8 image is converted, the warning it must give or None)
+SAME_AS_UINT8 = [
+    ("uint16 holding 0-255", lambda a: a.astype(np.uint16), "read as 8-bit values"),
+    ("uint16 full range", lambda a: a.astype(np.uint16) * 257, None),
+    ("uint16 of a 12-bit scanner", lambda a: (a.astype(np.uint32) * 4095 // 255).astype(np.uint16), "12-bit"),
+    ("float in [0, 1]", lambda a: a.astype(np.float32) / 255, None),
+    ("float in [0, 255]", lambda a: a.astype(np.float64), None),
+]
+
+
+@pytest.mark.parametrize(("case", "convert", "warning"), SAME_AS_UINT8, ids=[c[0] for c in SAME_AS_UINT8])
+def test_image_values_read_once_per_image(case, convert, warning, toy_rgb, recwarn):
+    ref = _patches(_with_image(toy_rgb))
+    patches = _patches(_with_image(convert(toy_rgb)))
+    np.testing.assert_array_equal(patches, ref)
+    messages = [str(w.message) for w in recwarn if issubclass(w.category, omx.OmxWarning)]
+    if warning is None:
+        assert not messages
+    else:
+        assert any(warning in m and "'S1_he'" in m for m in messages), messages
+
+
+def test_uint16_holding_8_bit_values_gives_the_uint8_features(toy_rgb):
+    # chunk by chunk, as `encode` streams them: every chunk reads the image with the same scale
+    encoder = omx.encoders.HandcraftedEncoder(patch_px=32)
+    kw = {"shapes_key": "S1_spots", "image_key": "S1_he", "size_um": 55, "chunk_spots": 9}
+    ref = omx.pp.encode(_with_image(toy_rgb), encoder, **kw)
+    with pytest.warns(omx.OmxWarning, match="read as 8-bit values"):
+        got = omx.pp.encode(_with_image(toy_rgb.astype(np.uint16)), encoder, **kw)
+    np.testing.assert_array_equal(got, ref)
+
+
+# (case, how the uint8 image is broken, the words the error must hold)
+BAD_IMAGES = [
+    ("float above 255", lambda a: a.astype(np.float32) * 1.5, r"'S1_he' \(float32\) holds values from .*uint8"),
+    ("negative float", lambda a: a.astype(np.float32) / 255 - 0.5, r"'S1_he' \(float32\) holds values from"),
+    ("NaN", lambda a: np.where(a > 250, np.nan, a / 255.0), "holds NaN values"),
+    ("negative integers", lambda a: a.astype(np.int16) - 128, "holds negative values"),
+]
+
+
+@pytest.mark.parametrize(("case", "breaks", "message"), BAD_IMAGES, ids=[c[0] for c in BAD_IMAGES])
+def test_image_values_refused(case, breaks, message, toy_rgb):
+    with pytest.raises(ValueError, match=message):
+        _patches(_with_image(breaks(toy_rgb)))
+
+
+def test_image_smaller_than_a_patch_refused(toy_rgb):
+    import geopandas as gpd
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import get_transformation
+
+    sdata = _with_image(toy_rgb, crop=30)
+    t = get_transformation(sdata.shapes["S1_spots"], get_all=True)
+    spot = gpd.GeoDataFrame({"radius": [27.5]}, geometry=[shapely.Point(15, 15)])
+    sdata.shapes["S1_spots"] = ShapesModel.parse(spot, transformations=t)
+    with pytest.raises(ValueError, match=r"'S1_he' is 30 x 30 px .* smaller in both dimensions than one patch"):
+        omx.pp.extract_patches(sdata, shapes_key="S1_spots", image_key="S1_he", table_key=None, size_px=224)
+
+
+def test_segment_nuclei_warns_on_noise():
+    import spatialdata as sd
+    from spatialdata.models import Image2DModel
+
+    noise = np.random.default_rng(0).integers(0, 256, (3, 600, 600), dtype=np.uint8)
+    image = Image2DModel.parse(noise, dims=("c", "y", "x"), transformations={"um": sd.transformations.Identity()})
+    sdata = sd.SpatialData(images={"noise": image})
+    with pytest.warns(omx.OmxWarning, match="'noise' look like noise"):
+        omx.pp.segment_nuclei(sdata, image_key="noise", mpp=2.0, show_progress_bar=False)
+
+
+@pytest.mark.parametrize("which", ["toy", "her2st"])
+def test_segment_nuclei_quiet_on_tissue(which, recwarn):
+    sdata = _fresh() if which == "toy" else omx.datasets.her2st_sample("C2")
+    image_key = "S1_he" if which == "toy" else "C2_he"
+    omx.pp.segment_nuclei(sdata, image_key=image_key, show_progress_bar=False)
+    assert not [w for w in recwarn if "look like noise" in str(w.message)]

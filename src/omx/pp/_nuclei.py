@@ -15,13 +15,13 @@ from spatialdata import SpatialData
 
 from omx._docs import doc_params
 from omx._schema import Key, add_table, base_entry, check_column_free, check_free_elements, entries, fill_column
+from omx._settings import warn
 from omx._utils import default_bin_table, logger, progress, resolve_key
-from omx.pp._patches import _read_region
+from omx.pp._patches import _read_region, _to_uint8
 from omx.pp._spots import (
-    _check_image,
     _coordinate_systems,
-    _levels,
     annotated_shapes,
+    image_levels,
     image_mpp,
     resolve_image,
     resolve_spots,
@@ -43,15 +43,11 @@ def _hed(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return hed[..., 0].astype(np.float32), hed[..., 1].astype(np.float32)
 
 
-def _global_threshold(levels, mpp: float) -> float:
-    """Otsu threshold of the hematoxylin density over the tissue pixels of a low-resolution level.
+def _overview(levels) -> tuple[np.ndarray, float]:
+    """A low-resolution ``(y, x, 3)`` uint8 view of the image and its level-0 pixels per pixel.
 
-    A low-resolution level blurs nuclei into their surroundings, so the threshold is taken between the two
-    Otsu classes of the tissue pixels (not the background glass) and is the same for every chunk: chunks of
-    pure stroma or pure tumour do not get a threshold of their own that splits them in two.
+    The coarsest level with a side of at least 4096 px (or the finest), strided when a single-scale image is larger.
     """
-    from skimage.filters import threshold_otsu
-
     level = levels[0]
     for lv in levels:
         if max(int(lv.sizes["y"]), int(lv.sizes["x"])) >= _THRESHOLD_LEVEL_PX:
@@ -60,21 +56,72 @@ def _global_threshold(levels, mpp: float) -> float:
     h, w = int(level.sizes["y"]), int(level.sizes["x"])
     if h * w > _THRESHOLD_LEVEL_PX**2:  # a single-scale huge image: subsample rows and columns instead
         step = int(np.ceil(np.sqrt(h * w) / _THRESHOLD_LEVEL_PX))
-        rgb = np.asarray(level.data[:3, ::step, ::step]).transpose(1, 2, 0)
-        from omx.pp._patches import _to_uint8
+        return _to_uint8(np.asarray(level.data[:3, ::step, ::step])), scale * step
+    return _read_region(level, 0, h, 0, w), scale
 
-        rgb = _to_uint8(rgb.transpose(2, 0, 1))
-    else:
-        rgb = _read_region(level, 0, h, 0, w)
+
+def _tissue_of(rgb: np.ndarray) -> np.ndarray:
+    """Pixels that are not glass: summed optical density over 0.3 (glass is near white, density close to 0)."""
+    return -np.log(np.maximum(rgb.astype(np.float32), 1.0) / 255.0).sum(axis=2) > 0.3
+
+
+def _global_threshold(rgb: np.ndarray, read_mpp: float) -> float:
+    """Otsu threshold of the hematoxylin density over the tissue pixels of a low-resolution view (`_overview`).
+
+    A low-resolution level blurs nuclei into their surroundings, so the threshold is taken between the two
+    Otsu classes of the tissue pixels (not the background glass) and is the same for every chunk: chunks of
+    pure stroma or pure tumour do not get a threshold of their own that splits them in two.
+    """
+    from skimage.filters import threshold_otsu
+
     hem, _ = _hed(rgb)
-    od = -np.log(np.maximum(rgb.astype(np.float32), 1.0) / 255.0).sum(axis=2)
-    tissue = od > 0.3  # glass is near white: optical density close to 0
+    tissue = _tissue_of(rgb)
     if tissue.sum() < 100:
         raise ValueError("The image holds no tissue (it is almost white); no nuclei can be found.")
     values = hem[tissue]
     thr = float(threshold_otsu(values))
-    logger.debug("Hematoxylin threshold %.4f from a level at %.2f um/px", thr, mpp * scale)
+    logger.debug("Hematoxylin threshold %.4f from a level at %.2f um/px", thr, read_mpp)
     return thr
+
+
+def _neighbour_correlation(rgb: np.ndarray) -> float:
+    """Correlation of the grey value of each pixel with its right and lower neighbours: ~0 for pixel noise."""
+    grey = rgb.astype(np.float32).mean(axis=2)
+    pairs = [(grey[:, :-1], grey[:, 1:]), (grey[:-1], grey[1:])]
+    a = np.concatenate([p[0].ravel() for p in pairs])
+    b = np.concatenate([p[1].ravel() for p in pairs])
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return 1.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+#: Below this correlation of neighbouring pixels (`_neighbour_correlation`) the image looks like pixel noise; a
+#: scan of tissue, at any resolution, is far smoother (the toy image and the her2st sample: 0.94-0.97).
+_MIN_NEIGHBOUR_CORRELATION = 0.3
+#: Above this fraction of the tissue area covered by nuclei the "nuclei" are the stain itself, not nuclei
+#: (the toy image: 0.12 of its area, the her2st sample: 0.05).
+_MAX_NUCLEAR_FRACTION = 0.6
+
+
+def _check_plausible(image_key: str, rgb: np.ndarray, read_mpp: float, nuclei_um2: float, threshold: float) -> None:
+    """Warn when the image or the nuclei found in it do not look like an H&E scan of tissue."""
+    corr = _neighbour_correlation(rgb)
+    tissue_um2 = float(_tissue_of(rgb).sum()) * read_mpp**2
+    fraction = nuclei_um2 / tissue_um2 if tissue_um2 > 0 else np.inf
+    if corr < _MIN_NEIGHBOUR_CORRELATION:
+        why = (
+            f"neighbouring pixels are nearly uncorrelated (correlation {corr:.2f}; a scan of tissue is above 0.8), "
+            "as in random noise"
+        )
+    elif fraction > _MAX_NUCLEAR_FRACTION:
+        why = f"the nuclei cover {fraction:.0%} of the stained area (H&E tissue: about 5-40 %)"
+    else:
+        return
+    warn(
+        f"The nuclei found in image {image_key!r} look like noise: {why}. Check that it is an H&E scan of tissue "
+        f"(not a fluorescence, mask or synthetic image), that `mpp` is right, and that the hematoxylin threshold "
+        f"({threshold:.3g}) suits it (pass `threshold=`)."
+    )
 
 
 def _segment_block(
@@ -278,9 +325,8 @@ def segment_nuclei(
 
     image_key = resolve_image(sdata, image_key)
     image = sdata.images[image_key]
-    levels = _levels(image)
+    levels = image_levels(image, image_key)
     level0 = levels[0]
-    _check_image(level0, image_key)
     spots = _pick_spots(sdata, image_key, shapes_key, table_key, mpp)
     mpp = spots.mpp if mpp is None and spots is not None else image_mpp(sdata, image, mpp)
     key_added = key_added or Key.nuclei(image_key)
@@ -303,8 +349,9 @@ def segment_nuclei(
                 f"sdata.tables[{cells_key!r}] already holds nuclei of {shapes_added!r}; pass `overwrite=True`."
             )
 
+    overview, overview_scale = _overview(levels)
     if threshold is None:
-        threshold = _global_threshold(levels, mpp)
+        threshold = _global_threshold(overview, mpp * overview_scale)
     h, w = int(level0.sizes["y"]), int(level0.sizes["x"])
     min_area_px, max_area_px = min_area_um2 / mpp**2, max_area_um2 / mpp**2
     labels = _labels_array(labels_store, (h, w), chunk_px)
@@ -351,6 +398,7 @@ def segment_nuclei(
         )
     props = pd.concat(parts, ignore_index=True)
     n = len(props)
+    _check_plausible(image_key, overview, mpp * overview_scale, float(props["area"].sum()) * mpp**2, threshold)
 
     # where each nucleus falls: the nearest spot centre within its radius
     spot_index = np.full(n, -1, dtype=np.int64)

@@ -30,15 +30,15 @@ def _as_spots(data: SpatialData | Spots, resolve_kwargs: dict) -> Spots:
 
 
 def _to_uint8(block: np.ndarray) -> np.ndarray:
-    """``(c, y, x)`` block of any numeric dtype -> ``(y, x, 3)`` uint8."""
+    """``(c, y, x)`` block -> ``(y, x, 3)`` uint8.
+
+    Levels come from `~omx.pp._spots.image_levels`, which decides each image's value scale once and hands back
+    uint8; a block of another dtype (levels put together by hand) is only rounded and clipped to 0-255, never
+    rescaled block by block.
+    """
     block = block[:3]
     if block.dtype != np.uint8:
-        if np.issubdtype(block.dtype, np.floating):
-            scale = 255.0 if np.nanmax(block, initial=0) <= 1.0 else 1.0
-            block = np.clip(np.nan_to_num(block) * scale, 0, 255)
-        elif block.dtype == np.uint16:
-            block = block / 257.0
-        block = np.clip(block, 0, 255).astype(np.uint8)
+        block = np.clip(np.rint(np.nan_to_num(block.astype(np.float32), nan=255.0)), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(block.transpose(1, 2, 0))
 
 
@@ -63,6 +63,18 @@ def patch_geometry(spots: Spots, size_um: float | None, size_px: int) -> tuple[f
         size_um = spots.diameter_um
     if size_um <= 0 or size_px <= 0:
         raise ValueError(f"Patch size must be positive, got size_um={size_um}, size_px={size_px}.")
+    level0 = spots.levels[0]
+    if level0 is not None:
+        h, w = int(level0.sizes["y"]), int(level0.sizes["x"])
+        side = size_um / spots.mpp  # the patch's side in level-0 pixels
+        if h < side and w < side:
+            raise ValueError(
+                f"Image {spots.image_key!r} is {w} x {h} px ({w * spots.mpp:.3g} x {h * spots.mpp:.3g} um at "
+                f"{spots.mpp:.3g} um/px), smaller in both dimensions than one patch ({size_um:.3g} um, {side:.0f} px "
+                f"of this image, resampled to {size_px} px): every patch would be mostly white padding. Check that "
+                "the image is the full-resolution scan (not a thumbnail) and its microns per pixel, or pass a "
+                "smaller `size_um`."
+            )
     mpp_out = size_um / size_px
     level = 0
     for i, s in enumerate(spots.level_scales):

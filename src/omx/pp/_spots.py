@@ -14,6 +14,7 @@ from spatialdata.transformations import get_transformation
 
 from omx._docs import doc_params
 from omx._schema import Key
+from omx._settings import warn
 from omx._utils import default_bin_table, logger, resolve_key
 
 _MICRON_NAMES = {"um", "micron", "microns", "micrometer", "micrometre", "µm"}
@@ -43,7 +44,8 @@ class Spots:
     coordinate_system
         The coordinate system that links shapes and image.
     levels
-        The image's pyramid levels, finest first, each a ``('c', 'y', 'x')`` `xarray.DataArray`.
+        The image's pyramid levels, finest first, each a ``('c', 'y', 'x')`` uint8 `xarray.DataArray`: an image
+        of another dtype is converted lazily with one value scale for the whole image (`image_levels`).
     level_scales
         Level-0 pixels per pixel of each level.
     centers
@@ -425,9 +427,8 @@ def resolve_spots(
         )
     cs = next((c for c in common if _is_micron_system(sdata, c)), common[0])
 
-    levels = _levels(image)
+    levels = image_levels(image, image_key)
     level0 = levels[0]
-    _check_image(level0, image_key)
     level_scales = [float(level0.sizes["x"]) / float(lv.sizes["x"]) for lv in levels]
 
     img_affine = affine_xy(level0, cs)
@@ -524,6 +525,92 @@ def _levels(image) -> list[xr.DataArray]:
         return [image]
     n = len(image.children)
     return [get_pyramid_levels(image, n=i) for i in range(n)]
+
+
+#: Pixels of the coarsest level read to decide an image's value scale (strided when the level is larger).
+_PROBE_PIXELS = 2048**2
+_TO_UINT8 = "Convert it to 8-bit RGB (uint8, 0-255) before passing it to omx."
+
+
+def image_levels(image, image_key: str) -> list[xr.DataArray]:
+    """An RGB image's pyramid levels, finest first, as uint8 ``('c', 'y', 'x')`` arrays in 0-255.
+
+    The value scale is decided once per image, from what its coarsest level holds (`value_scale`), so every patch,
+    chunk and reader of the image converts its values the same way. uint8 levels are returned as they are; others
+    are converted lazily, block by block, into new arrays (the user's image is not changed).
+    """
+    levels = _levels(image)
+    _check_image(levels[0], image_key)
+    factor = value_scale(levels, image_key)
+    if factor is None:
+        return levels
+    return [_as_uint8(level, factor) for level in levels]
+
+
+def value_scale(levels: list[xr.DataArray], image_key: str) -> float | None:
+    """The factor that maps an image's values to 0-255, None for uint8 (kept as is).
+
+    Read from the coarsest level: integers whose values fit in 8 bits are 8-bit values (a warning says so when the
+    dtype is wider); others are scaled by their power-of-two range (``65535 / 255`` for 16-bit; 10-, 12- and 14-bit
+    scans are scaled by their own range, with a warning); floats in [0, 1] are multiplied by 255, floats in
+    [0, 255] kept. Raises a `ValueError` for negative values, floats above 255, NaN or infinity.
+    """
+    import dask.array as da
+
+    dtype = levels[0].dtype
+    if dtype == np.uint8:
+        return None
+    data = da.asarray(levels[-1].data)[:3]
+    h, w = data.shape[1:]
+    step = int(np.ceil(np.sqrt(h * w / _PROBE_PIXELS))) if h * w > _PROBE_PIXELS else 1
+    sample = np.asarray(data[:, ::step, ::step])
+    if sample.size == 0:
+        return 1.0
+    what = f"Image {image_key!r} ({dtype})"
+    if np.issubdtype(dtype, np.floating):
+        finite = np.isfinite(sample)
+        if not finite.all():
+            bad = "NaN" if np.isnan(sample).any() else "infinite"
+            raise ValueError(f"{what} holds {bad} values; an H&E image has none. {_TO_UINT8}")
+        lo, hi = float(sample.min()), float(sample.max())
+        if lo < -1e-3 or hi > 255.5:
+            raise ValueError(
+                f"{what} holds values from {lo:.4g} to {hi:.4g}; omx reads float images as 0-1 or 0-255 RGB and "
+                f"cannot tell what these mean. {_TO_UINT8}"
+            )
+        factor = 255.0 if hi <= 1.0 + 1e-3 else 1.0
+        logger.info(f"{what}: values {lo:.3g}-{hi:.3g}, read as 0-{255 / factor:g} RGB.")
+        return factor
+    lo, hi = int(sample.min()), int(sample.max())
+    if lo < 0:
+        raise ValueError(f"{what} holds negative values (down to {lo}); an RGB image has none. {_TO_UINT8}")
+    bits = max(8, int(hi).bit_length())
+    if bits == 8:
+        if dtype.itemsize > 1:
+            warn(
+                f"{what} holds values 0-{hi} only: read as 8-bit values (0-255), not as a dim {8 * dtype.itemsize}"
+                f"-bit image. {_TO_UINT8}"
+            )
+        return 1.0
+    top = 2**bits - 1
+    if bits != 8 * dtype.itemsize:
+        warn(
+            f"{what} holds values up to {hi}: read as a {bits}-bit image (0-{top}, as from a {bits}-bit scanner), "
+            f"so {top} is white. If its range is another one, convert it to 8-bit RGB (uint8, 0-255) yourself."
+        )
+    return 255.0 / top
+
+
+def _as_uint8(level: xr.DataArray, factor: float) -> xr.DataArray:
+    """A new level holding ``clip(round(values * factor), 0, 255)`` as uint8, converted lazily block by block."""
+    import dask.array as da
+
+    def convert(block: np.ndarray) -> np.ndarray:
+        out = block.astype(np.float32) * np.float32(factor)
+        np.nan_to_num(out, copy=False, nan=255.0)  # NaN the probe did not see: white, like the padding
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+    return level.copy(data=da.asarray(level.data).map_blocks(convert, dtype=np.uint8))
 
 
 def _check_image(level: xr.DataArray, image_key: str) -> None:

@@ -13,10 +13,10 @@ from omx._schema import Key, base_entry, check_free_elements
 from omx._settings import warn
 from omx._utils import logger, resolve_key
 from omx.pp._spots import (
-    _check_image,
     _coordinate_systems,
     _levels,
     geometries_in_pixels,
+    image_levels,
     image_mpp,
     resolve_image,
     to_pixels,
@@ -53,7 +53,7 @@ _BLOCK_TILES = 1_000_000
 
 # ------------------------------------------------------------------------------------------------------- reading
 def _read_low(levels, mpp: float, resolution_um: float) -> tuple[np.ndarray, float, float, float]:
-    """Read one low-resolution view of the image as float32 ``(3, y, x)`` RGB in 0-255.
+    """Read one low-resolution view of an image's uint8 levels (`image_levels`) as float32 ``(3, y, x)`` RGB.
 
     The coarsest pyramid level at least as fine as the target resolution is read, averaged down in blocks of
     pixels (`dask.array.coarsen`, chunk by chunk) when it is still finer than the target: a single-scale image
@@ -77,12 +77,6 @@ def _read_low(levels, mpp: float, resolution_um: float) -> tuple[np.ndarray, flo
     if factor > 1:
         data = da.coarsen(np.mean, data.astype(np.float32), {1: factor, 2: factor}, trim_excess=True)
     rgb = np.array(data, dtype=np.float32)  # a copy: changed in place below, never the image's own memory
-    if level.dtype == np.uint16:
-        rgb /= 257.0
-    elif np.issubdtype(level.dtype, np.floating) and np.nanmax(rgb, initial=0) <= 1.0:
-        rgb *= 255.0
-    np.nan_to_num(rgb, copy=False, nan=255.0)
-    np.clip(rgb, 0.0, 255.0, out=rgb)
     sx, sy = factor * w0 / w, factor * h0 / h
     return rgb, sx, sy, level_mpp * factor
 
@@ -290,9 +284,8 @@ def detect_tissue(
 
     image_key = resolve_image(sdata, image_key)
     image = sdata.images[image_key]
-    levels = _levels(image)
+    levels = image_levels(image, image_key)
     level0 = levels[0]
-    _check_image(level0, image_key)
     mpp = image_mpp(sdata, image, mpp)
     for name, value in (("resolution_um", resolution_um), ("min_area_um2", min_area_um2)):
         if not np.isfinite(value) or value <= 0:
