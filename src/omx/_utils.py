@@ -175,3 +175,10 @@ def progress(iterable: Iterable, *, show: bool, total: int | None = None, desc: 
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False)
+
+
+def file_sha256(path) -> str:
+    """A file's sha256 in hex, as pooch computes it for the downloads it checks (model files use it too)."""
+    import pooch
+
+    return pooch.file_hash(str(path), alg="sha256")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from omx._utils import logger
+from omx._utils import file_sha256, logger
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -283,16 +283,6 @@ def format_size(n_bytes: float | None) -> str:
     raise AssertionError  # pragma: no cover
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _remote_size(url: str, timeout: float) -> int | None:
     """Content-Length the server announces for ``url``, or None (no answer, no header)."""
     import requests
@@ -366,7 +356,7 @@ def fetch(
         target = folder / f.path
         out[f.path] = target
         if target.is_file():
-            found = _sha256(target)
+            found = file_sha256(target)
             if found == f.sha256:
                 continue
             logger.warning(

@@ -10,7 +10,6 @@ every problem is a `ModelFileError` that names the file, what is wrong and what 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from omx._settings import warn
+from omx._utils import file_sha256
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -58,7 +58,7 @@ def write_model_folder(path: Path, meta: dict[str, Any], writers: dict[str, Call
         for name, write in writers.items():
             temps[name] = _temporary(path, name)
             write(temps[name])
-            files[name] = {"size": temps[name].stat().st_size, "sha256": _sha256(temps[name])}
+            files[name] = {"size": temps[name].stat().st_size, "sha256": file_sha256(temps[name])}
         temps[PARAMS_FILE] = _temporary(path, PARAMS_FILE)
         with open(temps[PARAMS_FILE], "w", encoding="utf-8") as f:
             json.dump({"format": FORMAT, **meta, "files": files}, f, indent=2)
@@ -91,14 +91,6 @@ def _listed_files(params: Path) -> set[str]:
         return set()
     names = {meta.get("weights"), *(meta.get("files") or {})}
     return {name for name in names if isinstance(name, str) and _is_plain_name(name)}
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _is_plain_name(name: str) -> bool:
@@ -196,7 +188,7 @@ def check_files(path: Path, meta: dict[str, Any]) -> Path:
             raise ModelFileError(
                 f"{file} is {size:,} bytes, but {params} recorded {expected:,}: it is {how}. {_RESAVE}"
             )
-        if (digest := _sha256(file)) != record["sha256"]:
+        if (digest := file_sha256(file)) != record["sha256"]:
             raise ModelFileError(
                 f"{file} is corrupt: its sha256 ({digest[:16]}...) is not the one {params} recorded "
                 f"({record['sha256'][:16]}...), although its size is right. {_RESAVE}"
