@@ -63,8 +63,9 @@ def resolve_table(sdata: SpatialData, table_key: str | None) -> tuple[str, AnnDa
     return table_key, sdata.tables[table_key]
 
 
-#: Tables that `spatialdata_io.visium_hd` names after its bin sizes, and the one used when none is named.
-_HD_TABLE = re.compile(r"^square_(\d{3})um$")
+#: spatialdata-io's names of Visium HD bins: tables ``square_008um``, shapes ``<dataset>_square_008um``; and the bin
+#: table used when none is named.
+HD_BIN = re.compile(r"square_(\d{3})um$")
 HD_DEFAULT_TABLE = "square_008um"
 
 
@@ -74,7 +75,7 @@ def default_bin_table(candidates: Sequence[str]) -> str | None:
     8 um is Space Ranger's and spatialdata-io's default bin size; the choice is logged with the argument that
     changes it, so it is never silent.
     """
-    if len(candidates) > 1 and HD_DEFAULT_TABLE in candidates and all(_HD_TABLE.match(k) for k in candidates):
+    if len(candidates) > 1 and HD_DEFAULT_TABLE in candidates and all(HD_BIN.fullmatch(k) for k in candidates):
         logger.info(
             f"Using Visium HD's {HD_DEFAULT_TABLE} bins (tables {sorted(candidates)}); pass `table_key=` for another "
             "bin size."

@@ -325,9 +325,9 @@ def segment_nuclei(
 
     image_key = resolve_image(sdata, image_key)
     image = sdata.images[image_key]
-    levels = image_levels(image, image_key)
-    level0 = levels[0]
     spots = _pick_spots(sdata, image_key, shapes_key, table_key, mpp)
+    levels = spots.levels if spots is not None else image_levels(image, image_key)  # read and scaled once
+    level0 = levels[0]
     mpp = spots.mpp if mpp is None and spots is not None else image_mpp(sdata, image, mpp)
     key_added = key_added or Key.nuclei(image_key)
     shapes_added = Key.nuclei_shapes(key_added)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,15 +14,14 @@ from spatialdata.transformations import get_transformation
 from omx._docs import doc_params
 from omx._schema import Key
 from omx._settings import warn
-from omx._utils import default_bin_table, logger, resolve_key
+from omx._utils import HD_BIN, default_bin_table, logger, resolve_key
 
 _MICRON_NAMES = {"um", "micron", "microns", "micrometer", "micrometre", "µm"}
 #: Channel names of an RGB image; an image whose channels have other names (``"DAPI"``, ...) is not an H&E.
 _RGB_NAMES = {"r", "g", "b", "a", "red", "green", "blue", "alpha"}
-#: Visium spots are 55 um across; spatialdata-io names Visium HD bins ``<dataset>_square_008um``.
+#: Visium spots are 55 um across; Xenium's morphology images have 0.2125 um pixels.
 VISIUM_SPOT_UM = 55.0
 XENIUM_PIXEL_UM = 0.2125
-_HD_SHAPES = re.compile(r"square_(\d{3})um$")
 #: Shapes read for a platform's scale (enough for a robust median, cheap on a million bins).
 _SCALE_SAMPLE = 2000
 _NO_MPP = (
@@ -109,6 +107,11 @@ def affine_xy(element, coordinate_system: str) -> np.ndarray:
     return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
 
 
+def linear_scale(affine: np.ndarray) -> float:
+    """How much a ``(3, 3)`` affine scales lengths: the square root of its area scale."""
+    return float(np.sqrt(abs(np.linalg.det(affine[:2, :2]))))
+
+
 def to_pixels(element, level0, coordinate_system: str) -> np.ndarray:
     """The ``(3, 3)`` affine from an element's own coordinates to the pixels of an image's finest level."""
     return np.linalg.inv(affine_xy(level0, coordinate_system)) @ affine_xy(element, coordinate_system)
@@ -145,7 +148,7 @@ def image_mpp(sdata: SpatialData, image, mpp: float | None = None) -> float:
         systems = _coordinate_systems(level0)
         cs = next((c for c in systems if _is_micron_system(sdata, c)), None)
         if cs is not None:
-            mpp = float(np.sqrt(abs(np.linalg.det(affine_xy(level0, cs)[:2, :2]))))
+            mpp = linear_scale(affine_xy(level0, cs))
         else:
             found = next((f for c in systems if (f := platform_mpp(sdata, level0, c)) is not None), None)
             if found is None:
@@ -185,8 +188,8 @@ def platform_mpp(sdata: SpatialData, level0, cs: str, shapes_key: str | None = N
         shapes = sdata.shapes[key]
         if cs not in _coordinate_systems(shapes) or len(shapes) == 0:
             continue
-        px_per_unit = float(np.sqrt(abs(np.linalg.det(to_pixels(shapes, level0, cs)[:2, :2]))))
-        hd = _HD_SHAPES.search(key)
+        px_per_unit = linear_scale(to_pixels(shapes, level0, cs))
+        hd = HD_BIN.search(key)
         if hd is not None and reader in (None, "visium_hd"):
             sample = shapes.iloc[:_SCALE_SAMPLE]
             _, radius = _shape_geometry(sample, key)
@@ -247,7 +250,7 @@ def pick_image(sdata: SpatialData, candidates: list[str], *, argument: str = "im
     shared = set.intersection(*(set(_coordinate_systems(levels0[k])) for k in options))
     if shared:
         cs = sorted(shared)[0]
-        size = {k: float(np.sqrt(abs(np.linalg.det(affine_xy(levels0[k], cs)[:2, :2])))) for k in options}
+        size = {k: linear_scale(affine_xy(levels0[k], cs)) for k in options}
         finest = min(size, key=size.get)
         if sum(np.isclose(v, size[finest], rtol=0.01) for v in size.values()) == 1:
             others = [k for k in options if k != finest]
@@ -386,15 +389,14 @@ def resolve_spots(
     """
     table_key = _pick_table(sdata, table_key, shapes_key)
     table = sdata.tables[table_key] if table_key is not None else None
+    annotated = annotated_shapes(sdata, table) if table is not None else {}
     if shapes_key is None:
-        candidates = list(sdata.shapes.keys())
-        if table is not None:
-            candidates = list(annotated_shapes(sdata, table))
+        candidates = list(annotated) if table is not None else list(sdata.shapes.keys())
         shapes_key = resolve_key(None, candidates, kind="shapes element", argument="shapes_key")
     shapes_key = resolve_key(shapes_key, sdata.shapes.keys(), kind="shapes element", argument="shapes_key")
     if table is not None:
         regions = table_regions(table)[0]
-        if shapes_key not in annotated_shapes(sdata, table):
+        if shapes_key not in annotated:
             raise ValueError(
                 f"Table {table_key!r} does not annotate shapes {shapes_key!r} (it annotates {regions}). "
                 "Pass the `table_key=` of a table that does, or set its region with "
@@ -436,7 +438,7 @@ def resolve_spots(
     centers_units, radius_units = _shape_geometry(shapes, shapes_key)
     homog = np.c_[centers_units, np.ones(len(centers_units))]
     centers = (homog @ affine.T)[:, :2]
-    radius_px = radius_units * np.sqrt(abs(np.linalg.det(affine[:2, :2])))
+    radius_px = radius_units * linear_scale(affine)
 
     bad = ~(np.isfinite(centers).all(axis=1) & np.isfinite(radius_px))
     if bad.any():
@@ -451,12 +453,10 @@ def resolve_spots(
             f"Shapes {shapes_key!r} have duplicated index values, e.g. {dup}: spots are matched to table rows by "
             "index, so each needs its own. Make the index unique (and the table's instance key column to match)."
         )
-    if mpp is not None:
-        mpp = check_mpp(mpp)
     if mpp is None and spot_diameter_um is not None:
         mpp = float(spot_diameter_um / (2 * np.median(radius_px)))
     if mpp is None and _is_micron_system(sdata, cs):
-        mpp = float(np.sqrt(abs(np.linalg.det(img_affine[:2, :2]))))
+        mpp = linear_scale(img_affine)
     if mpp is None:
         found = platform_mpp(sdata, level0, cs, shapes_key)
         if found is None:
@@ -466,8 +466,7 @@ def resolve_spots(
             )
         mpp, how = found
         logger.info(f"Image {image_key!r}: {mpp:.4g} um per pixel, from {how}.")
-    if not np.isfinite(mpp) or mpp <= 0:
-        raise ValueError(f"Microns per pixel must be positive, got {mpp}.")
+    mpp = check_mpp(mpp)
 
     h, w = int(level0.sizes["y"]), int(level0.sizes["x"])
     outside = (centers[:, 0] < 0) | (centers[:, 0] >= w) | (centers[:, 1] < 0) | (centers[:, 1] >= h)
@@ -488,7 +487,7 @@ def resolve_spots(
                     f"(uns['spatialdata_attrs']); its columns: {list(table.obs.columns)}. Restore the column, or "
                     "re-parse the table with `TableModel.parse(adata, region=..., region_key=..., instance_key=...)`."
                 )
-        region = annotated_shapes(sdata, table)[shapes_key]
+        region = annotated[shapes_key]
         rows = np.flatnonzero((table.obs[region_key] == region).to_numpy())
         # shapes that share the table's ids (Xenium's cells) are matched by cell id, the others by instance key
         ids = linked_ids(table) if region != shapes_key else table.obs[instance_key]
