@@ -226,6 +226,26 @@ FRAGMENTS: dict[str, str] = {
             show_progress_bar
                 Show progress bars (`tqdm.auto`) over long loops.
             """,
+        # --------------------------------------------------------------------------------------------- downloads
+        "progressbar": """
+            progressbar
+                Show a progress bar per download.
+            """,
+        "timeout": """
+            timeout
+                Seconds to wait for the server.
+            """,
+        "fullres_image": """
+            fullres_image
+                Also fetch the full-resolution H&E image (the largest file by far); without it only the hires and
+                lowres images of ``spatial/`` are there.
+            """,
+        "dest_sample": """
+            dest
+                Folder to write into (created if needed); ``<dest>/<section>`` must not exist yet.
+            section
+                ``"C2"``, ``"C3"`` or ``"C4"``.
+            """,
         # ----------------------------------------------------------------------------------------------- plots
         "section_key_pl": """
             section_key

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from omx._docs import doc_params
 from omx._utils import logger
 from omx.pp._spots import VISIUM_SPOT_UM, XENIUM_PIXEL_UM
 
@@ -103,6 +104,7 @@ def _write_tiff(path: Path, image: np.ndarray) -> None:
     tifffile.imwrite(path, image, photometric="rgb", tile=(256, 256), compression="zlib")
 
 
+@doc_params()
 def write_sample_visium(dest: str | Path, section: str = "C2", *, seed: int = 0) -> Path:
     """Write one section of the packaged her2st sample as a 10x Visium (Space Ranger 2) output folder.
 
@@ -121,10 +123,7 @@ def write_sample_visium(dest: str | Path, section: str = "C2", *, seed: int = 0)
 
     Parameters
     ----------
-    dest
-        Folder to write into (created if needed); ``<dest>/<section>`` must not exist yet.
-    section
-        ``"C2"``, ``"C3"`` or ``"C4"``.
+    {dest_sample}
     seed
         Seed of the made-up barcodes.
 
@@ -201,6 +200,7 @@ def _split_counts(counts: sparse.csr_matrix, spot_of_bin: np.ndarray, rng) -> sp
     return m.tocsr().astype(np.int32)
 
 
+@doc_params()
 def write_sample_visium_hd(
     dest: str | Path,
     section: str = "C2",
@@ -228,10 +228,7 @@ def write_sample_visium_hd(
 
     Parameters
     ----------
-    dest
-        Folder to write into (created if needed); ``<dest>/<section>`` must not exist yet.
-    section
-        ``"C2"``, ``"C3"`` or ``"C4"``.
+    {dest_sample}
     bin_sizes
         Bin sizes in microns to write (multiples of 2).
     crop_um

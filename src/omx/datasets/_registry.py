@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from omx._docs import doc_params
 from omx._utils import file_sha256, logger
 
 if TYPE_CHECKING:
@@ -303,6 +304,7 @@ def _place_hint(missing: Iterable[tuple[RemoteFile, Path]]) -> str:
     )
 
 
+@doc_params()
 def fetch(
     name: str,
     files: str | Iterable[str] | None = None,
@@ -324,10 +326,8 @@ def fetch(
         Paths of files inside the data set (column ``file`` of `omx.datasets.registry`); None fetches all.
     path
         Folder of the data set; None uses ``data_dir() / name`` (``$OMX_DATA_DIR/<name>`` when that is set).
-    progressbar
-        Show a progress bar per download.
-    timeout
-        Seconds to wait for the server.
+    {progressbar}
+    {timeout}
 
     Returns
     -------

@@ -6,6 +6,7 @@ import tarfile
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+from omx._docs import doc_params
 from omx._utils import logger
 from omx.datasets._registry import fetch, get_dataset
 
@@ -36,6 +37,7 @@ def _untar_spatial(archive: Path, folder: Path) -> None:
             tar.extractall(root, members=members)
 
 
+@doc_params()
 def download_visium(
     name: str,
     path: str | Path | None = None,
@@ -57,13 +59,9 @@ def download_visium(
         ``"visium_breast_ffpe"`` or ``"visium_breast_block_a"``.
     path
         Folder to put the data set in; None uses ``$OMX_DATA_DIR/<name>`` (or omx's cache folder).
-    fullres_image
-        Also fetch the full-resolution H&E image (the largest file by far; without it only the hires and lowres
-        images of ``spatial/`` are there).
-    progressbar
-        Show a progress bar per download.
-    timeout
-        Seconds to wait for the server.
+    {fullres_image}
+    {progressbar}
+    {timeout}
 
     Returns
     -------
@@ -79,6 +77,19 @@ def download_visium(
     return folder
 
 
+#: The parameters of the Visium readers, in their docstrings.
+_READER_PARAMS = """
+path
+    Folder to keep the data set in; None uses ``$OMX_DATA_DIR/<name>`` (or omx's cache folder), ``<name>`` being
+    the reader's name.
+fullres_image
+    Fetch and read the full-resolution H&E image (the largest download); without it the SpatialData has the
+    hires and lowres images only.
+progressbar
+    Show a progress bar per download.
+"""
+
+
 def _read(name: str, path: str | Path | None, fullres_image: bool, progressbar: bool) -> SpatialData:
     from spatialdata_io import visium
 
@@ -88,6 +99,7 @@ def _read(name: str, path: str | Path | None, fullres_image: bool, progressbar: 
     return visium(folder, dataset_id=name, fullres_image_file=_IMAGE if fullres_image else None)
 
 
+@doc_params(visium_reader=_READER_PARAMS)
 def visium_breast_ffpe(
     path: str | Path | None = None, *, fullres_image: bool = True, progressbar: bool = True
 ) -> SpatialData:
@@ -102,13 +114,7 @@ def visium_breast_ffpe(
 
     Parameters
     ----------
-    path
-        Folder to keep the data set in; None uses ``$OMX_DATA_DIR/visium_breast_ffpe`` (or omx's cache folder).
-    fullres_image
-        Fetch and read the full-resolution H&E image (the largest download); without it the SpatialData has the
-        hires and lowres images only.
-    progressbar
-        Show a progress bar per download.
+    {visium_reader}
 
     Returns
     -------
@@ -119,6 +125,7 @@ def visium_breast_ffpe(
     return _read("visium_breast_ffpe", path, fullres_image, progressbar)
 
 
+@doc_params(visium_reader=_READER_PARAMS)
 def visium_breast_block_a(
     path: str | Path | None = None, *, fullres_image: bool = True, progressbar: bool = True
 ) -> SpatialData:
@@ -133,13 +140,7 @@ def visium_breast_block_a(
 
     Parameters
     ----------
-    path
-        Folder to keep the data set in; None uses ``$OMX_DATA_DIR/visium_breast_block_a`` (or omx's cache folder).
-    fullres_image
-        Fetch and read the full-resolution H&E image (the largest download); without it the SpatialData has the
-        hires and lowres images only.
-    progressbar
-        Show a progress bar per download.
+    {visium_reader}
 
     Returns
     -------
