@@ -243,6 +243,8 @@ FRAGMENTS: dict[str, str] = {
         "dest_sample": """
             dest
                 Folder to write into (created if needed); ``<dest>/<section>`` must not exist yet.
+            """,
+        "section_sample": """
             section
                 ``"C2"``, ``"C3"`` or ``"C4"``.
             """,

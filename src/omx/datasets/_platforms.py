@@ -124,6 +124,7 @@ def write_sample_visium(dest: str | Path, section: str = "C2", *, seed: int = 0)
     Parameters
     ----------
     {dest_sample}
+    {section_sample}
     seed
         Seed of the made-up barcodes.
 
@@ -229,6 +230,7 @@ def write_sample_visium_hd(
     Parameters
     ----------
     {dest_sample}
+    {section_sample}
     bin_sizes
         Bin sizes in microns to write (multiples of 2).
     crop_um
