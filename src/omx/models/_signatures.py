@@ -15,7 +15,7 @@ centring over batches the maximum a posteriori; the other two are the convention
 
 All cells of one type in one batch share a mean, so the part of the likelihood that holds the means needs only the
 summed counts of each (type, batch) group; the dispersion part needs, per gene, how many cells have each count
-value, which a histogram of the nonzero entries gives. The fit alternates a Fisher scoring step of the log means
+value, which a histogram of the nonzero entries gives. The fit alternates a Newton step of the log means
 (types and batch effects of each gene solved jointly, vectorised over genes), the detection efficiencies in closed
 form given the batch effects, and a Newton step of each gene's log dispersion (maximum likelihood). Without
 batches the signatures are the per-type means exactly (their maximum likelihood estimate).
@@ -23,13 +23,14 @@ batches the signatures are the per-type means exactly (their maximum likelihood 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from scipy.special import digamma, polygamma
+from scipy.special import digamma, gammaln, polygamma
 
 from omx._utils import check_counts, logger
 
@@ -100,7 +101,7 @@ def _codes(values: Any, n_obs: int, name: str, argname: str) -> tuple[np.ndarray
     missing = values.isna()
     if missing.any():
         raise ValueError(
-            f"{argname} holds {int(missing.sum())} missing {name}s; drop those cells (rows) or give them a {name}."
+            f"{argname} holds {int(missing.sum())} missing values; drop those cells (rows) or give each a {name}."
         )
     names, codes = np.unique(values.astype(str).to_numpy(), return_inverse=True)
     return names, codes
@@ -182,6 +183,56 @@ def _check_connected(n: np.ndarray, batch_names: np.ndarray, type_names: np.ndar
         )
 
 
+def _information(w: np.ndarray, zero: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Information of the log means of each gene in the signatures ``s`` and the batch effects ``gamma``.
+
+    ``w`` ``(K, B, G)`` is the information of each (type, batch) group's log mean. Returns the ``s`` block's
+    diagonal ``D_s`` ``(K, G)`` (1 where a type has no counts of the gene: those stay fixed), ``A = w / D_s`` and the
+    Schur complement ``M`` ``(G, B, B)`` of the ``s`` block (the prior's ``lam`` on the diagonal), with which a Newton
+    step or the covariance is a ``B x B`` solve per gene.
+    """
+    D_s = np.where(zero, 1.0, w.sum(1))
+    A = w / D_s[:, None, :]
+    M = -np.einsum("kbg,kcg->gbc", A, w)
+    diag = np.arange(w.shape[1])
+    M[:, diag, diag] += (w.sum(0) + lam).T
+    return D_s, A, M
+
+
+def _mean_objective(
+    s: np.ndarray, gamma: np.ndarray, delta: np.ndarray, r: np.ndarray, n: np.ndarray, Y: np.ndarray, lam: float
+) -> np.ndarray:
+    """Log likelihood of each gene in its means (terms without them left out), plus the log prior of its effects."""
+    eta = s[:, None, :] + gamma[None, :, :]
+    ll = np.where(Y > 0, Y * np.where(Y > 0, eta, 0.0), 0.0) - (n[:, :, None] * r + Y) * np.log(r + np.exp(eta))
+    return ll.sum((0, 1)) - 0.5 * lam * ((gamma - delta[:, None]) ** 2).sum(0)
+
+
+def _dispersion_objective(
+    theta: np.ndarray, mu: np.ndarray, n: np.ndarray, Y: np.ndarray, hg: np.ndarray, hy: np.ndarray, hm: np.ndarray
+) -> np.ndarray:
+    """Log likelihood of each gene in its log dispersion ``theta`` (terms without it left out)."""
+    r = np.exp(theta)
+    rh = r[hg]
+    ll = np.bincount(hg, weights=hm * (gammaln(hy + rh) - gammaln(rh)), minlength=r.size)
+    return ll - (n[:, :, None] * r * np.log1p(mu / r) + Y * np.log(r + mu)).sum((0, 1))
+
+
+def _backtrack(objective: Callable[[np.ndarray], np.ndarray], max_halvings: int = 30) -> np.ndarray:
+    """Per-gene step lengths (1, 1/2, 1/4, ...) at which ``objective(step)`` is not below ``objective(0)``.
+
+    The comparison allows rounding error, so a gene at its optimum keeps the full (tiny) step.
+    """
+    f0 = objective(np.zeros(1))
+    step = np.ones_like(f0)
+    for _ in range(max_halvings):
+        bad = ~(objective(step) >= f0 - 1e-10 * (1.0 + np.abs(f0)))
+        if not bad.any():
+            break
+        step = np.where(bad, step / 2, step)
+    return np.where(bad, 0.0, step)
+
+
 def fit_signatures(
     X: Any,
     labels: Any,
@@ -197,7 +248,7 @@ def fit_signatures(
     ``y[c, g] ~ NB(detect[b] * S[k, g] * batch_gene[b, g], r[g])`` for cell ``c`` of type ``k`` in batch ``b``:
     the signatures ``S`` are mean counts per cell of each type, corrected for the batches' detection efficiency
     and per-gene effects (as cell2location's reference regression and stereoscope's single-cell step do). The fit
-    is deterministic: maximum a posteriori by Fisher scoring on the summed counts of each (type, batch) group and
+    is deterministic: maximum a posteriori by Newton steps on the summed counts of each (type, batch) group and
     Newton steps of each gene's dispersion on a histogram of its counts.
 
     Parameters
@@ -277,23 +328,26 @@ def fit_signatures(
 
     converged = False
     n_iter = 0
+    mean_count = Y.sum((0, 1)) / n_obs
     for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is reported)
         change = 0.0
         r = np.exp(theta)
         if n_batches > 1:
-            # Fisher scoring of (s[:, g], gamma[:, g]) for every gene at once, the prior on gamma - delta included.
+            # Newton steps of (s[:, g], gamma[:, g]) for every gene at once, the prior on gamma - delta included,
+            # halved per gene until the penalised likelihood does not fall.
             mu = np.exp(s[:, None, :] + gamma[None, :, :])  # (K, B, G); 0 where s = -inf
             grad = r * (Y - n[:, :, None] * mu) / (r + mu)
-            w = n[:, :, None] * mu * r / (r + mu)
             g_s, g_b = grad.sum(1), grad.sum(0) - lam * (gamma - delta[:, None])
-            D_s = np.where(zero, 1.0, w.sum(1))  # types without counts of a gene stay fixed at -inf
-            A = w / D_s[:, None, :]  # (K, B, G)
-            M = -np.einsum("kbg,kcg->gbc", A, w)
-            M[:, np.arange(n_batches), np.arange(n_batches)] += (w.sum(0) + lam).T
+            # Newton: the observed information, not the expected (Fisher scoring converges slowly where they differ)
+            w = (n[:, :, None] * r + Y) * r * mu / (r + mu) ** 2
+            D_s, A, M = _information(w, zero, lam)
             rhs = g_b - np.einsum("kbg,kg->bg", A, g_s)
             d_gamma = np.linalg.solve(M, rhs.T[:, :, None])[:, :, 0].T
             d_s = np.where(zero, 0.0, (g_s - np.einsum("kbg,bg->kg", w, d_gamma)) / D_s)
             d_s, d_gamma = np.clip(d_s, -_MAX_STEP, _MAX_STEP), np.clip(d_gamma, -_MAX_STEP, _MAX_STEP)
+            objective = lambda step: _mean_objective(s + step * d_s, gamma + step * d_gamma, delta, r, n, Y, lam)  # noqa: B023
+            step = _backtrack(objective)
+            d_s, d_gamma = step * d_s, step * d_gamma
             s, gamma = s + d_s, gamma + d_gamma
             # Detection given the batch effects (closed form: the prior's centre is their mean over genes), then
             # the geometric mean of detection set to 1, its scale moved into the signatures.
@@ -301,7 +355,8 @@ def fit_signatures(
             shift = delta.mean()
             delta, gamma, s = delta - shift, gamma - shift, s + shift
             change = max(float(np.abs(d_s).max()), float(np.abs(d_gamma).max()))
-        # Newton step of each gene's log dispersion (maximum likelihood given the means).
+        # Newton step of each gene's log dispersion (maximum likelihood given the means), halved per gene until the
+        # likelihood does not fall; where the likelihood is not concave, a unit step uphill.
         mu = np.exp(s[:, None, :] + gamma[None, :, :])
         nn = n[:, :, None]
         rh = r[hg]
@@ -310,9 +365,12 @@ def fit_signatures(
         hess_r = np.bincount(hg, weights=hm * (polygamma(1, hy + rh) - polygamma(1, rh)), minlength=n_genes)
         hess_r += (nn / r - nn / (r + mu) - (nn * mu - Y) / (r + mu) ** 2).sum((0, 1))
         g_t, h_t = r * grad_r, r**2 * hess_r + r * grad_r
-        step = np.where(h_t < 0, -g_t / np.where(h_t < 0, h_t, -1.0), np.sign(g_t))
-        new_theta = np.clip(theta + np.clip(step, -1.0, 1.0), np.log(_R_MIN), np.log(_R_MAX))
-        change = max(change, float(np.abs(new_theta - theta).max()))
+        d_theta = np.clip(np.where(h_t < 0, -g_t / np.where(h_t < 0, h_t, -1.0), np.sign(g_t)), -1.0, 1.0)
+        d_theta = np.clip(theta + d_theta, np.log(_R_MIN), np.log(_R_MAX)) - theta
+        objective = lambda step: _dispersion_objective(theta + step * d_theta, mu, n, Y, hg, hy, hm)  # noqa: B023
+        new_theta = theta + _backtrack(objective) * d_theta
+        # The dispersion's change, measured by what it does: the variance over the mean, 1 + mean / r.
+        change = max(change, float(np.abs(np.log1p(mean_count / np.exp(new_theta)) - np.log1p(mean_count / r)).max()))
         theta = new_theta
         if change < tol:
             converged = True
@@ -326,13 +384,9 @@ def fit_signatures(
     # negative binomial, and detection is pinned by all genes.
     r = np.exp(theta)
     mu = np.exp(s[:, None, :] + gamma[None, :, :])
-    w = n[:, :, None] * mu * r / (r + mu)
-    D_s = np.where(zero, 1.0, w.sum(1))
+    D_s, A, M = _information(n[:, :, None] * mu * r / (r + mu), zero, lam)
     var = 1.0 / D_s
     if n_batches > 1:
-        A = w / D_s[:, None, :]
-        M = -np.einsum("kbg,kcg->gbc", A, w)
-        M[:, np.arange(n_batches), np.arange(n_batches)] += (w.sum(0) + lam).T
         M_inv = np.linalg.inv(M)
         v = M_inv.sum(2)  # (G, B): M^-1 1
         u = np.einsum("kbg,gb->kg", A, v)  # covariance of s with the sum of gene g's batch effects (sign dropped)
