@@ -210,3 +210,10 @@ def test_batches_sharing_no_type_are_an_error(data):
     # one cell of t0 in "b" links them
     batches[np.flatnonzero(labels == "t0")[0]] = "b"
     assert fit_signatures(X, labels, batches=batches).batches == ["a", "b"]
+
+
+def test_bad_settings(data):
+    X, labels, *_ = data
+    for kwargs in [{"batch_sd": 0}, {"max_iter": 0}, {"tol": -1}]:
+        with pytest.raises(ValueError, match="batch_sd and tol must be positive"):
+            fit_signatures(X, labels, **kwargs)

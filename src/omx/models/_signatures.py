@@ -259,7 +259,9 @@ def fit_signatures(
         Cell type of each cell (array-like, one per row of ``X``).
     batches
         Batch (sample, donor, technology) of each cell, or `None` for one batch: the signatures are then the
-        per-type means. Every group of batches must share a cell type with the others.
+        per-type means. Batch effects are told apart from cell types through the types that batches share: a batch
+        may hold a single type when that type is also in another batch, but every group of batches must share a
+        cell type with the others (an error says which do not).
     min_cells_per_type
         Fewest cells a type may have.
     batch_sd
@@ -273,6 +275,11 @@ def fit_signatures(
     -------
     The fitted signatures, their standard errors, dispersions and batch effects (see `SignatureFit`).
     """
+    if not batch_sd > 0 or max_iter < 1 or not tol > 0:
+        raise ValueError(
+            f"batch_sd and tol must be positive and max_iter at least 1; got batch_sd={batch_sd}, tol={tol}, "
+            f"max_iter={max_iter}."
+        )
     X = _count_matrix(X)
     n_obs = X.shape[0]
     type_names, k_of = _codes(labels, n_obs, "label", "labels")
@@ -294,6 +301,8 @@ def fit_signatures(
     group = k_of * n_batches + b_of
     n_groups = n_types * n_batches
     n = np.bincount(group, minlength=n_groups).astype(np.float64).reshape(n_types, n_batches)
+    if n_batches > 1:
+        _check_connected(n, batch_names, type_names)
     Y, hg, hy, hm = _statistics(X, group, n_groups)
     genes = np.flatnonzero(Y.sum(0) > 0)
     if genes.size == 0:
@@ -306,8 +315,6 @@ def fit_signatures(
     n_genes = genes.size
     Y = Y.reshape(n_types, n_batches, n_genes)
     sum_y2 = np.bincount(hg, weights=hm * hy**2, minlength=n_genes)
-    if n_batches > 1:
-        _check_connected(n, batch_names, type_names)
 
     # Start: per-type means (the answer without batches), no batch effects, moment-estimated dispersion.
     Y_type = Y.sum(1)
