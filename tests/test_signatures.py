@@ -217,3 +217,36 @@ def test_bad_settings(data):
     for kwargs in [{"batch_sd": 0}, {"max_iter": 0}, {"tol": -1}]:
         with pytest.raises(ValueError, match="batch_sd and tol must be positive"):
             fit_signatures(X, labels, **kwargs)
+
+
+def test_dispersion_is_the_maximum_likelihood_estimate(data):
+    from scipy.optimize import minimize_scalar
+    from scipy.stats import nbinom
+
+    X, labels, *_ = data
+    fit = fit_signatures(X, labels)
+    dense = X.toarray()
+    mu = fit.signatures[np.searchsorted(fit.types, labels)]  # each cell's mean: its type's mean
+    for g in [0, 17, 99]:
+
+        def nll(log_r, y=dense[:, g], m=mu[:, g]):
+            return -nbinom.logpmf(y, np.exp(log_r), np.exp(log_r) / (np.exp(log_r) + m)).sum()
+
+        best = np.exp(minimize_scalar(nll, bounds=(-5, 10), method="bounded", options={"xatol": 1e-8}).x)
+        np.testing.assert_allclose(fit.dispersion[g], best, rtol=1e-3)
+
+
+def test_count_histogram_holds_large_values():
+    from omx.models._signatures import _statistics
+
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(rng.lognormal(1.0, 2.0, (500, 30)))
+    assert dense.max() > 1000
+    group = rng.integers(0, 3, 500)
+    Y, hg, hy, hm = _statistics(sparse.csr_matrix(dense), group, 3)
+    np.testing.assert_array_equal(Y, [dense[group == i].sum(0) for i in range(3)])
+    cols, vals = np.nonzero(dense.T)[0], dense.T[dense.T > 0]
+    pairs, counts = np.unique(np.stack([cols, vals]), axis=1, return_counts=True)
+    order = np.lexsort((hy, hg))
+    np.testing.assert_array_equal(np.stack([hg[order], hy[order]]), pairs)
+    np.testing.assert_array_equal(hm[order], counts)
