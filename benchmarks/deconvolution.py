@@ -3,8 +3,9 @@
 Run one part per process (peak memory is per process)::
 
     python benchmarks/deconvolution.py segment   # nuclei on a full her2st section: seconds, peak GB, counts
-    python benchmarks/deconvolution.py simulate  # simulated spots: Bayesian model vs NNLS (RMSE, JSD)
+    python benchmarks/deconvolution.py simulate  # simulated spots: Bayesian model vs NNLS, interval coverage
     python benchmarks/deconvolution.py scale     # omx.tl.deconvolve on 4,000 spots x 30 cell types: seconds
+    python benchmarks/deconvolution.py hd        # a million 8 um bins x 30 types: seconds and peak memory
     python benchmarks/deconvolution.py her2st    # signatures from training sections, held-out vs stereoscope
     python benchmarks/deconvolution.py image     # proportions from H&E only, held-out vs stereoscope
 """
@@ -88,39 +89,121 @@ def simulate(n_spots=1000, n_types=8, n_genes=500, n_cells_ref=2000, seed=0, pla
     return ref, counts, truth, types, nuclei
 
 
-def bench_simulate(seed: int = 0) -> None:
-    """Bayesian model vs NNLS on the same signatures, simulated spots."""
-    from omx.models._deconv import DeconvolutionModel, jsd, nnls_proportions, signatures_from_reference
+def bench_simulate(seeds=(0, 1, 2)) -> None:
+    """Bayesian model vs NNLS on the same signatures, simulated spots; calibration of the credible intervals."""
+    from omx.models._deconv import (
+        DeconvolutionModel,
+        interval_coverage,
+        jsd,
+        nnls_proportions,
+        signatures_from_reference,
+    )
 
-    ref, Y, truth, types, nuclei = simulate(seed=seed)
-    sig, names = signatures_from_reference(ref, "cell_type", min_cells_per_type=10)
-    assert list(names) == types
-    t0 = time.perf_counter()
-    p_nnls = nnls_proportions(Y, sig)
-    t_nnls = time.perf_counter() - t0
-    for use_nuclei in (True, False):
-        model = DeconvolutionModel(seed=seed, show_progress_bar=False)
+    rows = []
+    for seed in seeds:
+        ref, Y, truth, types, nuclei = simulate(seed=seed)
+        sig, names = signatures_from_reference(ref, "cell_type", min_cells_per_type=10)
+        assert list(names) == types
         t0 = time.perf_counter()
-        model.fit(Y, sig, n_cells=nuclei if use_nuclei else None)
-        dt = time.perf_counter() - t0
-        p = model.proportions_
-        print(
-            f"simulated {Y.shape[0]} spots x {Y.shape[1]} genes x {len(types)} types (seed {seed}), "
-            f"nuclei {'given' if use_nuclei else 'not given'}: Bayesian RMSE {_rmse(truth, p):.4f} "
-            f"JSD {jsd(truth, p).mean():.4f} ({dt:.1f} s, {model.n_steps_} steps); "
-            f"NNLS RMSE {_rmse(truth, p_nnls):.4f} JSD {jsd(truth, p_nnls).mean():.4f} ({t_nnls:.2f} s); "
-            f"90% interval coverage {_coverage(truth, model):.2f}; the model's start (NNLS with a moment-matched "
-            f"platform effect) RMSE {_rmse(truth, model.init_proportions_):.4f} "
-            f"JSD {jsd(truth, model.init_proportions_).mean():.4f}"
-        )
+        p_nnls = nnls_proportions(Y, sig)
+        t_nnls = time.perf_counter() - t0
+        for use_nuclei in (True, False):
+            model = DeconvolutionModel(seed=seed, show_progress_bar=False)
+            t0 = time.perf_counter()
+            model.fit(Y, sig, n_cells=nuclei if use_nuclei else None)
+            dt = time.perf_counter() - t0
+            p = model.proportions_
+            present = truth > 0
+            inside90 = (truth >= model.q05_ - 1e-9) & (truth <= model.q95_ + 1e-9)
+            inside50 = (truth >= model.q25_ - 1e-9) & (truth <= model.q75_ + 1e-9)
+            row = {
+                "seed": seed, "nuclei": use_nuclei, "seconds": dt, "steps": model.n_steps_,
+                "rmse": _rmse(truth, p), "jsd": float(jsd(truth, p).mean()),
+                "rmse_nnls": _rmse(truth, p_nnls), "jsd_nnls": float(jsd(truth, p_nnls).mean()), "t_nnls": t_nnls,
+                "cov90": interval_coverage(truth, model.q05_, model.q95_, model.absent_, level=0.9),
+                "cov50": interval_coverage(truth, model.q25_, model.q75_, model.absent_, level=0.5),
+                "naive90": float(inside90.mean()), "naive50": float(inside50.mean()),
+                "present90": float(inside90[present].mean()), "present50": float(inside50[present].mean()),
+                "zero_share": float((~present).mean()),
+            }  # fmt: skip
+            rows.append(row)
+            print(
+                f"seed {seed}, nuclei {'given' if use_nuclei else 'not given'}: {Y.shape[0]} spots x {Y.shape[1]} "
+                f"genes x {len(types)} types; Bayesian RMSE {row['rmse']:.4f} JSD {row['jsd']:.4f} ({dt:.1f} s, "
+                f"{model.n_steps_} SVI steps); NNLS RMSE {row['rmse_nnls']:.4f} JSD {row['jsd_nnls']:.4f}\n"
+                f"    coverage of 90 % / 50 % intervals: {row['cov90']:.3f} / {row['cov50']:.3f} (true zeros by "
+                f"randomised PIT); plain {row['naive90']:.3f} / {row['naive50']:.3f}; types present "
+                f"{row['present90']:.3f} / {row['present50']:.3f} ({row['zero_share']:.0%} of true proportions are 0)"
+            )
+            sys.stdout.flush()
+    df = pd.DataFrame(rows)
+    print("mean over seeds and nuclei settings:")
+    print(df.drop(columns=["seed", "nuclei"]).mean().round(4).to_string())
 
 
 def _rmse(a, b) -> float:
     return float(np.sqrt(np.mean((np.asarray(a) - np.asarray(b)) ** 2)))
 
 
-def _coverage(truth, model) -> float:
-    return float(np.mean((truth >= model.q05_ - 1e-9) & (truth <= model.q95_ + 1e-9)))
+def simulate_bins(n_bins: int, n_types: int = 30, n_genes: int = 500, seed: int = 0, chunk: int = 100_000):
+    """Visium HD-like 8 um bins: 0-3 cells each, ~100-200 UMIs; counts as a float32 CSR matrix, built in chunks.
+
+    Returns ``(signatures, counts, true proportions (float32, NaN for bins without cells), nuclei per bin)``.
+    """
+    from scipy import sparse
+
+    rng = np.random.default_rng(seed)
+    base = rng.lognormal(0.0, 1.2, n_genes)
+    lfc = rng.normal(0, 1.0, (n_types, n_genes)) * (rng.random((n_types, n_genes)) < 0.3)
+    size = rng.lognormal(0, 0.3, n_types)
+    mean = base * np.exp(lfc)
+    mean = mean / mean.sum(1, keepdims=True) * 1500 * size[:, None]  # mean counts per cell in the reference
+    platform = rng.lognormal(0, 0.3, n_genes)
+    blocks, truth, nuclei = [], [], []
+    for start in range(0, n_bins, chunk):
+        n = min(chunk, n_bins - start)
+        cells = rng.poisson(1.5, n) + 1  # 8 um bins: one to a few cells
+        props = rng.dirichlet(np.full(n_types, 0.1), n)
+        counts = rng.multinomial(cells, props)
+        mu = (counts @ mean) * platform * 0.1
+        blocks.append(sparse.csr_matrix(rng.poisson(mu).astype(np.float32)))
+        truth.append((counts / cells[:, None]).astype(np.float32))
+        nuclei.append(cells)
+    return mean, sparse.vstack(blocks, format="csr"), np.concatenate(truth), np.concatenate(nuclei)
+
+
+def bench_hd(n_bins: int, device: str = "auto") -> None:
+    """A million 8 um bins x 30 types: time and peak memory of the model on sparse counts."""
+    from omx.models._deconv import DeconvolutionModel, interval_coverage, jsd
+
+    t0 = time.perf_counter()
+    S, Y, truth, nuclei = simulate_bins(n_bins)
+    keep = np.asarray(Y.sum(1)).ravel() > 0
+    Y, truth, nuclei = Y[keep], truth[keep], nuclei[keep]
+    print(
+        f"simulated {Y.shape[0]:,} bins with counts x {Y.shape[1]} genes x {S.shape[0]} types "
+        f"({Y.nnz / Y.shape[0]:.0f} genes detected per bin, {np.asarray(Y.sum(1)).mean():.0f} UMIs) in "
+        f"{time.perf_counter() - t0:.0f} s; peak so far {peak_gb():.2f} GB"
+    )
+    sys.stdout.flush()
+    model = DeconvolutionModel(device=device, show_progress_bar=False)
+    t0 = time.perf_counter()
+    model.fit(Y, S, n_cells=nuclei.astype(float))
+    dt = time.perf_counter() - t0
+    cov = interval_coverage(truth, model.q05_, model.q95_, model.absent_, level=0.9)
+    print(
+        f"hd: {Y.shape[0]:,} bins x {S.shape[0]} types, device {_device(device)}: {dt:.0f} s "
+        f"({model.n_steps_} SVI steps on {min(Y.shape[0], model.max_fit_spots):,} bins); peak RSS {peak_gb():.2f} GB; "
+        f"JSD {jsd(truth, model.proportions_).mean():.3f}; 90 % interval coverage {cov:.3f}"
+    )
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
 def bench_scale() -> None:
@@ -275,7 +358,9 @@ def bench_image(key: str = "stereoscope_major") -> None:
 def main() -> None:
     """Run one part."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["segment", "simulate", "scale", "her2st", "image"])
+    parser.add_argument("part", choices=["segment", "simulate", "scale", "hd", "her2st", "image"])
+    parser.add_argument("--bins", type=int, default=1_000_000)
+    parser.add_argument("--device", default="auto")
     parser.add_argument("--section", default="C2")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--platform-sd", type=float, default=0.5)
@@ -284,7 +369,9 @@ def main() -> None:
     if args.part == "segment":
         bench_segment(args.section)
     elif args.part == "simulate":
-        bench_simulate(args.seed)
+        bench_simulate()
+    elif args.part == "hd":
+        bench_hd(args.bins, args.device)
     elif args.part == "scale":
         bench_scale()
     elif args.part == "her2st":

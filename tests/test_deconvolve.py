@@ -8,7 +8,13 @@ from deconv_data import simulate
 from deconv_data import spot_sdata as _spot_sdata
 
 import omx
-from omx.models._deconv import DeconvolutionModel, jsd, nnls_proportions, signatures_from_reference
+from omx.models._deconv import (
+    DeconvolutionModel,
+    interval_coverage,
+    jsd,
+    nnls_proportions,
+    signatures_from_reference,
+)
 
 
 def rmse(a, b):
@@ -26,6 +32,42 @@ def test_bayesian_beats_nnls_on_simulated_spots():
     p_nnls = nnls_proportions(Y, S)
     assert rmse(truth, p) < rmse(truth, p_nnls)
     assert jsd(truth, p).mean() < jsd(truth, p_nnls).mean()
+
+
+def test_intervals_are_calibrated():
+    """90 % and 50 % credible intervals hold 85-95 % and 45-55 % of the true proportions of simulated spots."""
+    ref, Y, truth, _, n_cells = simulate(n_spots=400, seed=1)
+    S, _ = signatures_from_reference(ref, "cell_type")
+    model = DeconvolutionModel(seed=0, show_progress_bar=False).fit(Y, S, n_cells=n_cells)
+    assert 0.85 <= interval_coverage(truth, model.q05_, model.q95_, model.absent_, level=0.9) <= 0.95
+    assert 0.45 <= interval_coverage(truth, model.q25_, model.q75_, model.absent_, level=0.5) <= 0.55
+    # where a type is present, its interval holds the truth about as often as the level says
+    present = truth > 0
+    inside = (truth >= model.q05_ - 1e-9) & (truth <= model.q95_ + 1e-9)
+    assert 0.8 <= inside[present].mean() <= 0.97
+    # a type absent from a spot has a lower bound of exactly 0 when the posterior allows less than half a cell
+    assert (model.q05_[~present] == 0).mean() > 0.9
+    assert ((model.q05_ <= model.proportions_ + 1e-9) & (model.proportions_ <= model.q95_ + 1e-9)).all()
+
+
+def test_reference_batches_are_corrected():
+    """Single cells from two batches with different detection: batch_key= gives the types their true RNA content."""
+    ref, Y, truth, types, n_cells = simulate(n_spots=200, n_ref=1200, seed=2)
+    rng = np.random.default_rng(0)
+    # the cells of the first two types come mostly from a batch that detects 3 times more molecules
+    lab = ref.obs["cell_type"].astype(str).to_numpy()
+    in_b = np.where(np.isin(lab, types[:2]), rng.random(len(lab)) < 0.9, rng.random(len(lab)) < 0.1)
+    X = np.asarray(ref.X).copy()
+    X[in_b] = rng.binomial(np.round(X[in_b] * 3).astype(int), 1.0).astype(np.float32)
+    ref = AnnData(X=X, obs=ref.obs.assign(batch=np.where(in_b, "b", "a")), var=ref.var)
+    fits = {}
+    for key in (None, "batch"):
+        S, names = signatures_from_reference(ref, "cell_type", batch_key=key)
+        assert names == types
+        fits[key] = DeconvolutionModel(n_steps=300, seed=0, show_progress_bar=False).fit(Y, S, n_cells=n_cells)
+    assert rmse(truth, fits["batch"].proportions_) < 0.8 * rmse(truth, fits[None].proportions_)
+    with pytest.raises(KeyError, match="batch_key=None"):
+        signatures_from_reference(ref, "cell_type", batch_key="donor")
 
 
 def test_model_is_deterministic():

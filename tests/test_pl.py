@@ -376,9 +376,18 @@ def test_cell_types_draws_typed_nuclei():
     nuclei_panel = next(a for t, a in drawn.items() if t.startswith("nuclei by type"))
     n_cells = sdata.tables["omx_cells"].n_obs
     assert len(nuclei_panel.collections[0].get_array()) == n_cells
-    assert len(drawn) == 3  # most abundant type, nuclei, Epithelial
-    no_nuclei = omx.pl.cell_types(sdata, section="C4", cell_types=["Epithelial"], cells_key=None, show=False)
+    assert len(drawn) == 4  # most abundant type, nuclei, Epithelial, the width of its 90 % interval
+    table = sdata.tables["table"]
+    c4 = (table.obs["section"] == "C4").to_numpy()
+    want = (table.obsm["omx_proportions_q95"] - table.obsm["omx_proportions_q05"])["Epithelial"].to_numpy()[c4]
+    got = np.asarray(drawn["Epithelial: 90 % interval width"].collections[0].get_array())
+    np.testing.assert_allclose(np.sort(got), np.sort(want), rtol=1e-6)
+    no_nuclei = omx.pl.cell_types(
+        sdata, section="C4", cell_types=["Epithelial"], cells_key=None, intervals=False, show=False
+    )
     assert len(no_nuclei) == 2
+    with pytest.raises(KeyError, match="intervals=True needs"):
+        omx.pl.cell_types(sdata, key="stereoscope_major", section="C4", intervals=True, show=False)
 
 
 # ------------------------------------------------------------------------------------- one way for every plot

@@ -44,12 +44,22 @@ _MAX_SIGNATURE_TYPES = 200
 
 
 def signatures_from_reference(
-    reference: AnnData, labels_key: str | None, *, min_cells_per_type: int = 10, layer: str | None = None
+    reference: AnnData,
+    labels_key: str | None,
+    *,
+    batch_key: str | None = None,
+    min_cells_per_type: int = 10,
+    layer: str | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Mean counts per cell of each cell type, ``(n_types, n_genes)``, and the type names.
 
-    With ``labels_key=None`` the reference already holds one row per cell type (its ``obs_names``).
+    With ``labels_key=None`` the reference already holds one row per cell type (its ``obs_names``). With single
+    cells, the signatures are fitted by a negative-binomial model of the cells
+    (:func:`omx.models._signatures.fit_signatures`), which corrects each batch's detection and per-gene effects
+    when ``batch_key`` names them; without batches they are the per-type means.
     """
+    from omx.models._signatures import fit_signatures
+
     X = reference.layers[layer] if layer is not None else reference.X
     if X is None:
         raise ValueError("The reference has no values in X; pass `layer=` naming its counts.")
@@ -63,33 +73,32 @@ def signatures_from_reference(
                 f"the obs column with their cell types as `labels_key=` (text columns: {columns or 'none'}; add one "
                 "if the reference has no labels)."
             )
+        if batch_key is not None:
+            raise ValueError("batch_key= needs single cells with labels_key=; signatures have no batches.")
         names = [str(n) for n in reference.obs_names]
         if len(set(names)) != len(names):
             raise ValueError("The reference signatures have duplicate cell type names (obs_names); make them unique.")
         S = X.toarray() if sparse.issparse(X) else np.asarray(X)
         return S.astype(np.float64), names
-    if labels_key not in reference.obs:
-        raise KeyError(
-            f"The reference has no obs column {labels_key!r} (columns: {list(reference.obs.columns)}). Pass the "
-            "column with the cell types as `labels_key=`, or `labels_key=None` for a reference of signatures."
-        )
+    for key, what in ((labels_key, "cell types"), (batch_key, "batches")):
+        if key is not None and key not in reference.obs:
+            raise KeyError(
+                f"The reference has no obs column {key!r} (columns: {list(reference.obs.columns)}). Pass the column "
+                f"with the {what}"
+                + (
+                    ", or `labels_key=None` for a reference of signatures."
+                    if key == labels_key
+                    else ", or `batch_key=None`."
+                )
+            )
     labels = reference.obs[labels_key]
     if labels.isna().any():
         raise ValueError(f"reference.obs[{labels_key!r}] holds {int(labels.isna().sum())} missing labels; drop them.")
-    labels = labels.astype(str).to_numpy()
-    names, inverse, n = np.unique(labels, return_inverse=True, return_counts=True)
-    few = {str(t): int(c) for t, c in zip(names, n, strict=True) if c < min_cells_per_type}
-    if few:
-        raise ValueError(
-            f"Cell types with fewer than min_cells_per_type={min_cells_per_type} cells in the reference: {few}. "
-            "Drop or merge them, or lower `min_cells_per_type=`."
-        )
-    onehot = sparse.csr_matrix(
-        (np.ones(len(labels)), (inverse, np.arange(len(labels)))), shape=(len(names), len(labels))
-    )
-    S = onehot @ X
-    S = np.asarray(S.toarray() if sparse.issparse(S) else S, dtype=np.float64) / n[:, None]
-    return S, [str(t) for t in names]
+    batches = None if batch_key is None else reference.obs[batch_key].astype(str).to_numpy()
+    fit = fit_signatures(X, labels.astype(str).to_numpy(), batches=batches, min_cells_per_type=min_cells_per_type)
+    S = np.zeros((len(fit.types), reference.n_vars))
+    S[:, fit.genes] = fit.signatures
+    return S, [str(t) for t in fit.types]
 
 
 def nnls_proportions(Y: np.ndarray, S: np.ndarray) -> np.ndarray:

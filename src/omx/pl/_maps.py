@@ -18,6 +18,7 @@ from matplotlib.patches import Patch
 from spatialdata import SpatialData
 
 from omx._docs import doc_params
+from omx._schema import Key
 from omx._utils import as_list, resolve_table
 from omx.pl._expression import _check_genes, _dense_columns, _observed, _pick_section
 from omx.pl._tissue import canvas, robust_norm
@@ -55,18 +56,21 @@ def cell_types(
     cells_key: str | None = "omx_cells",
     image_key: str | None = None,
     shapes_key: str | None = None,
+    intervals: bool | None = None,
     ncols: int = 4,
     cmap: str = "magma",
     ax: Sequence[Axes] | None = None,
     show: bool | None = None,
     save: str | PathLike | bool | None = None,
 ) -> list[Axes] | None:
-    """Plot cell-type proportions per spot over the H&E of one section.
+    """Plot cell-type proportions per spot over the H&E of one section, and how sure they are.
 
     The first panel colours each spot by its most abundant cell type; when the nuclei of the section's image
     have cell types (:func:`omx.tl.assign_cells`), the next panel draws every nucleus in its type's colour. One
     panel per cell type follows with its proportion, all on one colour scale from 0 to the largest proportion
-    drawn.
+    drawn. With credible intervals (:func:`omx.tl.deconvolve` writes them beside the proportions), each type's
+    panel is followed by the width of its 90 % interval, on a scale of its own: where it is wide, the proportion
+    is uncertain.
 
     Parameters
     ----------
@@ -79,6 +83,9 @@ def cell_types(
     {section_pl}
     cell_types
         Cell types to draw a panel for; all when omitted.
+    intervals
+        Draw the width of the 90 % credible interval (``obsm[key + "_q95"]`` minus ``obsm[key + "_q05"]``) after each
+        type's proportion; None draws them when the table holds them.
     cells_key
         Table of nuclei with ``obs["cell_type"]`` (written by :func:`omx.tl.assign_cells`); its panel is drawn
         when it holds nuclei of this section's image. None leaves it out.
@@ -90,15 +97,16 @@ def cell_types(
     cmap
         Colour map of the proportions.
     ax
-        As many axes as panels (``1 + len(cell_types)``, plus one for the nuclei when they are drawn) to draw
-        into; a new figure when omitted.
+        As many axes as panels (``1 + len(cell_types)``, or ``1 + 2 * len(cell_types)`` with intervals, plus one
+        for the nuclei when they are drawn) to draw into; a new figure when omitted.
     {show}
     {save}
 
     Returns
     -------
     With ``show=False``, the panel axes in drawing order (most abundant type, nuclei when drawn, then one per
-    cell type; the figure is ``axes[0].figure``); otherwise None.
+    cell type, or two with intervals: proportion, interval width; the figure is ``axes[0].figure``); otherwise
+    None.
     """
     table_key, table = resolve_table(sdata, table_key)
     if key not in table.obsm:
@@ -113,6 +121,14 @@ def cell_types(
     if missing := [t for t in types if t not in props.columns]:
         raise KeyError(f"Cell types {missing} are not columns of table.obsm[{key!r}]: {list(props.columns)}.")
     values = props.to_numpy(dtype=np.float64)
+    bounds = list(Key.quantiles(key))
+    has_bounds = all(b in table.obsm for b in bounds)
+    if intervals and not has_bounds:
+        raise KeyError(
+            f"intervals=True needs table.obsm {bounds} (written by omx.tl.deconvolve beside {key!r}); the table has "
+            f"{list(table.obsm.keys())}."
+        )
+    intervals = has_bounds if intervals is None else bool(intervals)
     column = section_column(table, section_key)
     sections = table.obs[column].astype(str).to_numpy()
     has = np.isfinite(values).all(axis=1)
@@ -124,7 +140,8 @@ def cell_types(
     P = values[frame.rows]
     nuclei = _typed_nuclei(sdata, cells_key, frame.image_key)
     n_first = 2 if nuclei is not None else 1
-    fig, axes = _grid(n_first + len(types), ncols, frame.aspect, ax)
+    per_type = 2 if intervals else 1
+    fig, axes = _grid(n_first + per_type * len(types), ncols, frame.aspect, ax)
 
     palette = plt.get_cmap("tab20" if len(props.columns) > 10 else "tab10")
     colours = ListedColormap([palette(i % palette.N) for i in range(len(props.columns))])
@@ -149,11 +166,23 @@ def cell_types(
         axes[1].set_title(f"nuclei by type ({int(known.sum())})", fontsize=10)
     idx = [list(props.columns).index(t) for t in types]
     norm = Normalize(0.0, float(np.nanmax(P[:, idx])) if len(idx) else 1.0)
-    for a, t, i in zip(axes[n_first:], types, idx, strict=True):
+    prop_axes = axes[n_first::per_type]
+    for a, t, i in zip(prop_axes, types, idx, strict=True):
         frame.draw(a, P[:, i], cmap=cmap, norm=norm)
         a.set_title(t, fontsize=10)
+    if intervals:
+        lo, hi = (table.obsm[b][props.columns].to_numpy(dtype=np.float64)[frame.rows] for b in bounds)
+        width = hi - lo
+        width_norm = Normalize(0.0, max(float(np.nanmax(width[:, idx])) if len(idx) else 1.0, 1e-6))
+        for a, t, i in zip(axes[n_first + 1 :: per_type], types, idx, strict=True):
+            frame.draw(a, width[:, i], cmap="viridis", norm=width_norm)
+            a.set_title(f"{t}: 90 % interval width", fontsize=9)
+        fig.colorbar(
+            ScalarMappable(norm=width_norm, cmap="viridis"), ax=axes[n_first + 1 :: per_type], shrink=0.6,
+            label="90 % interval width",
+        )  # fmt: skip
     if types:
-        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[n_first:], shrink=0.6, label="proportion")
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=prop_axes, shrink=0.6, label="proportion")
     if ax is None:
         fig.suptitle(f"Section {section}: cell-type proportions ({key!r}), {len(frame.rows)} spots", fontsize=11)
     return finish(list(axes), show=show, save=save, name="cell_types")

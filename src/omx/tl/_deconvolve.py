@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from scipy import sparse
 from spatialdata import SpatialData
 
 from omx._docs import doc_params
@@ -79,6 +80,7 @@ def deconvolve(
     reference: AnnData,
     *,
     labels_key: str | None = None,
+    batch_key: str | None = None,
     table_key: str | None = None,
     layer: str | None = None,
     reference_layer: str | None = None,
@@ -109,10 +111,14 @@ def deconvolve(
     sdata
         SpatialData with a table of raw spot counts.
     reference
-        Single cells (raw counts, cell types in ``obs[labels_key]``), or signatures: one row per cell type
-        (``obs_names`` are the types; mean counts per cell) with ``labels_key=None``.
+        Single cells (raw counts, cell types in ``obs[labels_key]``; their signatures are fitted by a
+        negative-binomial model of the cells, as stereoscope and cell2location do), or signatures: one row per cell
+        type (``obs_names`` are the types; mean counts per cell) with ``labels_key=None``.
     labels_key
         The reference's obs column with cell types; None when the reference holds signatures.
+    batch_key
+        The reference's obs column with its batches (samples, donors, technologies): the signatures are then
+        corrected for each batch's detection and per-gene effects. None: one batch.
     table_key
         The table of spot counts; may be omitted when there is one.
     {layer}
@@ -166,7 +172,7 @@ def deconvolve(
     )
     rows = _section_rows(table, sections, section_key)
     S, types = signatures_from_reference(
-        reference, labels_key, min_cells_per_type=min_cells_per_type, layer=reference_layer
+        reference, labels_key, batch_key=batch_key, min_cells_per_type=min_cells_per_type, layer=reference_layer
     )
     shared = table.var_names.intersection(reference.var_names, sort=False)
     if genes is not None:
@@ -192,8 +198,9 @@ def deconvolve(
             f"({table.n_vars} in the spots, {reference.n_vars} in the reference); at least "
             f"min_shared_genes={min_shared_genes} are needed. Check that both use the same gene symbols (or IDs)."
         )
-    Y = np.asarray(as_dense(counts(table, rows, layer=layer)[:, table.var_names.get_indexer(shared)]), dtype=np.float64)
-    lib = Y.sum(1)
+    Y = counts(table, rows, layer=layer)[:, table.var_names.get_indexer(shared)]  # stays sparse when it is
+    Y = Y.tocsr() if sparse.issparse(Y) else np.asarray(Y, dtype=np.float64)
+    lib = np.asarray(Y.sum(1), dtype=np.float64).ravel()
     ok = lib > 0
     if (~ok).any():
         logger.info("Left out %d spots with no counts in the %d shared genes.", int((~ok).sum()), len(shared))
@@ -226,8 +233,9 @@ def deconvolve(
     entry = base_entry(
         "deconvolve",
         {
-            "labels_key": labels_key, "sections": sections, "genes": genes, "table_key": table_key,
-            "section_key": section_key, "layer": layer, "n_cells_key": n_cells_key, "seed": seed,
+            "labels_key": labels_key, "batch_key": batch_key, "sections": sections, "genes": genes,
+            "table_key": table_key, "section_key": section_key, "layer": layer, "n_cells_key": n_cells_key,
+            "seed": seed,
         },
         model={"class": "DeconvolutionModel", "params": dict(model.init_params_)},
         cell_types=types,
