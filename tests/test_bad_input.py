@@ -132,7 +132,7 @@ def test_deconvolve_refuses_a_type_without_profile():
     X[0] = 0
     signatures.X = X
     with pytest.raises(ValueError, match=rf"Cell types \['{signatures.obs_names[0]}'\] express none"):
-        omx.tl.deconvolve(sdata, signatures, sections=["C3"], n_cells_key=None, n_steps=10, show_progress_bar=False)
+        omx.tl.deconvolve(sdata, signatures, sections=["C3"], n_cells_key=None, max_rounds=10, show_progress_bar=False)
     assert "omx_proportions" not in sdata.tables["table"].obsm
 
 

@@ -25,7 +25,7 @@ def test_bayesian_beats_nnls_on_simulated_spots():
     ref, Y, truth, types, n_cells = simulate()
     S, names = signatures_from_reference(ref, "cell_type")
     assert names == types
-    model = DeconvolutionModel(n_steps=400, seed=0, show_progress_bar=False).fit(Y, S, n_cells=n_cells)
+    model = DeconvolutionModel(max_rounds=10, seed=0, show_progress_bar=False).fit(Y, S, n_cells=n_cells)
     p = model.proportions_
     assert p.shape == truth.shape and np.allclose(p.sum(1), 1, atol=1e-4)
     assert (model.q05_ <= p + 1e-6).all() and (p <= model.q95_ + 1e-6).all()
@@ -64,7 +64,7 @@ def test_reference_batches_are_corrected():
     for key in (None, "batch"):
         S, names = signatures_from_reference(ref, "cell_type", batch_key=key)
         assert names == types
-        fits[key] = DeconvolutionModel(n_steps=300, seed=0, show_progress_bar=False).fit(Y, S, n_cells=n_cells)
+        fits[key] = DeconvolutionModel(max_rounds=10, seed=0, show_progress_bar=False).fit(Y, S, n_cells=n_cells)
     assert rmse(truth, fits["batch"].proportions_) < 0.8 * rmse(truth, fits[None].proportions_)
     with pytest.raises(KeyError, match="batch_key=None"):
         signatures_from_reference(ref, "cell_type", batch_key="donor")
@@ -73,14 +73,14 @@ def test_reference_batches_are_corrected():
 def test_model_is_deterministic():
     ref, Y, _, _, n_cells = simulate(n_spots=60, n_genes=80)
     S, _ = signatures_from_reference(ref, "cell_type")
-    a = DeconvolutionModel(n_steps=60, seed=3, show_progress_bar=False).fit(Y, S, n_cells=n_cells).proportions_
-    b = DeconvolutionModel(n_steps=60, seed=3, show_progress_bar=False).fit(Y, S, n_cells=n_cells).proportions_
+    a = DeconvolutionModel(max_rounds=10, seed=3, show_progress_bar=False).fit(Y, S, n_cells=n_cells).proportions_
+    b = DeconvolutionModel(max_rounds=10, seed=3, show_progress_bar=False).fit(Y, S, n_cells=n_cells).proportions_
     np.testing.assert_allclose(a, b)
 
 
 def test_deconvolve_writes_results(synthetic_sdata):
     sdata, ref, truth, types = _spot_sdata(synthetic_sdata)
-    omx.tl.deconvolve(sdata, ref, labels_key="cell_type", n_steps=200, show_progress_bar=False)
+    omx.tl.deconvolve(sdata, ref, labels_key="cell_type", max_rounds=10, show_progress_bar=False)
     t = sdata.tables["table"]
     props = t.obsm["omx_proportions"]
     assert isinstance(props, pd.DataFrame) and list(props.columns) == types
@@ -90,12 +90,12 @@ def test_deconvolve_writes_results(synthetic_sdata):
     assert t.uns["omx"]["omx_proportions"]["n_cells_prior"] is True
     assert t.varm["omx_proportions_signatures"].shape == (t.n_vars, len(types))
     with pytest.raises(KeyError, match="overwrite"):
-        omx.tl.deconvolve(sdata, ref, labels_key="cell_type", n_steps=10, show_progress_bar=False)
+        omx.tl.deconvolve(sdata, ref, labels_key="cell_type", max_rounds=10, show_progress_bar=False)
 
     # signatures as the reference (one row per type) work the same way
     S, names = signatures_from_reference(ref, "cell_type")
     sig = AnnData(X=S, obs=pd.DataFrame(index=names), var=pd.DataFrame(index=ref.var_names))
-    omx.tl.deconvolve(sdata, sig, n_steps=50, key_added="p2", show_progress_bar=False)
+    omx.tl.deconvolve(sdata, sig, max_rounds=10, key_added="p2", show_progress_bar=False)
     assert list(t.obsm["p2"].columns) == types
 
     omx.tl.assign_cells(sdata)
@@ -163,12 +163,12 @@ def test_single_cells_without_labels_are_refused():
         signatures_from_reference(ref, None)
     S = np.abs(np.random.default_rng(0).normal(size=(300, Y.shape[1])))
     with pytest.raises(ValueError, match="300 cell types"):
-        DeconvolutionModel(n_steps=2, show_progress_bar=False).fit(Y, S)
+        DeconvolutionModel(max_rounds=10, show_progress_bar=False).fit(Y, S)
 
 
 def test_assign_cells_matches_types_by_name(synthetic_sdata):
     sdata, ref, _, types = _spot_sdata(synthetic_sdata)
-    omx.tl.deconvolve(sdata, ref, labels_key="cell_type", n_steps=20, show_progress_bar=False)
+    omx.tl.deconvolve(sdata, ref, labels_key="cell_type", max_rounds=10, show_progress_bar=False)
     t = sdata.tables["table"]
     omx.tl.assign_cells(sdata)
     before = np.asarray(sdata.tables["omx_cells"].X).copy()

@@ -54,11 +54,11 @@ def test_deconvolve_checks_every_key(synthetic_sdata, slot, name):
     _user_value(t, slot, name)
     before = {s: set(getattr(t, s).keys()) for s in ("obsm", "varm")} | {"obs": set(t.obs.columns)}
     with pytest.raises(KeyError, match=rf"{slot}\['{name}'\]"):
-        omx.tl.deconvolve(sdata, ref, labels_key="cell_type", n_steps=10, show_progress_bar=False)
+        omx.tl.deconvolve(sdata, ref, labels_key="cell_type", max_rounds=10, show_progress_bar=False)
     assert _is_user_value(t, slot, name)
     assert {s: set(getattr(t, s).keys()) for s in ("obsm", "varm")} | {"obs": set(t.obs.columns)} == before
     assert Key.PROPORTIONS not in t.uns.get("omx", {})
-    omx.tl.deconvolve(sdata, ref, labels_key="cell_type", n_steps=10, overwrite=True, show_progress_bar=False)
+    omx.tl.deconvolve(sdata, ref, labels_key="cell_type", max_rounds=10, overwrite=True, show_progress_bar=False)
     assert not _is_user_value(t, slot, name)
     assert Key.PROPORTIONS in t.uns["omx"]
 

@@ -369,7 +369,7 @@ def test_cell_types_draws_typed_nuclei():
     sdata = omx.datasets.her2st_sample()
     reference = omx.tl.signatures_from_proportions(sdata, key="stereoscope_major", sections=["C2", "C3"])
     omx.pp.segment_nuclei(sdata, image_key="C4_he", show_progress_bar=False)
-    omx.tl.deconvolve(sdata, reference, sections="C4", n_steps=200, show_progress_bar=False)
+    omx.tl.deconvolve(sdata, reference, sections="C4", max_rounds=10, show_progress_bar=False)
     omx.tl.assign_cells(sdata)
     axes = omx.pl.cell_types(sdata, section="C4", cell_types=["Epithelial"], show=False)
     drawn = {a.get_title(): a for a in axes}

@@ -111,7 +111,7 @@ def test_visium_deconvolve(visium, sample):
         columns=ref.obsm["stereoscope_major"].columns,
     )
     signatures = omx.tl.signatures_from_proportions(visium, sections=["C2", "C3"])
-    omx.tl.deconvolve(visium, signatures, sections=["C4"], n_cells_key=None, n_steps=50, show_progress_bar=False)
+    omx.tl.deconvolve(visium, signatures, sections=["C4"], n_cells_key=None, max_rounds=10, show_progress_bar=False)
     props = visium.tables["table"].obsm["omx_proportions"]
     c4 = (visium.tables["table"].obs["region"] == "C4").to_numpy()
     np.testing.assert_allclose(props.to_numpy()[c4].sum(axis=1), 1.0, atol=1e-5)
@@ -255,7 +255,7 @@ def test_visium_hd_nuclei_and_deconvolution(visium_hd_folder, sample):
     assert "omx_n_nuclei" in sdata.tables["square_008um"].obs  # the default bins, not the 2 or 16 um ones
     assert "omx_n_nuclei" not in sdata.tables["square_016um"].obs
     signatures = omx.tl.signatures_from_proportions(sample, sections=["C3"])
-    omx.tl.deconvolve(sdata, signatures, n_steps=50, show_progress_bar=False)
+    omx.tl.deconvolve(sdata, signatures, max_rounds=10, show_progress_bar=False)
     props = sdata.tables["square_008um"].obsm["omx_proportions"].to_numpy()
     done = np.isfinite(props).all(axis=1)
     assert done.mean() > 0.9 and np.allclose(props[done].sum(axis=1), 1.0, atol=1e-5)
@@ -282,5 +282,5 @@ def test_xenium_samples_concatenated(sample):
     assert np.isfinite(table.layers["omx_pred"][c3]).any(axis=1).all() and np.isnan(table.layers["omx_pred"][~c3]).all()
     genes = list(table.var_names)
     signatures = omx.tl.signatures_from_proportions(sample, sections=["C4"], genes=genes)
-    omx.tl.deconvolve(x, signatures, n_cells_key=None, n_steps=50, show_progress_bar=False)
+    omx.tl.deconvolve(x, signatures, n_cells_key=None, max_rounds=10, show_progress_bar=False)
     assert x.tables["table"].obsm["omx_proportions"].shape == (table.n_obs, signatures.n_obs)

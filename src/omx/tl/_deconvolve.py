@@ -92,7 +92,7 @@ def deconvolve(
     min_shared_genes: int = 50,
     alpha: float = 1.0,
     platform_sd: float = 0.5,
-    n_steps: int = 3000,
+    max_rounds: int = 30,
     seed: int = 0,
     device: str = "auto",
     key_added: str = Key.PROPORTIONS,
@@ -103,8 +103,12 @@ def deconvolve(
 
     Counts are negative binomial around the library-scaled mixture of cell-type signatures, with a per-gene
     platform effect between reference and spots, a Dirichlet prior on the proportions, and the number of
-    nuclei in each spot (:func:`omx.pp.segment_nuclei`) as the prior on its number of cells; the model is fitted
-    by stochastic variational inference in Pyro (:class:`omx.models._deconv.DeconvolutionModel`).
+    nuclei in each spot (:func:`omx.pp.segment_nuclei`) as the prior on its number of cells
+    (:class:`omx.models._deconv.DeconvolutionModel`). The shared parameters are fitted on a random subsample of
+    spots; each spot's posterior then comes from a Laplace approximation at its mode, a chunk of spots at a time,
+    so a million bins fit in a few GB. A type with less than half a cell in a posterior draw counts as absent
+    there, so the credible intervals of absent types start at exactly 0; on simulated spots the 90 % and 50 %
+    intervals hold the truth about 90 % and 50 % of the time (``benchmarks/deconvolution.py simulate``).
 
     Parameters
     ----------
@@ -139,9 +143,9 @@ def deconvolve(
         Concentration of the Dirichlet prior (below 1: few types per spot).
     platform_sd
         Prior standard deviation of the per-gene log platform effect (smaller when reference and spots come from
-        the same technology).
-    n_steps
-        Maximum SVI steps (it stops earlier when the loss stops improving).
+        the same technology; 0 leaves it out, e.g. for signatures from :func:`signatures_from_proportions`).
+    max_rounds
+        Most rounds of fitting the shared parameters (it stops earlier when the fit stops improving).
     {seed}
     {device}
     key_added
@@ -219,7 +223,7 @@ def deconvolve(
     model = DeconvolutionModel(
         alpha=alpha,
         platform_sd=platform_sd,
-        n_steps=n_steps,
+        max_rounds=max_rounds,
         seed=seed,
         device=device,
         show_progress_bar=show_progress_bar,
@@ -241,8 +245,8 @@ def deconvolve(
         cell_types=types,
         genes=[str(g) for g in shared],
         n_cells_prior=n_cells is not None,
-        n_steps_run=model.n_steps_,
-        final_loss=float(np.mean(model.history_["loss"][-50:])),
+        n_rounds=model.n_steps_,
+        log_posterior=model.history_["log_posterior"][-1],
     )  # fmt: skip
     write_results(
         table,
