@@ -297,8 +297,9 @@ class _SpotPosterior:
         L = torch.linalg.cholesky(H)  # H = L L^T is the precision; z + L^-T eps has covariance H^-1
         gen = torch.Generator(device=z.device).manual_seed(seed)
         eps = torch.randn((self.n_samples, *z.shape), generator=gen, **self.f64)
-        dz = torch.linalg.solve_triangular(L.transpose(-1, -2)[None], eps.unsqueeze(-1), upper=True).squeeze(-1)
-        return (z[None] + dz).exp()
+        eye = torch.eye(L.shape[-1], **self.f64).expand_as(L)
+        root = torch.linalg.solve_triangular(L.transpose(-1, -2), eye, upper=True)  # L^-T, once per spot
+        return (z[None] + torch.einsum("bkl,sbl->sbk", root, eps)).exp()
 
     def summarise(self, w) -> dict[str, np.ndarray]:
         """Proportions (types with fewer than ``min_cells`` cells in a draw count as absent there) and quantiles."""
