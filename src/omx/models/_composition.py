@@ -128,8 +128,13 @@ def _jsd(P: np.ndarray, Q: np.ndarray) -> float:
     return float(jsd(P, Q).mean())
 
 
-def _fit_softmax(X: np.ndarray, P: np.ndarray, alpha: float, *, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax regression of soft targets ``P`` on ``X``: mean cross-entropy + ``alpha / 2 ||W||^2``."""
+def _fit_softmax(
+    X: np.ndarray, P: np.ndarray, alpha: float, *, max_iter: int, start: tuple | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax regression of soft targets ``P`` on ``X``: mean cross-entropy + ``alpha / 2 ||W||^2``.
+
+    ``start`` is a fit ``(W, b)`` to start from (a warm start along a path of penalties); zeros otherwise.
+    """
     from scipy.optimize import minimize
 
     n, d = X.shape
@@ -142,14 +147,21 @@ def _fit_softmax(X: np.ndarray, P: np.ndarray, alpha: float, *, max_iter: int) -
         G = (Q - P) / n
         return f, np.concatenate([(X.T @ G + alpha * W).ravel(), G.sum(0)])
 
-    b0 = np.log(np.clip(P.mean(0), 1e-6, None))
-    theta0 = np.concatenate([np.zeros(d * K), b0 - b0.mean()])
+    theta0 = _start(P, d, start)
     res = minimize(loss, theta0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
     return res.x[: d * K].reshape(d, K), res.x[d * K :]
 
 
+def _start(P: np.ndarray, d: int, start: tuple | None) -> np.ndarray:
+    """Flat starting parameters: ``start`` when given, else zero weights and the log mean proportions."""
+    if start is not None:
+        return np.concatenate([start[0].ravel(), start[1]])
+    b0 = np.log(np.clip(P.mean(0), 1e-6, None))
+    return np.concatenate([np.zeros(d * P.shape[1]), b0 - b0.mean()])
+
+
 def _fit_nucleus(
-    U: np.ndarray, A: sparse.csr_matrix, P: np.ndarray, alpha: float, *, max_iter: int
+    U: np.ndarray, A: sparse.csr_matrix, P: np.ndarray, alpha: float, *, max_iter: int, start: tuple | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Softmax over nucleus features whose mean over each spot's nuclei (``A @ Q``) fits the spot's proportions."""
     from scipy.optimize import minimize
@@ -167,10 +179,16 @@ def _fit_nucleus(
         GZ = Q * (GQ - np.sum(Q * GQ, axis=1, keepdims=True))
         return f, np.concatenate([(U.T @ GZ + alpha * V).ravel(), GZ.sum(0)])
 
-    c0 = np.log(np.clip(P.mean(0), 1e-6, None))
-    theta0 = np.concatenate([np.zeros(d * K), c0 - c0.mean()])
-    res = minimize(loss, theta0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
+    res = minimize(loss, _start(P, d, start), jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
     return res.x[: d * K].reshape(d, K), res.x[d * K :]
+
+
+def _in_spots(Us: np.ndarray, spot: np.ndarray, n_spots: int):
+    """The nuclei that lie in spots, the matrix averaging them per spot (spots with nuclei only), and those spots."""
+    ins = np.asarray(spot) >= 0
+    A = _mean_matrix(np.asarray(spot)[ins], n_spots)
+    has = np.asarray(A.sum(1)).ravel() > 0
+    return Us[ins], A[has], has
 
 
 def _mean_matrix(spot: np.ndarray, n_spots: int) -> sparse.csr_matrix:
@@ -363,10 +381,9 @@ class CompositionModel:
         Xs, Us = self._design(X, groups, U, spot, ngroups, fitting=True)
         self.coef_, self.intercept_ = _fit_softmax(Xs, P, self.alpha_, max_iter=self.max_iter)
         if self.uses_nuclei_:
-            A = _mean_matrix(spot, len(X))
-            has = np.asarray(A.sum(1)).ravel() > 0
+            Uin, A, has = _in_spots(Us, spot, len(X))
             self.nucleus_coef_, self.nucleus_intercept_ = _fit_nucleus(
-                Us, A[has], P[has], self.nucleus_alpha_, max_iter=self.max_iter
+                Uin, A, P[has], self.nucleus_alpha_, max_iter=self.max_iter
             )
         logger.info(
             "CompositionModel: alpha %g, nucleus alpha %s, spot-model weight %g",
@@ -387,18 +404,18 @@ class CompositionModel:
             fold = CompositionModel(standardize=self.standardize, max_iter=self.max_iter)
             Xs, Us = fold._design(*sub, fitting=True)
             Xt, Ut = fold._design(*sub_te, fitting=False)
-            for a in alphas:
-                W, b = _fit_softmax(Xs, P[tr], a, max_iter=self.max_iter)
-                oof_spot[a][te] = _softmax(Xt @ W + b)
+            fit = None
+            for a in sorted(alphas, reverse=True):  # strongest penalty first, each fit starting from the last
+                fit = _fit_softmax(Xs, P[tr], a, max_iter=self.max_iter, start=fit)
+                oof_spot[a][te] = _softmax(Xt @ fit[0] + fit[1])
             if self.uses_nuclei_:
-                A = _mean_matrix(sub[3], int(tr.sum()))
-                has = np.asarray(A.sum(1)).ravel() > 0
-                At = _mean_matrix(sub_te[3], int(te.sum()))
-                has_t = np.asarray(At.sum(1)).ravel() > 0
-                for a in nalphas:
-                    V, c = _fit_nucleus(Us, A[has], P[tr][has], a, max_iter=self.max_iter)
+                Uin, A, has = _in_spots(Us, sub[3], int(tr.sum()))
+                Uin_t, At, has_t = _in_spots(Ut, sub_te[3], int(te.sum()))
+                fit = None
+                for a in sorted(nalphas, reverse=True):
+                    fit = _fit_nucleus(Uin, A, P[tr][has], a, max_iter=self.max_iter, start=fit)
                     M = np.full((int(te.sum()), P.shape[1]), np.nan)
-                    M[has_t] = At[has_t] @ _softmax(Ut @ V + c)
+                    M[has_t] = At @ _softmax(Uin_t @ fit[0] + fit[1])
                     oof_nuc[a][te] = M
 
         def score(Q):  # mean over groups of each group's mean JSD
@@ -462,9 +479,8 @@ class CompositionModel:
         spot_pred = _softmax(Xs @ self.coef_ + self.intercept_)
         nuc = np.full_like(spot_pred, np.nan)
         if self.uses_nuclei_:
-            A = _mean_matrix(spot, len(X))
-            has = np.asarray(A.sum(1)).ravel() > 0
-            nuc[has] = A[has] @ _softmax(Us @ self.nucleus_coef_ + self.nucleus_intercept_)
+            Uin, A, has = _in_spots(Us, spot, len(X))
+            nuc[has] = A @ _softmax(Uin @ self.nucleus_coef_ + self.nucleus_intercept_)
         out = _mix(spot_pred, nuc, self.weight_)
         return (out, spot_pred, nuc) if parts else out
 
