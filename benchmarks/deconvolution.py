@@ -7,7 +7,7 @@ Run one part per process (peak memory is per process)::
     python benchmarks/deconvolution.py scale     # omx.tl.deconvolve on 4,000 spots x 30 cell types: seconds
     python benchmarks/deconvolution.py hd        # a million 8 um bins x 30 types: seconds and peak memory
     python benchmarks/deconvolution.py her2st    # signatures from training sections, held-out vs stereoscope
-    python benchmarks/deconvolution.py image     # proportions from H&E only, held-out vs stereoscope
+    python benchmarks/deconvolution.py image --cache DIR  # proportions and nucleus types from H&E only vs stereoscope
 """
 
 from __future__ import annotations
@@ -306,48 +306,177 @@ def bench_her2st(key: str = "stereoscope_major") -> None:
     print(f"peak {peak_gb():.2f} GB")
 
 
-def bench_image(key: str = "stereoscope_major") -> None:
-    """Proportions from H&E only, leave-one-section-out over the local sections, compared with stereoscope."""
-    import omx
-    from omx.models._deconv import jsd
+#: her2st sections whose images are at full resolution: nuclei can be segmented there (A1's image is a copy
+#: downscaled to ~3.2 um per pixel, where nuclei are 2-3 pixels across and `segment_nuclei` finds none).
+NUCLEI_SECTIONS = ("B4", "C2", "C3", "C4")
 
+
+def _cells_table(sections, cache: str | None):
+    """The ``omx_cells`` table of her2st sections, segmented one section at a time (cached per section as h5ad)."""
+    import os
+
+    import anndata as ad
+
+    import omx
+    from omx._schema import Key
+
+    parts = []
+    for s in sections:
+        path = None if cache is None else os.path.join(cache, f"omx_cells_{s}.h5ad")
+        if path is not None and os.path.exists(path):
+            parts.append(ad.read_h5ad(path))
+            continue
+        one = omx.datasets.her2st(sections=[s])
+        omx.pp.segment_nuclei(one, image_key=f"{s}_he", show_progress_bar=False)
+        cells = one.tables[Key.CELLS]
+        part = ad.AnnData(obs=cells.obs.copy(), obsm={"spatial": np.asarray(cells.obsm["spatial"])})
+        if path is not None:
+            os.makedirs(cache, exist_ok=True)
+            part.write_h5ad(path)
+        parts.append(part)
+    cells = ad.concat(parts, join="outer")
+    cells.uns[Key.TABLE_MARK] = "cells"
+    return cells
+
+
+def _ridge_clr(sdata, train, held, key, features):
+    """The former `predict_proportions`: a Ridge on the spot features to the centred log-ratio, softmaxed back."""
+    from omx.models import Ridge
+
+    table = sdata.tables["table"]
+    X, Z, g = [], [], []
+    for s in train:
+        rows, feats = features(s)
+        lp = np.log(table.obsm[key].iloc[rows].to_numpy(dtype=float) + 1e-3)
+        X.append(feats)
+        Z.append(lp - lp.mean(1, keepdims=True))
+        g.append(np.full(len(rows), s, dtype=object))
+    model = Ridge(show_progress_bar=False).fit(np.concatenate(X), np.concatenate(Z).astype(np.float32),
+                                               groups=np.concatenate(g))  # fmt: skip
+    rows, feats = features(held)
+    Zp = model.predict(feats, groups=np.full(len(rows), held, dtype=object))
+    E = np.exp(Zp - Zp.max(1, keepdims=True))
+    return rows, E / E.sum(1, keepdims=True)
+
+
+def _nnls_on_predicted(sdata, train, predict, key, n_genes=1000):
+    """NNLS of image-predicted expression (`fit_predict`, ridge) on signatures from the training sections."""
+    import omx
+    from omx.models._deconv import nnls_proportions
+
+    table = sdata.tables["table"]
+    tr = table.obs["section"].isin(train).to_numpy()
+    X = table.X[tr]
+    detected = np.asarray((X > 0).mean(0)).ravel()
+    mean = np.asarray(X.mean(0)).ravel()
+    cand = np.flatnonzero(detected > 0.05)
+    genes = list(table.var_names[cand[np.argsort(-mean[cand])[:n_genes]]])
+    omx.tl.fit_predict(sdata, train=train, predict=predict, model="ridge", genes=genes, key_added="omx_bench_pred",
+                       overwrite=True, show_progress_bar=False)  # fmt: skip
+    S = omx.tl.signatures_from_proportions(sdata, key=key, sections=train, genes=genes).X
+    out = {}
+    cols = table.var_names.get_indexer(genes)
+    for s in predict:
+        rows = np.flatnonzero((table.obs["section"] == s).to_numpy())
+        pred = np.asarray(table.layers["omx_bench_pred"][rows][:, cols], dtype=np.float64)
+        # predictions are log1p(counts / total * 1e4): back to counts per 10,000 (NNLS is scale-free per spot)
+        out[s] = nnls_proportions(np.expm1(np.clip(pred, 0, None)), S)
+    return out
+
+
+def _pearson(true, pred):
+    """Pearson r of each cell type's column (NaN where a prediction is constant)."""
+    return np.array([
+        np.corrcoef(true[:, k], pred[:, k])[0, 1] if np.ptp(pred[:, k]) > 1e-9 and np.ptp(true[:, k]) > 1e-9 else np.nan
+        for k in range(true.shape[1])
+    ])  # fmt: skip
+
+
+def bench_image(key: str = "stereoscope_major", cache: str | None = None) -> None:
+    """Proportions from H&E only on held-out her2st sections and patients, compared with stereoscope.
+
+    Methods: the image-only model with nuclei (`omx.tl.predict_proportions`, sections with nuclei) and without
+    (``cells_key=None``, all sections), the training average, NNLS of image-predicted expression on signatures
+    from the training sections, and the former Ridge on the centred log-ratio. Scores per held-out section: mean
+    JSD over spots and mean over cell types of the Pearson r with stereoscope (NaN for a constant prediction,
+    such as the training average).
+    """
+    import os
+
+    import omx
+    from omx._schema import Key
+    from omx.models import Ridge
+    from omx.models._deconv import jsd
+    from omx.tl._engine import model_patch_settings, resolve_sections, section_inputs
+
+    if cache is not None:
+        omx.settings.feature_store = os.path.join(cache, "features")
     sdata = omx.datasets.her2st()  # the sections present locally
     table = sdata.tables["table"]
     sections = sorted(table.obs["section"].astype(str).unique())
+    with_nuclei = [s for s in sections if s in NUCLEI_SECTIONS]
     types = list(table.obsm[key].columns)
-    out = []
-    for held in sections:
-        train = [s for s in sections if s != held]
-        t0 = time.perf_counter()
-        omx.tl.predict_proportions(
-            sdata,
-            train=train,
-            predict=[held],
-            key=key,
-            key_added="omx_img_prop",
-            overwrite=True,
-            show_progress_bar=False,
-        )
-        dt = time.perf_counter() - t0
-        m = np.flatnonzero((table.obs["section"] == held).to_numpy())
-        pred = table.obsm["omx_img_prop"].iloc[m][types].to_numpy()
-        true = table.obsm[key].iloc[m][types].to_numpy()
-        base = np.tile(
-            table.obsm[key].iloc[np.flatnonzero(table.obs["section"].isin(train).to_numpy())].mean(0), (len(m), 1)
-        )
-        r = [np.corrcoef(true[:, k], pred[:, k])[0, 1] for k in range(len(types))]
-        out.append({"section": held, "jsd": float(jsd(true, pred).mean()), "jsd_mean": float(jsd(true, base).mean()),
-                    **dict(zip(types, r, strict=True))})  # fmt: skip
-        print(
-            f"  {held} ({len(m)} spots, {dt:.0f} s): JSD {out[-1]['jsd']:.3f} (training mean as prediction "
-            f"{out[-1]['jsd_mean']:.3f}); mean Pearson r {np.nanmean(r):.3f}"
-        )
-        sys.stdout.flush()
-    df = pd.DataFrame(out)
-    print("per cell type, mean Pearson r over held-out sections:")
-    for t in types:
-        print(f"  {t:14s} {df[t].mean():.3f}")
-    print(f"mean JSD {df['jsd'].mean():.3f} (training mean {df['jsd_mean'].mean():.3f})")
+    t0 = time.perf_counter()
+    sdata.tables[Key.CELLS] = _cells_table(with_nuclei, cache)
+    print(f"nuclei of {with_nuclei}: {sdata.tables[Key.CELLS].n_obs} ({time.perf_counter() - t0:.0f} s)")
+    resolved = resolve_sections(sdata, sections, table_key="table", section_key="section")
+    encoder = Ridge(show_progress_bar=False)
+    size_um, context = model_patch_settings(encoder, resolved[sections[0]], None, None)
+
+    def features(s):
+        return resolved[s].rows, section_inputs(resolved[s], encoder, size_um, context, False, None)
+
+    def splits(secs):
+        out = [(f"section {s}", [s]) for s in secs]
+        patients = sorted({s[0] for s in secs})
+        return out + [(f"patient {p}", [s for s in secs if s[0] == p]) for p in patients if len(patients) > 1]
+
+    rows_out = []
+    for label, secs in (("with nuclei", with_nuclei), ("all sections, image features only", sections)):
+        print(f"\n== {label}: {', '.join(secs)} (leave-one-section-out, then leave-one-patient-out)")
+        for split, held in splits(secs):
+            train = [s for s in secs if s not in held]
+            t0 = time.perf_counter()
+            model = omx.tl.predict_proportions(
+                sdata, train=train, predict=held, key=key, key_added="omx_img_prop", overwrite=True,
+                cells_key=Key.CELLS if label == "with nuclei" else None, show_progress_bar=False,
+            )  # fmt: skip
+            dt = time.perf_counter() - t0
+            nnls = _nnls_on_predicted(sdata, train, held, key)
+            mean = table.obsm[key].iloc[np.flatnonzero(table.obs["section"].isin(train).to_numpy())].mean(0)
+            for s in held:
+                m = np.flatnonzero((table.obs["section"] == s).to_numpy())
+                true = table.obsm[key].iloc[m][types].to_numpy()
+                rows, clr = _ridge_clr(sdata, train, s, key, features)
+                preds = {
+                    "image model": table.obsm["omx_img_prop"].iloc[m][types].to_numpy(),
+                    "training mean": np.tile(mean[types].to_numpy(), (len(m), 1)),
+                    "NNLS on predicted expr.": nnls[s],
+                    "Ridge-CLR (former)": pd.DataFrame(clr, index=rows).loc[m].to_numpy(),
+                }
+                for method, pred in preds.items():
+                    r = _pearson(true, pred)
+                    mean_r = float(np.nanmean(r)) if np.isfinite(r).any() else np.nan
+                    rows_out.append({"set": label, "split": split, "section": s, "method": method,
+                                     "jsd": float(jsd(true, pred).mean()), "r": mean_r,
+                                     **{f"r_{t}": v for t, v in zip(types, r, strict=True)}})  # fmt: skip
+                line = ", ".join(f"{x['method']} {x['jsd']:.3f} / {x['r']:.3f}" for x in rows_out[-len(preds) :])
+                print(f"  {split:10s} {s} ({len(m)} spots): JSD / mean r: {line}")
+            print(f"    (image model: {dt:.0f} s; alpha {model.alpha_:g}, nucleus alpha {model.nucleus_alpha_}, "
+                  f"spot-model weight {model.weight_:g})")  # fmt: skip
+            sys.stdout.flush()
+    df = pd.DataFrame(rows_out)
+    df["scheme"] = np.where(df["split"].str.startswith("patient"), "leave-one-patient-out", "leave-one-section-out")
+    summary = df.groupby(["set", "scheme", "method"], sort=False)[["jsd", "r"]].mean()
+    print("\nmeans over held-out sections (JSD lower is better; r = mean over cell types of Pearson r):")
+    print(summary.round(4).to_string())
+    per_type = df[df["scheme"] == "leave-one-section-out"].groupby(["set", "method"], sort=False)[
+        [f"r_{t}" for t in types]].mean()  # fmt: skip
+    per_type.columns = types
+    print("\nper cell type, leave-one-section-out, mean Pearson r:")
+    print(per_type.round(3).to_string())
+    if cache is not None:
+        df.to_csv(os.path.join(cache, "image_benchmark.csv"), index=False)
 
 
 def main() -> None:
@@ -358,6 +487,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--section", default="C2")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default=None, help="image: folder for nuclei tables and features (reused)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.part == "segment":
@@ -371,7 +501,7 @@ def main() -> None:
     elif args.part == "her2st":
         bench_her2st()
     else:
-        bench_image()
+        bench_image(cache=args.cache)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,16 @@ class Key:
         return "omx_cell_type" if key == Key.PROPORTIONS else f"{key}_cell_type"
 
     @staticmethod
+    def image_type(key: str) -> str:
+        """``obs`` column of the nuclei table with each nucleus's image-only cell type of proportions ``key``."""
+        return "omx_image_type" if key == Key.PROPORTIONS else f"{key}_image_type"
+
+    @staticmethod
+    def image_type_confidence(key: str) -> str:
+        """``obs`` column of the nuclei table with the nucleus classifier's probability of its image-only type."""
+        return f"{Key.image_type(key)}_confidence"
+
+    @staticmethod
     def quantiles(key: str) -> tuple[str, str]:
         """``obsm`` entries with the 5 % and 95 % posterior quantiles of proportions ``key``."""
         return f"{key}_q05", f"{key}_q95"

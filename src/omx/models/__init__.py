@@ -11,6 +11,7 @@ from typing import Any
 from omx.models._assign import CellAssignment, assign_cells
 from omx.models._base import Model, TorchModel
 from omx.models._cnn import CNNRegressor
+from omx.models._composition import CompositionModel
 from omx.models._context import Context
 from omx.models._contrastive import Contrastive
 from omx.models._distributed import fit_distributed
@@ -33,6 +34,7 @@ MODELS: dict[str, type[Model]] = {
 __all__ = [
     "CellAssignment",
     "CNNRegressor",
+    "CompositionModel",
     "Context",
     "Contrastive",
     "GraphRidge",

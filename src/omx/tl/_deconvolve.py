@@ -16,9 +16,7 @@ from omx._schema import (
     add_table,
     base_entry,
     check_free,
-    check_free_elements,
     entries,
-    model_entry,
     padded_rows,
     write_results,
 )
@@ -28,14 +26,7 @@ from omx.pp._spots import section_column, table_regions
 from omx.tl._engine import (
     as_dense,
     counts,
-    model_patch_settings,
-    resolve_sections,
-    section_inputs,
-    split_sections,
 )
-
-#: Pseudo-proportion added before the centred log-ratio transform of proportions.
-_CLR_EPS = 1e-3
 
 
 def _proportion_keys(key_added: str, *, deconvolution: bool) -> dict[str, list[str]]:
@@ -595,148 +586,3 @@ def _table_spatial(table: AnnData, cells: AnnData, spot_row: np.ndarray, rows: n
         coef, *_ = np.linalg.lstsq(A, centre, rcond=None)
         return np.c_[xy[rows], np.ones(len(rows))] @ coef
     return xy[rows]
-
-
-@doc_params()
-def predict_proportions(
-    sdata: SpatialData,
-    *,
-    train: str | Sequence[str],
-    predict: str | Sequence[str],
-    key: str = "stereoscope_major",
-    table_key: str | None = None,
-    section_key: str = "section",
-    image_key: str | None = None,
-    mpp: float | None = None,
-    size_um: float | None = None,
-    context: Sequence[float] | None = None,
-    alpha: float | None = None,
-    key_added: str = Key.PROPORTIONS,
-    overwrite: bool = False,
-    seed: int = 0,
-    show_progress_bar: bool = True,
-):
-    """Predict cell-type proportions from H&E alone, trained on sections with known proportions.
-
-    A ridge model (:class:`omx.models.Ridge` on handcrafted features of the spot and its surroundings, each
-    section's features standardised on their own) is fitted to the centred log-ratio of the training spots'
-    proportions (``log(p + 1e-3)`` minus its mean over types); predictions are mapped back with a softmax.
-
-    Parameters
-    ----------
-    sdata
-        SpatialData with H&E images, spots and a table with proportions in ``obsm[key]``.
-    train
-        Sections to fit on (values of ``obs[section_key]``) whose spots have proportions.
-    predict
-        Sections to predict: values of ``obs[section_key]``, or shapes elements of H&E-only sections.
-    key
-        The ``obsm`` DataFrame of training proportions (e.g. from :func:`omx.tl.deconvolve`, or published ones).
-    table_key
-        The table; may be omitted when there is one.
-    {section_key}
-    {image_key}
-    {mpp}
-    {size_um}
-    {context}
-    alpha
-        Ridge penalty; None chooses it (and the number of target components) by leave-one-section-out CV.
-    key_added
-        ``obsm`` entry written (and the name of the new table for H&E-only sections).
-    {overwrite}
-    {seed}
-    {show_progress_bar}
-
-    Returns
-    -------
-    The fitted :class:`omx.models.Ridge`. Writes ``table.obsm[key_added]`` (DataFrame, one column per cell type;
-    NaN for spots not predicted) and ``table.obs`` ``"omx_cell_type"`` (``key_added + "_cell_type"`` for another
-    key) for predicted sections with a table, ``table.uns['omx'][key_added]``; for H&E-only sections a new table
-    ``sdata.tables[key_added]`` with the proportions in ``X`` (var = cell types) and in ``obsm[key_added]``.
-    """
-    from omx.models import Ridge
-    from omx.tl._engine import prediction_table
-
-    train, predict = split_sections(train, predict)
-    table_key, table = resolve_table(sdata, table_key)
-    if key not in table.obsm:
-        raise KeyError(f"sdata.tables[{table_key!r}].obsm has no {key!r} (entries: {list(table.obsm.keys())}).")
-    props = table.obsm[key]
-    if not isinstance(props, pd.DataFrame):
-        raise TypeError(f"obsm[{key!r}] must be a DataFrame with one column per cell type.")
-    types = [str(c) for c in props.columns]
-    sections = resolve_sections(
-        sdata, [*train, *predict], table_key=table_key, section_key=section_key, image_key=image_key, mpp=mpp, role="a"
-    )
-    where = f"sdata.tables[{table_key!r}]"
-    measured = [n for n in predict if sections[n].measured]
-    unmeasured = [n for n in predict if not sections[n].measured]
-    if measured:
-        check_free(
-            table, key=key_added, overwrite=overwrite, where=where, **_proportion_keys(key_added, deconvolution=False)
-        )
-    if unmeasured:
-        check_free_elements(sdata, overwrite=overwrite, tables=[key_added])
-    model = Ridge(alpha=alpha, seed=seed, show_progress_bar=show_progress_bar)
-    size_um, context = model_patch_settings(model, sections[train[0]], size_um, context)
-
-    def inputs(name):
-        return section_inputs(sections[name], model, size_um, context, show_progress_bar, None)
-
-    X, Zs, groups = [], [], []
-    for name in train:
-        rows = sections[name].rows
-        if (rows < 0).any():
-            raise ValueError(f"Training section {name!r} has spots without a table row.")
-        p = props.iloc[rows].to_numpy(dtype=float)
-        ok = np.all(np.isfinite(p), axis=1)
-        X.append(inputs(name)[ok])
-        Zs.append(_clr(p[ok]))
-        groups.append(np.full(int(ok.sum()), name, dtype=object))
-    model.fit(np.concatenate(X), np.concatenate(Zs).astype(np.float32), groups=np.concatenate(groups))
-
-    preds = {}
-    for name in predict:
-        Z = model.predict(inputs(name), groups=np.full(sections[name].spots.n_spots, name, dtype=object))
-        preds[name] = _softmax(Z)
-    entry = base_entry(
-        "predict_proportions",
-        {
-            "train": train, "predict": predict, "key": key, "table_key": table_key, "section_key": section_key,
-            "image_key": image_key, "mpp": mpp, "size_um": size_um, "context": context, "alpha": alpha, "seed": seed,
-        },
-        model=model_entry(model),
-        target=f"clr(obsm[{key!r}] + {_CLR_EPS})",
-        cell_types=types,
-    )  # fmt: skip
-    if measured:
-        rows = np.concatenate([sections[n].rows for n in measured])
-        values = np.concatenate([preds[n] for n in measured])
-        write_results(
-            table,
-            key=key_added,
-            entry=entry,
-            overwrite=overwrite,
-            where=where,
-            obsm={key_added: _frame(table, rows, values, types)},
-            obs={Key.cell_type(key_added): _top_type(table.n_obs, rows, values, types)},
-            n_rows=len(rows),
-        )
-    if unmeasured:
-        new = prediction_table(
-            [sections[n] for n in unmeasured], types, [preds[n] for n in unmeasured], key_added=key_added, uns=entry
-        )
-        new.obsm[key_added] = pd.DataFrame(new.X, index=new.obs_names, columns=types)
-        add_table(sdata, key_added, new, overwrite=overwrite, what="predicted proportions")
-    return model
-
-
-def _clr(p: np.ndarray) -> np.ndarray:
-    lp = np.log(p / p.sum(1, keepdims=True) + _CLR_EPS)
-    return lp - lp.mean(1, keepdims=True)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
