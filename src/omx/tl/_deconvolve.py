@@ -83,6 +83,7 @@ def deconvolve(
     min_shared_genes: int = 50,
     alpha: float = 1.0,
     platform_sd: float = 0.5,
+    cells_per_spot: float = 10.0,
     max_rounds: int = 30,
     seed: int = 0,
     device: str = "auto",
@@ -135,6 +136,10 @@ def deconvolve(
     platform_sd
         Prior standard deviation of the per-gene log platform effect (smaller when reference and spots come from
         the same technology; 0 leaves it out, e.g. for signatures from :func:`signatures_from_proportions`).
+    cells_per_spot
+        Typical cells per spot when nuclei are not counted (about 10 in a 55 um Visium spot, 50 in a 100 um ST
+        spot, 1 in an 8 um Visium HD bin): it sets the scale of the cell counts, hence where a type falls below
+        half a cell and counts as absent in the intervals. Unused with ``n_cells_key``.
     max_rounds
         Most rounds of fitting the shared parameters (it stops earlier when the fit stops improving).
     {seed}
@@ -148,8 +153,8 @@ def deconvolve(
     -------
     The fitted :class:`~omx.models._deconv.DeconvolutionModel`. Writes to the table:
 
-    - ``obsm[key_added]``: posterior mean proportions (DataFrame, one column per cell type; NaN for other spots
-      and for spots with no counts in the shared genes);
+    - ``obsm[key_added]``: proportions of cells, the posterior mode (DataFrame, one column per cell type; NaN for
+      other spots and for spots with no counts in the shared genes);
     - ``obsm[key_added + "_q05"]``, ``obsm[key_added + "_q95"]``: 90 % credible intervals;
     - ``obs["omx_cell_type"]`` (``key_added + "_cell_type"`` for another ``key_added``): the most abundant type;
     - ``obs[key_added + "_n_cells"]``: posterior mean cells per spot;
@@ -214,6 +219,7 @@ def deconvolve(
     model = DeconvolutionModel(
         alpha=alpha,
         platform_sd=platform_sd,
+        cells_per_spot=cells_per_spot,
         max_rounds=max_rounds,
         seed=seed,
         device=device,
