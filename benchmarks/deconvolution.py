@@ -186,7 +186,7 @@ def bench_hd(n_bins: int, device: str = "auto") -> None:
         f"{time.perf_counter() - t0:.0f} s; peak so far {peak_gb():.2f} GB"
     )
     sys.stdout.flush()
-    model = DeconvolutionModel(device=device, show_progress_bar=False)
+    model = DeconvolutionModel(device=device, show_progress_bar=True)
     t0 = time.perf_counter()
     model.fit(Y, S, n_cells=nuclei.astype(float))
     dt = time.perf_counter() - t0

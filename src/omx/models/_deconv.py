@@ -565,7 +565,9 @@ class DeconvolutionModel:
             n_samples=self.n_samples, device=dev,
         )  # fmt: skip
         n, K = Y.shape[0], A.shape[0]
-        out = {k: np.empty((n, K)) for k in ("mean", "median", "mode", "q05", "q25", "q75", "q95", "absent")}
+        # float32 results: a million spots x 30 types is 120 MB an array
+        names = ("mean", "median", "mode", "q05", "q25", "q75", "q95", "absent")
+        out = {k: np.empty((n, K), np.float32) for k in names}
         out["n_cells"] = np.empty(n)
         starts = range(0, n, self.chunk_size)
         bar = progress(starts, show=self.show_progress_bar, desc="deconvolution: spots", unit="chunk")
