@@ -323,8 +323,13 @@ a minute.""",
         """## A reference from the training sections
 
 There is no single-cell atlas in the sample, but the study published stereoscope proportions per spot. Cell-type
-signatures fitted on C2 and C3 (counts against their proportions, non-negative least squares per gene) serve as
-the reference; C4 is held out and deconvolved from its counts alone.""",
+signatures fitted on C2 and C3 (a Poisson regression of each gene's counts on the spots' proportions, each section
+weighing the same) serve as the reference; C4 is held out and deconvolved from its counts alone. With training
+sections from several patients, `signatures_from_proportions` keeps the genes whose cell-type pattern carries
+over from one patient to another; here both sections come from one patient, so it keeps the most expressed.
+
+With a single-cell atlas instead, pass it as `reference=` with its cell-type column as `labels_key=` (and its
+samples or donors as `batch_key=`): the signatures are then fitted by a negative-binomial model of the cells.""",
     ),
     (
         "code",
@@ -349,7 +354,7 @@ of cells in the deconvolution.""",
     ("md", "## Deconvolve the held-out section"),
     (
         "code",
-        "omx.tl.deconvolve(sdata, reference, sections='C4', n_steps=1000, show_progress_bar=False)\n"
+        "omx.tl.deconvolve(sdata, reference, sections='C4', platform_sd=0, show_progress_bar=False)\n"
         "ours = omx.get.proportions(sdata, section='C4')  # one row per spot and cell type, with credible bounds\n"
         "published = table.obsm['stereoscope_major'].stack().rename('published')\n"
         "ours = ours.join(published, on=['spot', 'cell_type'])\n"
@@ -359,10 +364,15 @@ of cells in the deconvolution.""",
     (
         "md",
         """Agreement with the published stereoscope estimate, per cell type, over the spots of C4 (those proportions
-are themselves an estimate, not ground truth). `omx.get.proportions` returns the proportions as a tidy table with
-their 90 % credible bounds (`q05`, `q95`); in the table they live in `obsm['omx_proportions']` (bounds in
-`obsm['omx_proportions_q05']` and `['omx_proportions_q95']`) and the most abundant type in
-`obs['omx_cell_type']`.""",
+are themselves an estimate, not ground truth). `platform_sd=0` leaves out the per-gene platform effect, as the
+signatures come from the same platform as the spots; with a single-cell reference keep the default.
+
+`omx.get.proportions` returns the proportions (the posterior mode of each spot's cells per type) as a tidy table
+with their 90 % credible bounds (`q05`, `q95`); in the table they live in `obsm['omx_proportions']` (bounds in
+`obsm['omx_proportions_q05']` and `['omx_proportions_q95']`) and the most abundant type in `obs['omx_cell_type']`.
+The intervals are calibrated: on simulated spots with known proportions the 90 % intervals hold the truth about
+90 % of the time. A type with less than half a cell in a posterior draw counts as absent there, so the interval
+of a type that may be missing from a spot starts at 0.""",
     ),
     (
         "md",
@@ -372,7 +382,12 @@ their 90 % credible bounds (`q05`, `q95`); in the table they live in `obsm['omx_
 nuclear morphology to decide which nucleus gets which type, and shares the spot's counts among its cells.""",
     ),
     ("code", "omx.tl.assign_cells(sdata)\ncells = sdata.tables['omx_cells']\ncells.obs['cell_type'].value_counts()"),
-    ("code", "omx.pl.cell_types(sdata, section='C4', cell_types=['Epithelial', 'CAFs', 'Plasma Cells'], ncols=3);"),
+    ("code", "omx.pl.cell_types(sdata, section='C4', cell_types=['Epithelial', 'CAFs', 'Plasma Cells'], ncols=4);"),
+    (
+        "md",
+        """Each type's proportion is followed by the width of its 90 % credible interval: where it is wide, the spot's
+counts say little about that type.""",
+    ),
     (
         "md",
         """## Pseudo single cells in scanpy
@@ -386,6 +401,36 @@ any single-cell data.""",
         "sc.pp.normalize_total(inside, target_sum=1e4)\nsc.pp.log1p(inside)\n"
         "sc.pp.pca(inside, n_comps=15)\nsc.pp.neighbors(inside)\nsc.tl.umap(inside, random_state=0)\n"
         "sc.pl.umap(inside, color='cell_type', size=8)",
+    ),
+    (
+        "md",
+        """## Cell types from the H&E alone
+
+`predict_proportions` learns proportions from the image of training sections (image features and the morphology
+of their nuclei) and predicts them on a section from its H&E alone; every nucleus of that section also gets an
+image-only type and the probability of it. It needs the nuclei of every section it uses; a fresh copy of the
+sample keeps this apart from the deconvolution above.""",
+    ),
+    (
+        "code",
+        "he = omx.datasets.her2st_sample()\n"
+        "for image in ('C2_he', 'C3_he', 'C4_he'):\n"
+        "    omx.pp.segment_nuclei(he, image_key=image, show_progress_bar=False)\n"
+        "omx.tl.predict_proportions(he, train=['C2', 'C3'], predict='C4', key='stereoscope_major', "
+        "show_progress_bar=False)\n"
+        "t = he.tables['table']\n"
+        "c4 = (t.obs['section'] == 'C4').to_numpy()\n"
+        "r = t.obsm['omx_proportions'][c4].corrwith(t.obsm['stereoscope_major'][c4])\n"
+        "print(r.round(2).rename('Pearson r, H&E only').to_string())\n"
+        "nuclei = he.tables['omx_cells'].obs\n"
+        "nuclei.loc[nuclei['omx_image_type'].notna(), ['omx_image_type', 'omx_image_type_confidence']].describe("
+        "include='all')",
+    ),
+    (
+        "md",
+        """On held-out her2st sections the image-only proportions beat both predicting the training average and
+deconvolving image-predicted expression (`benchmarks/deconvolution.py image`); they stay far less accurate than
+deconvolving measured counts, and each nucleus's own type is uncertain (see its confidence).""",
     ),
 ]
 

@@ -177,12 +177,10 @@ def cell_types(
         for a, t, i in zip(axes[n_first + 1 :: per_type], types, idx, strict=True):
             frame.draw(a, width[:, i], cmap="viridis", norm=width_norm)
             a.set_title(f"{t}: 90 % interval width", fontsize=9)
-        fig.colorbar(
-            ScalarMappable(norm=width_norm, cmap="viridis"), ax=axes[n_first + 1 :: per_type], shrink=0.6,
-            label="90 % interval width",
-        )  # fmt: skip
+        fig.colorbar(ScalarMappable(norm=width_norm, cmap="viridis"), ax=axes, shrink=0.6, label="90 % interval width")
     if types:
-        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=prop_axes, shrink=0.6, label="proportion")
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes if intervals else prop_axes, shrink=0.6,
+                     label="proportion")  # fmt: skip
     if ax is None:
         fig.suptitle(f"Section {section}: cell-type proportions ({key!r}), {len(frame.rows)} spots", fontsize=11)
     return finish(list(axes), show=show, save=save, name="cell_types")
