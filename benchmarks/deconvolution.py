@@ -117,7 +117,7 @@ def bench_simulate(seeds=(0, 1, 2)) -> None:
             inside90 = (truth >= model.q05_ - 1e-9) & (truth <= model.q95_ + 1e-9)
             inside50 = (truth >= model.q25_ - 1e-9) & (truth <= model.q75_ + 1e-9)
             row = {
-                "seed": seed, "nuclei": use_nuclei, "seconds": dt, "steps": model.n_steps_,
+                "seed": seed, "nuclei": use_nuclei, "seconds": dt, "rounds": model.n_steps_,
                 "rmse": _rmse(truth, p), "jsd": float(jsd(truth, p).mean()),
                 "rmse_nnls": _rmse(truth, p_nnls), "jsd_nnls": float(jsd(truth, p_nnls).mean()), "t_nnls": t_nnls,
                 "cov90": interval_coverage(truth, model.q05_, model.q95_, model.absent_, level=0.9),
@@ -130,7 +130,7 @@ def bench_simulate(seeds=(0, 1, 2)) -> None:
             print(
                 f"seed {seed}, nuclei {'given' if use_nuclei else 'not given'}: {Y.shape[0]} spots x {Y.shape[1]} "
                 f"genes x {len(types)} types; Bayesian RMSE {row['rmse']:.4f} JSD {row['jsd']:.4f} ({dt:.1f} s, "
-                f"{model.n_steps_} SVI steps); NNLS RMSE {row['rmse_nnls']:.4f} JSD {row['jsd_nnls']:.4f}\n"
+                f"{model.n_steps_} rounds); NNLS RMSE {row['rmse_nnls']:.4f} JSD {row['jsd_nnls']:.4f}\n"
                 f"    coverage of 90 % / 50 % intervals: {row['cov90']:.3f} / {row['cov50']:.3f} (true zeros by "
                 f"randomised PIT); plain {row['naive90']:.3f} / {row['naive50']:.3f}; types present "
                 f"{row['present90']:.3f} / {row['present50']:.3f} ({row['zero_share']:.0%} of true proportions are 0)"
@@ -193,7 +193,8 @@ def bench_hd(n_bins: int, device: str = "auto") -> None:
     cov = interval_coverage(truth, model.q05_, model.q95_, model.absent_, level=0.9)
     print(
         f"hd: {Y.shape[0]:,} bins x {S.shape[0]} types, device {_device(device)}: {dt:.0f} s "
-        f"({model.n_steps_} SVI steps on {min(Y.shape[0], model.max_fit_spots):,} bins); peak RSS {peak_gb():.2f} GB; "
+        f"({model.n_steps_} rounds of shared parameters on {min(Y.shape[0], model.max_fit_spots):,} bins); "
+        f"peak RSS {peak_gb():.2f} GB; "
         f"JSD {jsd(truth, model.proportions_).mean():.3f}; 90 % interval coverage {cov:.3f}"
     )
 
@@ -230,7 +231,7 @@ def bench_scale() -> None:
     dt_nnls = time.perf_counter() - t0
     print(
         f"scale: omx.tl.deconvolve, 4,000 spots x 2,000 genes x 30 types, defaults: {dt:.1f} s "
-        f"({model.n_steps_} steps, torch threads {_threads()}); Bayesian RMSE {_rmse(truth, p):.4f} "
+        f"({model.n_steps_} rounds, torch threads {_threads()}); Bayesian RMSE {_rmse(truth, p):.4f} "
         f"JSD {jsd(truth, p).mean():.4f}; NNLS RMSE {_rmse(truth, p_nnls):.4f} JSD {jsd(truth, p_nnls).mean():.4f} "
         f"({dt_nnls:.1f} s); peak {peak_gb():.2f} GB"
     )
