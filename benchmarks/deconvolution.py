@@ -248,7 +248,8 @@ def bench_her2st(key: str = "stereoscope_major") -> None:
 
     Two splits: leave one patient out (A, B, C) and leave one section out (A1, B4, C2, C3, C4). Genes and
     signatures come from the training sections only (`omx.tl.signatures_from_proportions`). Compared on the same
-    signatures: NNLS, and omx's model with and without a per-gene platform effect.
+    signatures: NNLS, and omx's model without a per-gene platform effect (per-gene or one common dispersion) and
+    with one.
     """
 
     import omx
@@ -262,7 +263,11 @@ def bench_her2st(key: str = "stereoscope_major") -> None:
     splits = {f"patient {p}": [s for s in sections if s[0] == p] for p in sorted({s[0] for s in sections})}
     splits |= {f"section {s}": [s] for s in sections}
     print(f"her2st: {len(sections)} sections, {table.n_obs} spots; {key}")
-    variants = {"omx": {"platform_sd": 0.0}, "omx_platform": {"platform_sd": 0.5}}
+    variants = {
+        "omx": {"platform_sd": 0.0},
+        "omx_common": {"platform_sd": 0.0, "dispersion": "common"},
+        "omx_platform": {"platform_sd": 0.5},
+    }
     rows = []
     for name, held in splits.items():
         train = [s for s in sections if s not in held]
@@ -291,6 +296,7 @@ def bench_her2st(key: str = "stereoscope_major") -> None:
         print(
             f"  {name} ({len(at)} spots, {ref.n_vars} genes; signatures {t_sig:.0f} s, model "
             f"{seconds['omx']:.0f} s): mean per-type r / JSD: omx {row['r_omx']:.3f} / {row['jsd_omx']:.3f}; "
+            f"one dispersion {row['r_omx_common']:.3f} / {row['jsd_omx_common']:.3f}; "
             f"with platform effect {row['r_omx_platform']:.3f} / {row['jsd_omx_platform']:.3f}; "
             f"NNLS {row['r_nnls']:.3f} / {row['jsd_nnls']:.3f}"
         )
@@ -299,7 +305,7 @@ def bench_her2st(key: str = "stereoscope_major") -> None:
     for kind in ("patient", "section"):
         d = df[df["split"].str.startswith(kind)]
         print(f"leave one {kind} out, mean over {len(d)} held-out {kind}s (r / JSD):")
-        for v in ("omx", "omx_platform", "nnls"):
+        for v in ("omx", "omx_common", "omx_platform", "nnls"):
             print(f"  {v:13s} {d[f'r_{v}'].mean():.3f} / {d[f'jsd_{v}'].mean():.3f}")
         print("  per cell type, omx | NNLS:")
         for t in types:

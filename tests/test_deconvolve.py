@@ -73,6 +73,18 @@ def test_reference_batches_are_corrected():
         signatures_from_reference(ref, "cell_type", batch_key="donor")
 
 
+def test_common_dispersion():
+    ref, Y, truth, _, n_cells = simulate(n_spots=150, seed=3)
+    S, _ = signatures_from_reference(ref, "cell_type")
+    common = DeconvolutionModel(dispersion="common", seed=0, show_progress_bar=False).fit(Y, S, n_cells=n_cells)
+    per_gene = DeconvolutionModel(seed=0, show_progress_bar=False).fit(Y, S, n_cells=n_cells)
+    kept = np.isfinite(common.dispersion_)
+    assert np.unique(common.dispersion_[kept]).size == 1 and np.unique(per_gene.dispersion_[kept]).size > 1
+    assert rmse(truth, common.proportions_) < 0.12  # the simulation's dispersion is one value for all genes
+    with pytest.raises(ValueError, match="'gene' or 'common'"):
+        DeconvolutionModel(dispersion="each")
+
+
 def test_model_is_deterministic():
     ref, Y, _, _, n_cells = simulate(n_spots=60, n_genes=80)
     S, _ = signatures_from_reference(ref, "cell_type")

@@ -341,6 +341,11 @@ class DeconvolutionModel:
         counts and of ``min_cells``.
     min_cells
         A type with fewer cells than this in a posterior draw counts as absent from the spot in that draw.
+    dispersion
+        ``"gene"``: each gene's NB dispersion by moments; ``"common"``: their median for every gene. With
+        signatures from other patients a gene whose pattern transfers badly looks overdispersed and weighs less:
+        on held-out her2st patients ``"gene"`` agreed better with stereoscope per type (r 0.62 against 0.60) and
+        ``"common"`` in JSD (0.084 against 0.089).
     max_rounds
         Most rounds of alternating maximisation of the shared parameters.
     max_fit_spots
@@ -399,6 +404,7 @@ class DeconvolutionModel:
         n_cells_sd: float = 0.5,
         cells_per_spot: float = 10.0,
         min_cells: float = 0.5,
+        dispersion: str = "gene",
         max_rounds: int = 30,
         max_fit_spots: int = 2000,
         chunk_size: int = 512,
@@ -413,19 +419,21 @@ class DeconvolutionModel:
                 "alpha, n_cells_sd and cells_per_spot must be positive, min_cells and platform_sd >= 0 (0: no platform "
                 "effect)."
             )
+        if dispersion not in ("gene", "common"):
+            raise ValueError(f"dispersion must be 'gene' or 'common', not {dispersion!r}.")
         if min(max_rounds, max_fit_spots, chunk_size) < 1 or n_samples < 2:
             raise ValueError("max_rounds, max_fit_spots and chunk_size must be >= 1 and n_samples >= 2.")
         self.alpha, self.platform_sd, self.n_cells_sd = float(alpha), float(platform_sd), float(n_cells_sd)
         self.cells_per_spot, self.min_cells = float(cells_per_spot), float(min_cells)
-        self.max_rounds, self.n_samples = int(max_rounds), int(n_samples)
+        self.max_rounds, self.n_samples, self.dispersion = int(max_rounds), int(n_samples), dispersion
         self.max_fit_spots, self.chunk_size = int(max_fit_spots), int(chunk_size)
         self.tol = float(tol)
         self.seed, self.device, self.show_progress_bar = seed, device, show_progress_bar
         self.init_params_ = {
             "alpha": self.alpha, "platform_sd": self.platform_sd, "n_cells_sd": self.n_cells_sd,
-            "cells_per_spot": self.cells_per_spot, "min_cells": self.min_cells, "max_rounds": self.max_rounds,
-            "max_fit_spots": self.max_fit_spots,
-            "chunk_size": self.chunk_size, "n_samples": self.n_samples, "tol": self.tol, "seed": seed,
+            "cells_per_spot": self.cells_per_spot, "min_cells": self.min_cells, "dispersion": dispersion,
+            "max_rounds": self.max_rounds, "max_fit_spots": self.max_fit_spots, "chunk_size": self.chunk_size,
+            "n_samples": self.n_samples, "tol": self.tol, "seed": seed,
         }  # fmt: skip
 
     @property
@@ -506,7 +514,7 @@ class DeconvolutionModel:
         per_cell = ((0.9 * p0 + 0.1 / K) @ (S * gamma)).sum(1)  # expected reads per cell before capture
         cells = np.maximum(n_cells, 0.5) if n_cells is not None else np.full(n, self.cells_per_spot)
         eff = float(np.median(lib / (cells * per_cell)))
-        dispersion = _moment_dispersion(Y, mix)
+        dispersion = self._dispersion(Y, mix)
 
         f64 = {"dtype": torch.float64, "device": dev}
         Yt, St = torch.as_tensor(Y, **f64), torch.as_tensor(S, **f64)
@@ -539,7 +547,7 @@ class DeconvolutionModel:
                 theta = theta + step.clamp(-1.0, 1.0)
                 log_eff = float(theta.mean())
             mu = (theta.exp() * M).cpu().numpy()
-            dispersion = _moment_dispersion(Y, mu)
+            dispersion = self._dispersion(Y, mu)
             change = float((theta - previous).abs().max())
             if change < self.tol:
                 break
@@ -547,6 +555,11 @@ class DeconvolutionModel:
         self.history_ = {"log_posterior": history}
         log_eff = float(theta.mean())
         return np.exp(theta.cpu().numpy() - log_eff), float(np.exp(log_eff)), dispersion
+
+    def _dispersion(self, Y: np.ndarray, mu: np.ndarray) -> np.ndarray:
+        """Per-gene dispersion by moments, or their median for every gene (``dispersion="common"``)."""
+        r = _moment_dispersion(Y, mu)
+        return np.full_like(r, np.median(r)) if self.dispersion == "common" else r
 
     def _counts_prior(self, post: _SpotPosterior, Y) -> Any:
         """Without nuclei: centre log cells per spot on what the counts alone imply at this efficiency."""

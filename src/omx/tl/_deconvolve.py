@@ -84,6 +84,7 @@ def deconvolve(
     alpha: float = 1.0,
     platform_sd: float = 0.5,
     cells_per_spot: float = 10.0,
+    dispersion: str = "gene",
     max_rounds: int = 30,
     seed: int = 0,
     device: str = "auto",
@@ -140,6 +141,9 @@ def deconvolve(
         Typical cells per spot when nuclei are not counted (about 10 in a 55 um Visium spot, 50 in a 100 um ST
         spot, 1 in an 8 um Visium HD bin): it sets the scale of the cell counts, hence where a type falls below
         half a cell and counts as absent in the intervals. Unused with ``n_cells_key``.
+    dispersion
+        ``"gene"``: a negative-binomial dispersion per gene; ``"common"``: one for all genes (see
+        :class:`~omx.models._deconv.DeconvolutionModel`).
     max_rounds
         Most rounds of fitting the shared parameters (it stops earlier when the fit stops improving).
     {seed}
@@ -220,6 +224,7 @@ def deconvolve(
         alpha=alpha,
         platform_sd=platform_sd,
         cells_per_spot=cells_per_spot,
+        dispersion=dispersion,
         max_rounds=max_rounds,
         seed=seed,
         device=device,
