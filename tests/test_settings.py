@@ -115,7 +115,7 @@ def test_deconvolve_warns_when_nuclei_counts_are_partial():
     n_nuclei[:5] = np.nan  # nuclei counted for some images only
     table.obs["omx_n_nuclei"] = n_nuclei
     with pytest.warns(omx.OmxWarning, match=r"obs\['omx_n_nuclei'\] is missing for some spots") as record:
-        omx.tl.deconvolve(sdata, reference, n_steps=5, show_progress_bar=False)
+        omx.tl.deconvolve(sdata, reference, max_rounds=5, show_progress_bar=False)
     assert record[0].filename == __file__
 
 
