@@ -603,11 +603,3 @@ class DeconvolutionModel:
         self.q05_, self.q25_, self.q75_, self.q95_ = out["q05"], out["q25"], out["q75"], out["q95"]
         self.n_cells_ = out["n_cells"]
         self.mean_, self.absent_ = out["mean"], out["absent"]
-
-    def to_frames(self, index: pd.Index, types: list[str]) -> dict[str, pd.DataFrame]:
-        """Proportions and their 5 % and 95 % quantiles as DataFrames."""
-        return {
-            "mean": pd.DataFrame(self.proportions_, index=index, columns=types),
-            "q05": pd.DataFrame(self.q05_, index=index, columns=types),
-            "q95": pd.DataFrame(self.q95_, index=index, columns=types),
-        }
