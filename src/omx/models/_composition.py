@@ -26,7 +26,7 @@ import pandas as pd
 from scipy import sparse
 
 from omx._utils import logger
-from omx.models._standardize import GroupStandardizer
+from omx.models._standardize import MIN_GROUP_ROWS, GroupStandardizer
 
 #: Per-nucleus morphology columns of the ``omx_cells`` table (`omx.pp.segment_nuclei`) the models use.
 NUCLEUS_COLUMNS = ("area_um2", "eccentricity", "solidity", "hematoxylin", "eosin")
@@ -537,7 +537,7 @@ def _standardize(X: np.ndarray, groups: np.ndarray, std: GroupStandardizer) -> n
         for g in pd.unique(groups):
             rows = groups == g
             Xg = X[rows]
-            if rows.sum() < 5:
+            if rows.sum() < MIN_GROUP_ROWS:
                 out[rows] = (Xg - std.mean_) / std.scale_
                 continue
             mu, sd = _nan_stats(Xg)

@@ -14,10 +14,10 @@ contribute more reads per cell and ``p`` counts cells. Inference has two stages.
 1. **Shared parameters** (platform effect, efficiency, per-gene dispersion; empirical Bayes) by alternating
    maximisation on at most ``max_fit_spots`` spots drawn at random: the spots' cells by Newton's method (below),
    then every gene's log platform effect by a Newton step given the cells, the efficiency, and the dispersion by
-   the method of moments, until the log posterior stops rising. These are shared by all spots, so a subsample
-   pins them down and the cost of this stage does not grow with the section. (Stochastic variational inference
-   of the same model in Pyro took about 0.4 s a step on 2,000 spots x 2,000 genes x 30 types on our CPU and
-   hundreds of steps; its mean-field guide covered a third of the true proportions.)
+   the method of moments, until no gene's log platform effect moves by more than ``tol``. These are shared by all
+   spots, so a subsample pins them down and the cost of this stage does not grow with the section. (Stochastic
+   variational inference of the same model in Pyro took about 0.4 s a step on 2,000 spots x 2,000 genes x 30
+   types on our CPU and hundreds of steps; its mean-field guide covered a third of the true proportions.)
 2. **Each spot's cells**, given the shared parameters: spots are then independent, so they are solved in chunks
    of ``chunk_size`` (memory is bounded by the chunk, not by the section) by Newton's method on ``log w`` (the
    posterior mode), with a Laplace approximation (full covariance between the types of a spot) for the
@@ -167,11 +167,16 @@ def poisson_proportions(Y: Any, S: np.ndarray, *, n_iter: int = 200) -> np.ndarr
 
     Y = torch.as_tensor(np.asarray(Y.toarray() if sparse.issparse(Y) else Y), dtype=torch.float64)
     A = torch.as_tensor(np.asarray(S, dtype=np.float64))
+    w = (Y.sum(1, keepdim=True) / A.sum()).expand(-1, A.shape[0]).clone()
+    return _multiplicative_updates(Y, A, w, n_iter=n_iter).numpy()
+
+
+def _multiplicative_updates(Y, A, w, *, n_iter: int, floor: float = 0.0):
+    """``n_iter`` Poisson multiplicative (EM) updates of ``w`` (torch, ``(spots, types)``) for ``Y ~ w @ A``."""
     total = A.sum(1).clamp_min(1e-12)
-    w = (Y.sum(1, keepdim=True) / total.sum()).expand(-1, A.shape[0]).clone()
     for _ in range(n_iter):
-        w = w * ((Y / (w @ A).clamp_min(1e-12)) @ A.T) / total
-    return w.numpy()
+        w = (w * ((Y / (w @ A).clamp_min(1e-12)) @ A.T) / total).clamp_min(floor)
+    return w
 
 
 def _normalised(w: np.ndarray) -> np.ndarray:
@@ -221,12 +226,9 @@ class _SpotPosterior:
         """
         torch, A = self.torch, self.A
         K = A.shape[0]
-        if z0 is None:
-            total = A.sum(1).clamp_min(1e-12)
+        if z0 is None:  # a cheap, stable start; Newton from here converges in a few steps
             w = (m.exp() / K)[:, None].expand(-1, K).clone()
-            for _ in range(30):  # a cheap, stable start; Newton from here converges in a few steps
-                w = (w * ((Y / (w @ A).clamp_min(1e-12)) @ A.T) / total).clamp_min(1e-3)
-            z = w.log()
+            z = _multiplicative_updates(Y, A, w, n_iter=30, floor=1e-3).log()
         else:
             z = z0.clone()
         eye = torch.eye(K, **self.f64)
@@ -524,7 +526,7 @@ class DeconvolutionModel:
         bar = progress(range(self.max_rounds), show=self.show_progress_bar, desc="deconvolution: shared", unit="round")
         for _ in bar:
             post = _SpotPosterior(
-                (St * theta.exp()).cpu().numpy(), dispersion, alpha=self.alpha, sd=self.n_cells_sd,
+                St * theta.exp(), dispersion, alpha=self.alpha, sd=self.n_cells_sd,
                 min_cells=self.min_cells, n_samples=self.n_samples, device=dev,
             )  # fmt: skip
             m = prior_m if prior_m is not None else self._counts_prior(post, Yt)
@@ -563,10 +565,8 @@ class DeconvolutionModel:
 
     def _counts_prior(self, post: _SpotPosterior, Y) -> Any:
         """Without nuclei: centre log cells per spot on what the counts alone imply at this efficiency."""
-        import torch
-
-        w0 = torch.as_tensor(poisson_proportions(Y.cpu().numpy(), post.A.cpu().numpy(), n_iter=50), **post.f64)
-        return w0.sum(1).clamp_min(0.5).log()
+        w = (Y.sum(1, keepdim=True) / post.A.sum()).expand(-1, post.A.shape[0]).clone()
+        return _multiplicative_updates(Y, post.A, w, n_iter=50).sum(1).clamp_min(0.5).log()
 
     def _fit_spots(self, Y: Any, A: np.ndarray, dispersion: np.ndarray, n_cells: np.ndarray | None) -> None:
         """Every spot's posterior given the shared parameters, a chunk of spots at a time."""
