@@ -209,3 +209,62 @@ def test_section_without_spots_fails_before_fitting():
     with pytest.raises(ValueError, match="Section 'S2' has no spots"):
         omx.tl.cross_validate(sdata, show_progress_bar=False)
     assert "omx_pred" not in t.layers
+
+
+def test_prior_centres_each_spot():
+    """A per-spot prior pulls the posterior towards it: towards the truth when it is right, away when it is wrong."""
+    ref, Y, truth, _, n_cells = simulate(n_spots=120, seed=3)
+    Y = np.random.default_rng(0).binomial(Y.astype(int), 0.05)  # shallow spots: the prior has room to act
+    keep = Y.sum(1) > 0
+    Y, truth, n_cells = Y[keep], truth[keep], n_cells[keep]
+    S, _ = signatures_from_reference(ref, "cell_type")
+    flat = DeconvolutionModel(seed=0, show_progress_bar=False).fit(Y, S, n_cells=n_cells)
+    strong = DeconvolutionModel(prior_strength=100.0, seed=0, show_progress_bar=False)
+    right = strong.fit(Y, S, n_cells=n_cells, prior=truth + 0.01).proportions_
+    wrong = strong.fit(Y, S, n_cells=n_cells, prior=truth[::-1] + 0.01).proportions_
+    assert rmse(truth, right) < 0.8 * rmse(truth, flat.proportions_)
+    assert rmse(truth, wrong) > rmse(truth, flat.proportions_)
+    assert strong.init_params_["prior_strength"] == 100.0
+    with pytest.raises(ValueError, match="prior must be"):
+        strong.fit(Y, S, n_cells=n_cells, prior=truth[:, :2])
+    with pytest.raises(ValueError, match="prior_strength"):
+        DeconvolutionModel(prior_strength=-1.0)
+
+
+def test_expression_prior_from_proportions():
+    """signatures_from_proportions learns an expression prior and its strength; deconvolve uses it, or not."""
+    from omx.tl._deconvolve import PRIOR_DISPERSIONS, PRIOR_STRENGTHS
+
+    sdata = omx.datasets.her2st_sample()
+    table = sdata.tables["table"]
+    ref = omx.tl.signatures_from_proportions(sdata, sections=["C2", "C3"], show_progress_bar=False)
+    types = list(ref.obs_names)
+    assert ref.varm["omx_prior_coef"].shape == (ref.n_vars, len(types))
+    info = ref.uns["omx_prior"]
+    cv = np.asarray(info["cv_r"])  # dispersions x strengths
+    assert cv.shape == (len(PRIOR_DISPERSIONS), len(PRIOR_STRENGTHS))
+    chosen = (PRIOR_DISPERSIONS.index(info["dispersion"]), PRIOR_STRENGTHS.index(info["strength"]))
+    assert cv[chosen] == cv.max()
+    c4 = (table.obs["section"] == "C4").to_numpy()
+    truth = table.obsm["stereoscope_major"][types].to_numpy()[c4]
+    scores = {}
+    for strength in (None, 0.0):
+        model = omx.tl.deconvolve(
+            sdata, ref, sections="C4", platform_sd=0.0, prior_strength=strength, overwrite=True,
+            show_progress_bar=False,
+        )  # fmt: skip
+        entry = table.uns["omx"]["omx_proportions"]
+        assert entry["expression_prior"] is (strength is None)
+        assert model.prior_strength == (info["strength"] if strength is None else 0.0)
+        assert model.dispersion == info["dispersion"]  # dispersion=None takes the one chosen with the prior
+        pred = table.obsm["omx_proportions"][types].to_numpy()[c4]
+        r = np.nanmean([np.corrcoef(truth[:, k], pred[:, k])[0, 1] for k in range(len(types))])
+        scores[strength] = (r, jsd(truth, pred).mean())
+    # held-out C4 agrees better with stereoscope with the prior than without, in r and in JSD
+    assert scores[None][0] > scores[0.0][0] and scores[None][1] < scores[0.0][1]
+    bare = omx.tl.signatures_from_proportions(sdata, sections=["C2", "C3"], prior=False, genes=list(ref.var_names))
+    assert "omx_prior_coef" not in bare.varm
+    with pytest.raises(ValueError, match="needs a reference with an expression prior"):
+        omx.tl.deconvolve(sdata, bare, sections="C4", prior_strength=30.0, key_added="bare", show_progress_bar=False)
+    one = omx.tl.signatures_from_proportions(sdata, sections=["C2"], genes=list(ref.var_names))
+    assert "omx_prior_coef" not in one.varm  # one section: no held-out section to choose the strength

@@ -3,13 +3,15 @@
 Spot ``s``, gene ``g``, cell type ``k``; ``w[s, k]`` is the number of cells of type ``k`` in the spot::
 
     counts[s, g] ~ NegativeBinomial(mean = efficiency * sum_k w[s, k] * S[k, g] * platform[g], dispersion[g])
-    p[s] = w[s] / sum_k w[s, k] ~ Dirichlet(alpha)    # cell-type proportions (of cells, not of mRNA)
+    p[s] = w[s] / sum_k w[s, k] ~ Dirichlet(alpha + prior_strength * prior[s])   # proportions of cells
     n[s] = sum_k w[s, k] ~ LogNormal(log nuclei[s], n_cells_sd)   # the nucleus count from the H&E, when given
     platform[g]  ~ LogNormal(0, platform_sd)           # per-gene difference between reference and spots
     efficiency                                         # capture of spots relative to the reference (flat prior)
 
 ``S[k, g]`` are the reference signatures: mean counts per cell of each type, so types with more mRNA per cell
-contribute more reads per cell and ``p`` counts cells. Inference has two stages.
+contribute more reads per cell and ``p`` counts cells. ``prior[s]`` (optional) are proportions another predictor
+expects for the spot, e.g. the expression prior of `omx.tl.signatures_from_proportions`, a regression learned on
+spots with known proportions. Inference has two stages.
 
 1. **Shared parameters** (platform effect, efficiency, per-gene dispersion; empirical Bayes) by alternating
    maximisation on at most ``max_fit_spots`` spots drawn at random: the spots' cells by Newton's method (below),
@@ -219,7 +221,12 @@ class _SpotPosterior:
         self.r = torch.as_tensor(dispersion, **self.f64)[None, :]
         self.alpha, self.sd, self.min_cells, self.n_samples = alpha, sd, min_cells, n_samples
 
-    def mode(self, Y, m, *, z0=None, max_iter: int = 50, tol: float = 1e-3):
+    def concentration(self, n: int, prior=None, strength: float = 0.0):
+        """Dirichlet concentration ``(n, n_types)``: ``alpha`` plus ``strength`` times each spot's prior proportions."""
+        a = self.torch.full((n, self.A.shape[0]), self.alpha, **self.f64)
+        return a if prior is None else a + strength * self.torch.as_tensor(prior, **self.f64)
+
+    def mode(self, Y, m, a, *, z0=None, max_iter: int = 50, tol: float = 1e-3):
         """Newton (Fisher scoring) on ``z = log w``, started from ``z0`` or from Poisson multiplicative updates.
 
         Returns the mode and the log posterior there, per spot.
@@ -232,25 +239,26 @@ class _SpotPosterior:
         else:
             z = z0.clone()
         eye = torch.eye(K, **self.f64)
-        lp = self.log_posterior(Y, z, m)
+        lp = self.log_posterior(Y, z, m, a)
         active = torch.arange(len(z), device=z.device)  # spots still moving: the others are left alone
         for _ in range(max_iter):
-            ya, za, ma, lpa = Y[active], z[active], m[active], lp[active]
-            g, H = self._grad_hess(ya, za, ma)
+            ya, za, ma, aa, lpa = Y[active], z[active], m[active], a[active], lp[active]
+            g, H = self._grad_hess(ya, za, ma, aa)
             step = torch.linalg.solve(H + 1e-6 * eye, g.unsqueeze(-1)).squeeze(-1).clamp(-1.0, 1.0)
             moving = (g * step).sum(1) >= tol  # the Newton decrement: within tol of the quadratic maximum
             if not bool(moving.any()):
                 break
-            ya, za, ma, lpa, step, active = (
+            ya, za, ma, aa, lpa, step, active = (
                 ya[moving],
                 za[moving],
                 ma[moving],
+                aa[moving],
                 lpa[moving],
                 step[moving],
                 active[moving],
             )
             for _ in range(4):  # halve the step of spots whose posterior would go down
-                new = self.log_posterior(ya, za + step, ma)
+                new = self.log_posterior(ya, za + step, ma, aa)
                 worse = new < lpa - 1e-9
                 if not bool(worse.any()):
                     break
@@ -258,40 +266,39 @@ class _SpotPosterior:
             z[active], lp[active] = za + step, new
         return z, lp
 
-    def curvature(self, Y, z, m):
+    def curvature(self, Y, z, m, a):
         """The positive-definite curvature (precision of the Laplace approximation) at ``z``."""
-        _, H = self._grad_hess(Y, z, m)
+        _, H = self._grad_hess(Y, z, m, a)
         return H + 1e-6 * self.torch.eye(H.shape[-1], **self.f64)
 
-    def log_posterior(self, Y, z, m):
-        """Log posterior of ``z = log w`` per spot, up to a constant."""
-        torch, r, alpha = self.torch, self.r, self.alpha
+    def log_posterior(self, Y, z, m, a):
+        """Log posterior of ``z = log w`` per spot, up to a constant; ``a`` is the Dirichlet concentration."""
+        torch, r = self.torch, self.r
         mu = z.exp() @ self.A + 1e-10
         L = torch.logsumexp(z, 1)
         ll = (Y * mu.log() - (Y + r) * (r + mu).log()).sum(1)
-        return ll - (L - m) ** 2 / (2 * self.sd**2) + alpha * (z.sum(1) - z.shape[1] * L)
+        return ll - (L - m) ** 2 / (2 * self.sd**2) + (a * (z - L[:, None])).sum(1)
 
-    def _grad_hess(self, Y, z, m):
+    def _grad_hess(self, Y, z, m, a):
         """Gradient of the log posterior in ``z`` and a positive-definite curvature.
 
         The curvature is the Fisher information of the likelihood, its first-order chain-rule term where that is
         positive, and the prior's Hessian without its indefinite part.
         """
-        torch, A, r, alpha, sd = self.torch, self.A, self.r, self.alpha, self.sd
-        K = A.shape[0]
+        torch, A, r, sd = self.torch, self.A, self.r, self.sd
         w = z.exp()
         mu = w @ A + 1e-10
-        a = Y / mu - (Y + r) / (r + mu)
+        dll = Y / mu - (Y + r) / (r + mu)  # d log-likelihood / d mu
         fisher = r / (mu * (r + mu))
-        g = w * (a @ A.T)
+        g = w * (dll @ A.T)
         H = ((A[None] * fisher[:, None, :]) @ A.T) * (w[:, :, None] * w[:, None, :])
         # the chain rule's first-order term, w_k * dll/dw_k on the diagonal: where adding cells of a type lowers
         # the likelihood (types absent from the spot) it is the curvature that holds log w_k near its mode
         H = H + torch.diag_embed((-g).clamp_min(0))
         L = torch.logsumexp(z, 1)
         p = (z - L[:, None]).exp()
-        c = (L - m) / sd**2 + alpha * K
-        g = g - c[:, None] * p + alpha
+        c = (L - m) / sd**2 + a.sum(1)
+        g = g - c[:, None] * p + a
         outer = p[:, :, None] * p[:, None, :]
         H = H + outer / sd**2 + c.clamp_min(0)[:, None, None] * (torch.diag_embed(p) - outer)
         return g, H
@@ -333,6 +340,9 @@ class DeconvolutionModel:
     ----------
     alpha
         Concentration of the Dirichlet prior on each spot's proportions (below 1 favours few types per spot).
+    prior_strength
+        Concentration added per unit of the prior proportions passed to `fit` (``prior=``): the Dirichlet prior
+        of a spot is then ``alpha + prior_strength * prior[s]``, centred on another predictor's proportions.
     platform_sd
         Prior standard deviation of the per-gene log platform effect; 0 leaves it out (signatures from the same
         platform as the spots).
@@ -402,6 +412,7 @@ class DeconvolutionModel:
         self,
         *,
         alpha: float = 1.0,
+        prior_strength: float = 0.0,
         platform_sd: float = 0.5,
         n_cells_sd: float = 0.5,
         cells_per_spot: float = 10.0,
@@ -425,14 +436,18 @@ class DeconvolutionModel:
             raise ValueError(f"dispersion must be 'gene' or 'common', not {dispersion!r}.")
         if min(max_rounds, max_fit_spots, chunk_size) < 1 or n_samples < 2:
             raise ValueError("max_rounds, max_fit_spots and chunk_size must be >= 1 and n_samples >= 2.")
+        if prior_strength < 0:
+            raise ValueError(f"prior_strength must be >= 0, got {prior_strength}.")
         self.alpha, self.platform_sd, self.n_cells_sd = float(alpha), float(platform_sd), float(n_cells_sd)
+        self.prior_strength = float(prior_strength)
         self.cells_per_spot, self.min_cells = float(cells_per_spot), float(min_cells)
         self.max_rounds, self.n_samples, self.dispersion = int(max_rounds), int(n_samples), dispersion
         self.max_fit_spots, self.chunk_size = int(max_fit_spots), int(chunk_size)
         self.tol = float(tol)
         self.seed, self.device, self.show_progress_bar = seed, device, show_progress_bar
         self.init_params_ = {
-            "alpha": self.alpha, "platform_sd": self.platform_sd, "n_cells_sd": self.n_cells_sd,
+            "alpha": self.alpha, "prior_strength": self.prior_strength, "platform_sd": self.platform_sd,
+            "n_cells_sd": self.n_cells_sd,
             "cells_per_spot": self.cells_per_spot, "min_cells": self.min_cells, "dispersion": dispersion,
             "max_rounds": self.max_rounds, "max_fit_spots": self.max_fit_spots, "chunk_size": self.chunk_size,
             "n_samples": self.n_samples, "tol": self.tol, "seed": seed,
@@ -443,10 +458,15 @@ class DeconvolutionModel:
         """Rounds run by the last fit."""
         return self.n_steps_
 
-    def fit(self, Y: Any, signatures: np.ndarray, *, n_cells: np.ndarray | None = None) -> DeconvolutionModel:
+    def fit(
+        self, Y: Any, signatures: np.ndarray, *, n_cells: np.ndarray | None = None, prior: np.ndarray | None = None
+    ) -> DeconvolutionModel:
         """Fit the model to counts ``Y`` ``(n_spots, n_genes)``, dense or sparse, and signatures ``(n_types, n_genes)``.
 
-        ``n_cells`` are the nuclei counted in each spot (e.g. ``obs["omx_n_nuclei"]``), or None.
+        ``n_cells`` are the nuclei counted in each spot (e.g. ``obs["omx_n_nuclei"]``), or None. ``prior`` holds
+        each spot's expected proportions ``(n_spots, n_types)`` from another predictor (e.g. the expression model
+        that `omx.tl.signatures_from_proportions` fits); the Dirichlet prior then adds ``prior_strength`` times
+        them to ``alpha``.
         """
         Y = Y.tocsr() if sparse.issparse(Y) else np.asarray(Y, dtype=np.float64)
         S = np.asarray(signatures, dtype=np.float64)
@@ -478,21 +498,28 @@ class DeconvolutionModel:
             n_cells = np.asarray(n_cells, dtype=np.float64)
             if n_cells.shape != (n,) or not np.all(np.isfinite(n_cells)) or (n_cells < 0).any():
                 raise ValueError(f"n_cells must be {n} finite non-negative counts, one per spot.")
+        if prior is not None:
+            prior = np.asarray(prior, dtype=np.float64)
+            if prior.shape != (n, K) or not np.all(np.isfinite(prior)) or (prior < 0).any():
+                raise ValueError(f"prior must be ({n}, {K}) finite non-negative proportions, one row per spot.")
+            prior = prior / np.clip(prior.sum(1, keepdims=True), 1e-12, None)
 
         rng = np.random.default_rng(self.seed)
         sub = np.arange(n) if n <= self.max_fit_spots else np.sort(rng.choice(n, self.max_fit_spots, replace=False))
         Ysub = Y[sub].toarray() if sparse.issparse(Y) else Y[sub]
-        gamma, eff, dispersion = self._fit_shared(Ysub, S, None if n_cells is None else n_cells[sub])
+        gamma, eff, dispersion = self._fit_shared(
+            Ysub, S, None if n_cells is None else n_cells[sub], None if prior is None else prior[sub]
+        )
         self.platform_ = np.full(keep_gene.shape, np.nan)
         self.platform_[keep_gene] = gamma
         self.dispersion_ = np.full(keep_gene.shape, np.nan)
         self.dispersion_[keep_gene] = dispersion
         self.efficiency_ = eff
-        self._fit_spots(Y, S * gamma * eff, dispersion, n_cells)
+        self._fit_spots(Y, S * gamma * eff, dispersion, n_cells, prior)
         self.is_fitted_ = True
         return self
 
-    def _fit_shared(self, Y: np.ndarray, S: np.ndarray, n_cells: np.ndarray | None) -> tuple[np.ndarray, float, Any]:
+    def _fit_shared(self, Y: np.ndarray, S: np.ndarray, n_cells, prior) -> tuple[np.ndarray, float, Any]:
         """Platform effect, efficiency and dispersion by alternating maximisation on the spots ``Y``.
 
         Each round solves the spots' cells given the shared parameters (Newton, warm-started), then each gene's
@@ -530,7 +557,8 @@ class DeconvolutionModel:
                 min_cells=self.min_cells, n_samples=self.n_samples, device=dev,
             )  # fmt: skip
             m = prior_m if prior_m is not None else self._counts_prior(post, Yt)
-            z, lp = post.mode(Yt, m, z0=z, max_iter=50 if z is None else 5)
+            a = post.concentration(n, prior, self.prior_strength)
+            z, lp = post.mode(Yt, m, a, z0=z, max_iter=50 if z is None else 5)
             r = torch.as_tensor(dispersion, **f64)
             constant = (torch.lgamma(Yt + r) - torch.lgamma(r) + r * r.log()).sum(1)  # NB terms of r alone
             history.append(float((lp + constant).mean()) / S.shape[1])
@@ -568,7 +596,7 @@ class DeconvolutionModel:
         w = (Y.sum(1, keepdim=True) / post.A.sum()).expand(-1, post.A.shape[0]).clone()
         return _multiplicative_updates(Y, post.A, w, n_iter=50).sum(1).clamp_min(0.5).log()
 
-    def _fit_spots(self, Y: Any, A: np.ndarray, dispersion: np.ndarray, n_cells: np.ndarray | None) -> None:
+    def _fit_spots(self, Y: Any, A: np.ndarray, dispersion: np.ndarray, n_cells, prior) -> None:
         """Every spot's posterior given the shared parameters, a chunk of spots at a time."""
         import torch
 
@@ -593,8 +621,9 @@ class DeconvolutionModel:
                     m = torch.as_tensor(np.log(np.maximum(n_cells[rows], 0.5)), **post.f64)
                 else:
                     m = self._counts_prior(post, Yt)
-                z, _ = post.mode(Yt, m)
-                H = post.curvature(Yt, z, m)
+                a = post.concentration(len(Yt), None if prior is None else prior[rows], self.prior_strength)
+                z, _ = post.mode(Yt, m, a)
+                H = post.curvature(Yt, z, m, a)
                 out["mode"][rows] = _normalised(z.exp().cpu().numpy())
                 for k, v in post.summarise(post.draws(z, H, seed=self.seed + i)).items():
                     out[k][rows] = v

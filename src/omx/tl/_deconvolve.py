@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,7 @@ from omx._schema import (
     write_results,
 )
 from omx._settings import warn
-from omx._utils import as_list, logger, resolve_table
+from omx._utils import as_list, logger, progress, resolve_table
 from omx.pp._spots import section_column, table_regions
 from omx.tl._engine import (
     as_dense,
@@ -82,9 +83,10 @@ def deconvolve(
     min_cells_per_type: int = 10,
     min_shared_genes: int = 50,
     alpha: float = 1.0,
+    prior_strength: float | None = None,
     platform_sd: float = 0.5,
     cells_per_spot: float = 10.0,
-    dispersion: str = "gene",
+    dispersion: str | None = None,
     max_rounds: int = 30,
     seed: int = 0,
     device: str = "auto",
@@ -134,6 +136,10 @@ def deconvolve(
         Fewer genes shared by reference and spots are an error.
     alpha
         Concentration of the Dirichlet prior (below 1: few types per spot).
+    prior_strength
+        With a reference from :func:`signatures_from_proportions` that carries an expression prior, each spot's
+        Dirichlet prior adds this much concentration times the proportions the prior predicts from the spot's
+        counts; None uses the strength chosen there by cross-validation, 0 leaves the expression prior out.
     platform_sd
         Prior standard deviation of the per-gene log platform effect (smaller when reference and spots come from
         the same technology; 0 leaves it out, e.g. for signatures from :func:`signatures_from_proportions`).
@@ -143,7 +149,8 @@ def deconvolve(
         half a cell and counts as absent in the intervals. Unused with ``n_cells_key``.
     dispersion
         ``"gene"``: a negative-binomial dispersion per gene; ``"common"``: one for all genes (see
-        :class:`~omx.models._deconv.DeconvolutionModel`).
+        :class:`~omx.models._deconv.DeconvolutionModel`). None: the one chosen with the reference's expression
+        prior, else ``"gene"``.
     max_rounds
         Most rounds of fitting the shared parameters (it stops earlier when the fit stops improving).
     {seed}
@@ -220,8 +227,12 @@ def deconvolve(
                 f"obs[{n_cells_key!r}] is missing for some spots; cells per spot get a vague prior "
                 "(segment the nuclei of every image, or pass n_cells_key=None)."
             )
+    expected, strength = _expression_prior(table, rows[ok], reference, layer=layer, strength=prior_strength)
+    if dispersion is None:
+        dispersion = reference.uns.get(PRIOR_INFO, {}).get("dispersion", "gene")
     model = DeconvolutionModel(
         alpha=alpha,
+        prior_strength=strength,
         platform_sd=platform_sd,
         cells_per_spot=cells_per_spot,
         dispersion=dispersion,
@@ -230,7 +241,7 @@ def deconvolve(
         device=device,
         show_progress_bar=show_progress_bar,
     )
-    model.fit(Y[ok], S_shared, n_cells=n_cells)
+    model.fit(Y[ok], S_shared, n_cells=n_cells, prior=expected)
 
     fit_rows = rows[ok]
     q05, q95 = Key.quantiles(key_added)
@@ -247,6 +258,7 @@ def deconvolve(
         cell_types=types,
         genes=[str(g) for g in shared],
         n_cells_prior=n_cells is not None,
+        expression_prior=expected is not None,
         n_rounds=model.n_steps_,
         log_posterior=model.history_["log_posterior"][-1],
     )  # fmt: skip
@@ -271,6 +283,37 @@ def deconvolve(
     return model
 
 
+def _expression_prior(table: AnnData, rows: np.ndarray, reference: AnnData, *, layer, strength: float | None):
+    """Each spot's prior proportions from the reference's expression prior, and its strength; (None, 0) without."""
+    if PRIOR_COEF not in reference.varm:
+        if strength:
+            raise ValueError(
+                f"prior_strength={strength} needs a reference with an expression prior (varm[{PRIOR_COEF!r}]); make "
+                "it with omx.tl.signatures_from_proportions(..., prior=True) or leave prior_strength=None."
+            )
+        return None, 0.0
+    strength = float(reference.uns[PRIOR_INFO]["strength"]) if strength is None else float(strength)
+    if strength == 0:
+        return None, 0.0
+    cols = table.var_names.get_indexer(reference.var_names)
+    if (cols < 0).any():
+        raise KeyError(
+            f"The reference's expression prior uses {int((cols < 0).sum())} genes the spots lack (e.g. "
+            f"{list(reference.var_names[cols < 0][:5])}); pass prior_strength=0 to deconvolve without it."
+        )
+    trained_on = reference.uns[PRIOR_INFO].get("table_genes")
+    if trained_on is not None and trained_on != table.n_vars:
+        warn(
+            f"The expression prior was learned on a table of {trained_on} genes and these spots have {table.n_vars}: "
+            "its features (counts per 10,000 of all genes) mean something else here, so its proportions can be "
+            "off. Pass prior_strength=0 to leave it out, or learn it on spots of this platform."
+        )
+    X = counts(table, rows, layer=layer)
+    lib = np.asarray(X.sum(1), dtype=np.float64).ravel()
+    features = expression_features(X[:, cols], lib)
+    return prior_proportions(features, reference.varm[PRIOR_COEF], reference.obs[PRIOR_INTERCEPT].to_numpy()), strength
+
+
 @doc_params()
 def signatures_from_proportions(
     sdata: SpatialData,
@@ -280,8 +323,10 @@ def signatures_from_proportions(
     genes: Sequence[str] | None = None,
     n_genes: int = 1000,
     group_key: str | None = None,
+    prior: bool = True,
     table_key: str | None = None,
     section_key: str = "section",
+    show_progress_bar: bool = True,
 ) -> AnnData:
     """Cell-type signatures estimated from spots with known proportions, for use as a `deconvolve` reference.
 
@@ -296,6 +341,14 @@ def signatures_from_proportions(
     genes whose pattern does not transfer only add noise: on her2st, choosing genes this way raised the held-out
     patients' per-type agreement with stereoscope from 0.52 to 0.60 (``benchmarks/deconvolution.py her2st``).
     With one group, the ``n_genes`` most expressed are kept.
+
+    With ``prior=True`` the reference also carries an **expression prior**: a ridge regression
+    (:class:`omx.models.Ridge`, penalty by leave-one-section-out cross-validation) from each spot's log
+    counts per 10,000 of those genes to its centred log-ratio proportions. `deconvolve` centres each spot's
+    Dirichlet prior on this prediction, with a strength (and `deconvolve`'s ``dispersion``) chosen here by
+    leave-one-section-out cross-validation over the training sections (mean per-type Pearson r of the deconvolved
+    held-out section; signatures and ridge refitted without it). The regression learns what the signatures miss
+    (``benchmarks/deconvolution.py her2st``).
 
     Parameters
     ----------
@@ -313,14 +366,20 @@ def signatures_from_proportions(
     group_key
         obs column whose values group the sections for the choice of genes (e.g. patients); ``"patient"`` when
         the table has it, else the sections themselves.
+    prior
+        Fit the expression prior (above); it needs two or more sections to choose its strength.
     table_key
         The table; may be omitted when there is one (besides tables omx made).
     {section_key}
+    {show_progress_bar}
 
     Returns
     -------
     An AnnData of cell types x genes (mean counts per spot at the median library size), to pass as
-    ``reference`` with ``labels_key=None``; ``var["transfer_r"]`` holds each chosen gene's score.
+    ``reference`` with ``labels_key=None``; ``var["transfer_r"]`` holds each chosen gene's score. With the
+    expression prior: ``varm["omx_prior_coef"]`` (genes x types) and ``obs["omx_prior_intercept"]`` map a spot's
+    ``log1p(counts / library * 1e4)`` (library: all genes of the table) to log proportions, and
+    ``uns["omx_prior"]`` holds the chosen strength and dispersion and the cross-validation scores.
     """
     table_key, table = resolve_table(sdata, table_key)
     if key not in table.obsm:
@@ -347,11 +406,98 @@ def signatures_from_proportions(
             raise KeyError(
                 f"{int((cols < 0).sum())} genes are not in the table, e.g. {np.asarray(genes)[cols < 0][:5]}."
             )
-    S = _poisson_signatures(as_dense(X[:, cols]).astype(np.float64), P, lib, section) * np.median(lib)
+    Yg = as_dense(X[:, cols]).astype(np.float64)
+    S = _poisson_signatures(Yg, P, lib, section) * np.median(lib)
     var = pd.DataFrame(index=pd.Index(genes))
     if score is not None:
         var["transfer_r"] = score
-    return AnnData(X=S.astype(np.float32), obs=pd.DataFrame(index=types), var=var)
+    ref = AnnData(X=S.astype(np.float32), obs=pd.DataFrame(index=types), var=var)
+    if prior:
+        if len(np.unique(section)) < 2:
+            logger.info("One section: no held-out section to choose the expression prior's strength; left out.")
+        else:
+            coef, intercept, info = _fit_expression_prior(Yg, P, lib, section, show_progress_bar=show_progress_bar)
+            info["table_genes"] = int(table.n_vars)
+            ref.varm[PRIOR_COEF] = coef.astype(np.float32)
+            ref.obs[PRIOR_INTERCEPT] = intercept
+            ref.uns[PRIOR_INFO] = info
+    return ref
+
+
+#: Where `signatures_from_proportions` stores the expression prior in the reference it returns.
+PRIOR_COEF, PRIOR_INTERCEPT, PRIOR_INFO = "omx_prior_coef", "omx_prior_intercept", "omx_prior"
+#: Prior strengths (Dirichlet concentration added per unit of predicted proportion) tried by cross-validation.
+PRIOR_STRENGTHS = (0.0, 30.0, 100.0, 300.0, 1000.0)
+#: Dispersions (`deconvolve`'s ``dispersion=``) tried by the same cross-validation.
+PRIOR_DISPERSIONS = ("gene", "common")
+#: Floor on the proportions before their centred log-ratio (the regression's targets).
+_CLR_FLOOR = 1e-3
+
+
+def expression_features(Y: Any, lib: np.ndarray) -> Any:
+    """``log1p(Y / lib * 1e4)`` per spot (sparse stays sparse): the expression prior's features."""
+    scale = 1e4 / np.maximum(np.asarray(lib, dtype=np.float64), 1e-12)
+    if sparse.issparse(Y):
+        return sparse.csr_matrix(Y, dtype=np.float64).multiply(scale[:, None]).tocsr().log1p()
+    return np.log1p(np.asarray(Y, dtype=np.float64) * scale[:, None])
+
+
+def prior_proportions(features: Any, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
+    """Softmax of the expression prior's log proportions, ``(n_spots, n_types)``."""
+    Z = np.asarray(features @ np.asarray(coef, dtype=np.float64)) + np.asarray(intercept, dtype=np.float64)
+    Z = np.exp(Z - Z.max(1, keepdims=True))
+    return Z / Z.sum(1, keepdims=True)
+
+
+def _ridge_prior(F: np.ndarray, P: np.ndarray, section: np.ndarray, alpha: float | None):
+    """Ridge from features to centred log-ratio proportions, folded into ``(coef, intercept)`` on raw features."""
+    from omx.models import Ridge
+
+    T = np.log(P + _CLR_FLOOR)
+    T = T - T.mean(1, keepdims=True)
+    model = Ridge(alpha=alpha, n_components=None, standardize="global", show_progress_bar=False)
+    model.fit(F, T, groups=section)
+    mean, scale = model.standardizer_.mean_, model.standardizer_.scale_
+    coef = model.coef_ / scale[:, None]
+    intercept = model.intercept_ - ((mean / scale) + model.z_mean_) @ model.coef_
+    return coef, intercept, model.alpha_
+
+
+def _fit_expression_prior(Y, P, lib, section, *, show_progress_bar: bool):
+    """The expression prior, its strength and the dispersion, by leave-one-section-out CV (see the caller)."""
+    from omx.metrics import pearson
+    from omx.models._deconv import DeconvolutionModel
+
+    F = expression_features(Y, lib)
+    coef, intercept, alpha = _ridge_prior(F, P, section, None)
+    names = np.unique(section)
+    scores = np.zeros((len(names), len(PRIOR_DISPERSIONS), len(PRIOR_STRENGTHS)))
+    for i, name in enumerate(progress(names, show=show_progress_bar, desc="expression prior CV", unit="section")):
+        held, train = section == name, section != name
+        S = _poisson_signatures(Y[train], P[train], lib[train], section[train])
+        fold_coef, fold_intercept, _ = _ridge_prior(F[train], P[train], section[train], alpha)
+        ok = Y[held].sum(1) > 0
+        expected = prior_proportions(F[held][ok], fold_coef, fold_intercept)
+        for d, dispersion in enumerate(PRIOR_DISPERSIONS):
+            for j, strength in enumerate(PRIOR_STRENGTHS):
+                model = DeconvolutionModel(
+                    platform_sd=0.0, prior_strength=strength, dispersion=dispersion, show_progress_bar=False
+                )
+                model.fit(Y[held][ok], S, prior=expected)
+                scores[i, d, j] = np.nanmean(pearson(P[held][ok], model.proportions_))
+    mean = scores.mean(0)
+    d, j = np.unravel_index(int(np.argmax(mean)), mean.shape)
+    logger.info(
+        "Expression prior: ridge alpha %g; strength %g and %s dispersion chosen by leave-one-section-out CV over %d "
+        "sections (mean per-type r %s for strengths %s, per-gene / common dispersion).",
+        alpha, PRIOR_STRENGTHS[j], PRIOR_DISPERSIONS[d], len(names), np.round(mean, 3).tolist(), list(PRIOR_STRENGTHS),
+    )  # fmt: skip
+    info = {
+        "strength": PRIOR_STRENGTHS[j], "dispersion": PRIOR_DISPERSIONS[d], "ridge_alpha": float(alpha),
+        "strengths": list(PRIOR_STRENGTHS), "dispersions": list(PRIOR_DISPERSIONS), "cv_r": mean.tolist(),
+        "features": "log1p(counts / library * 1e4), library over all genes",
+    }  # fmt: skip
+    return coef, intercept, info
 
 
 def _poisson_signatures(Y: np.ndarray, P: np.ndarray, lib: np.ndarray, section: np.ndarray, n_iter: int = 200):
