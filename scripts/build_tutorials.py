@@ -328,13 +328,21 @@ weighing the same) serve as the reference; C4 is held out and deconvolved from i
 sections from several patients, `signatures_from_proportions` keeps the genes whose cell-type pattern carries
 over from one patient to another; here both sections come from one patient, so it keeps the most expressed.
 
+The reference also carries an expression prior: a ridge regression from each spot's normalised counts to its
+proportions, learnt on the training spots. The deconvolution centres each spot's prior on what this regression
+predicts, with a strength (and a choice of per-gene or common dispersion) that leave-one-section-out
+cross-validation over C2 and C3 picked; `reference.uns['omx_prior']` holds the choice and the scores.
+`prior=False` (here) or `prior_strength=0` (in `deconvolve`) leaves it out.
+
 With a single-cell atlas instead, pass it as `reference=` with its cell-type column as `labels_key=` (and its
 samples or donors as `batch_key=`): the signatures are then fitted by a negative-binomial model of the cells.""",
     ),
     (
         "code",
-        "reference = omx.tl.signatures_from_proportions(sdata, key='stereoscope_major', sections=['C2', 'C3'])\n"
-        "reference",
+        "reference = omx.tl.signatures_from_proportions(\n"
+        "    sdata, key='stereoscope_major', sections=['C2', 'C3'], show_progress_bar=False\n"
+        ")\n"
+        "{k: reference.uns['omx_prior'][k] for k in ('strength', 'dispersion')}",
     ),
     (
         "md",
