@@ -221,6 +221,9 @@ def test_prior_centres_each_spot():
     flat = DeconvolutionModel(seed=0, show_progress_bar=False).fit(Y, S, n_cells=n_cells)
     strong = DeconvolutionModel(prior_strength=100.0, seed=0, show_progress_bar=False)
     right = strong.fit(Y, S, n_cells=n_cells, prior=truth + 0.01).proportions_
+    # the prior moves the mode, not the spread: the intervals keep the counts' own uncertainty
+    width, flat_width = np.mean(strong.q95_ - strong.q05_), np.mean(flat.q95_ - flat.q05_)
+    assert 0.7 * flat_width < width < 1.3 * flat_width
     wrong = strong.fit(Y, S, n_cells=n_cells, prior=truth[::-1] + 0.01).proportions_
     assert rmse(truth, right) < 0.8 * rmse(truth, flat.proportions_)
     assert rmse(truth, wrong) > rmse(truth, flat.proportions_)

@@ -11,7 +11,9 @@ Spot ``s``, gene ``g``, cell type ``k``; ``w[s, k]`` is the number of cells of t
 ``S[k, g]`` are the reference signatures: mean counts per cell of each type, so types with more mRNA per cell
 contribute more reads per cell and ``p`` counts cells. ``prior[s]`` (optional) are proportions another predictor
 expects for the spot, e.g. the expression prior of `omx.tl.signatures_from_proportions`, a regression learned on
-spots with known proportions. Inference has two stages.
+spots with known proportions. It moves the mode but not the spread: such a prior is predicted from the spot's own
+counts, so its concentration would count them twice, and the intervals keep the curvature of the counts under the
+flat ``Dirichlet(alpha)``, centred on the mode. Inference has two stages.
 
 1. **Shared parameters** (platform effect, efficiency, per-gene dispersion; empirical Bayes) by alternating
    maximisation on at most ``max_fit_spots`` spots drawn at random: the spots' cells by Newton's method (below),
@@ -623,7 +625,9 @@ class DeconvolutionModel:
                     m = self._counts_prior(post, Yt)
                 a = post.concentration(len(Yt), None if prior is None else prior[rows], self.prior_strength)
                 z, _ = post.mode(Yt, m, a)
-                H = post.curvature(Yt, z, m, a)
+                # the spread comes from the counts and the flat Dirichlet(alpha): a prior predicted from the same
+                # counts would count them twice and make the intervals too narrow
+                H = post.curvature(Yt, z, m, post.concentration(len(Yt)))
                 out["mode"][rows] = _normalised(z.exp().cpu().numpy())
                 for k, v in post.summarise(post.draws(z, H, seed=self.seed + i)).items():
                     out[k][rows] = v
