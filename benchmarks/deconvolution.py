@@ -288,7 +288,7 @@ def bench_her2st(key: str = "stereoscope_major") -> None:
         true = table.obsm[key].iloc[at][types].to_numpy()
         Y = table.X[at][:, table.var_names.get_indexer(ref.var_names)]
         preds = {"nnls": pd.DataFrame(nnls_proportions(Y, ref.X), columns=ref.obs_names)[types].to_numpy()}
-        expected, _ = _expression_prior(table, at, ref, layer=None, strength=1.0)  # the prior even where CV chose 0
+        expected, _ = _expression_prior(table, table.X[at], ref, strength=1.0)  # the prior even where CV chose 0
         preds["prior_only"] = pd.DataFrame(expected, columns=ref.obs_names)[types].to_numpy()
         seconds = {}
         for v, kw in variants.items():

@@ -22,7 +22,7 @@ from omx._schema import (
     write_results,
 )
 from omx._settings import warn
-from omx._utils import as_list, logger, progress, resolve_table
+from omx._utils import as_list, log_normalize, logger, progress, resolve_table
 from omx.pp._spots import section_column, table_regions
 from omx.tl._engine import (
     as_dense,
@@ -209,7 +209,8 @@ def deconvolve(
             f"({table.n_vars} in the spots, {reference.n_vars} in the reference); at least "
             f"min_shared_genes={min_shared_genes} are needed. Check that both use the same gene symbols (or IDs)."
         )
-    Y = counts(table, rows, layer=layer)[:, table.var_names.get_indexer(shared)]  # stays sparse when it is
+    X = counts(table, rows, layer=layer)  # all genes: the expression prior normalises by their total
+    Y = X[:, table.var_names.get_indexer(shared)]  # stays sparse when it is
     Y = Y.tocsr() if sparse.issparse(Y) else np.asarray(Y, dtype=np.float64)
     lib = np.asarray(Y.sum(1), dtype=np.float64).ravel()
     ok = lib > 0
@@ -227,7 +228,7 @@ def deconvolve(
                 f"obs[{n_cells_key!r}] is missing for some spots; cells per spot get a vague prior "
                 "(segment the nuclei of every image, or pass n_cells_key=None)."
             )
-    expected, strength = _expression_prior(table, rows[ok], reference, layer=layer, strength=prior_strength)
+    expected, strength = _expression_prior(table, X[ok], reference, strength=prior_strength)
     if dispersion is None:
         dispersion = reference.uns.get(PRIOR_INFO, {}).get("dispersion", "gene")
     model = DeconvolutionModel(
@@ -283,8 +284,11 @@ def deconvolve(
     return model
 
 
-def _expression_prior(table: AnnData, rows: np.ndarray, reference: AnnData, *, layer, strength: float | None):
-    """Each spot's prior proportions from the reference's expression prior, and its strength; (None, 0) without."""
+def _expression_prior(table: AnnData, X: Any, reference: AnnData, *, strength: float | None):
+    """Prior proportions of the spots with counts ``X`` (all genes of ``table``) and the prior's strength.
+
+    (None, 0) when the reference has no expression prior or the strength is 0.
+    """
     if PRIOR_COEF not in reference.varm:
         if strength:
             raise ValueError(
@@ -308,10 +312,12 @@ def _expression_prior(table: AnnData, rows: np.ndarray, reference: AnnData, *, l
             "its features (counts per 10,000 of all genes) mean something else here, so its proportions can be "
             "off. Pass prior_strength=0 to leave it out, or learn it on spots of this platform."
         )
-    X = counts(table, rows, layer=layer)
-    lib = np.asarray(X.sum(1), dtype=np.float64).ravel()
-    features = expression_features(X[:, cols], lib)
-    return prior_proportions(features, reference.varm[PRIOR_COEF], reference.obs[PRIOR_INTERCEPT].to_numpy()), strength
+    coef, intercept = reference.varm[PRIOR_COEF], reference.obs[PRIOR_INTERCEPT].to_numpy()
+    expected = np.empty((X.shape[0], reference.n_obs))
+    for start in range(0, X.shape[0], _PRIOR_CHUNK):  # the dense features of a chunk of spots at a time
+        block = slice(start, start + _PRIOR_CHUNK)
+        expected[block] = prior_proportions(log_normalize(X[block], columns=cols), coef, intercept)
+    return expected, strength
 
 
 @doc_params()
@@ -416,7 +422,8 @@ def signatures_from_proportions(
         if len(np.unique(section)) < 2:
             logger.info("One section: no held-out section to choose the expression prior's strength; left out.")
         else:
-            coef, intercept, info = _fit_expression_prior(Yg, P, lib, section, show_progress_bar=show_progress_bar)
+            F = log_normalize(X, columns=cols).astype(np.float64)
+            coef, intercept, info = _fit_expression_prior(Yg, F, P, lib, section, show_progress_bar=show_progress_bar)
             info["table_genes"] = int(table.n_vars)
             ref.varm[PRIOR_COEF] = coef.astype(np.float32)
             ref.obs[PRIOR_INTERCEPT] = intercept
@@ -432,18 +439,12 @@ PRIOR_STRENGTHS = (0.0, 30.0, 100.0, 300.0, 1000.0)
 PRIOR_DISPERSIONS = ("gene", "common")
 #: Floor on the proportions before their centred log-ratio (the regression's targets).
 _CLR_FLOOR = 1e-3
-
-
-def expression_features(Y: Any, lib: np.ndarray) -> Any:
-    """``log1p(Y / lib * 1e4)`` per spot (sparse stays sparse): the expression prior's features."""
-    scale = 1e4 / np.maximum(np.asarray(lib, dtype=np.float64), 1e-12)
-    if sparse.issparse(Y):
-        return sparse.csr_matrix(Y, dtype=np.float64).multiply(scale[:, None]).tocsr().log1p()
-    return np.log1p(np.asarray(Y, dtype=np.float64) * scale[:, None])
+#: Spots whose dense features `deconvolve` makes at once for the expression prior.
+_PRIOR_CHUNK = 50_000
 
 
 def prior_proportions(features: Any, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
-    """Softmax of the expression prior's log proportions, ``(n_spots, n_types)``."""
+    """Softmax of the expression prior's log proportions, ``(n_spots, n_types)``, from `log_normalize` features."""
     Z = np.asarray(features @ np.asarray(coef, dtype=np.float64)) + np.asarray(intercept, dtype=np.float64)
     Z = np.exp(Z - Z.max(1, keepdims=True))
     return Z / Z.sum(1, keepdims=True)
@@ -463,12 +464,14 @@ def _ridge_prior(F: np.ndarray, P: np.ndarray, section: np.ndarray, alpha: float
     return coef, intercept, model.alpha_
 
 
-def _fit_expression_prior(Y, P, lib, section, *, show_progress_bar: bool):
-    """The expression prior, its strength and the dispersion, by leave-one-section-out CV (see the caller)."""
+def _fit_expression_prior(Y, F, P, lib, section, *, show_progress_bar: bool):
+    """The expression prior, its strength and the dispersion, by leave-one-section-out CV (see the caller).
+
+    ``Y`` are the counts of the chosen genes, ``F`` their `log_normalize` features, ``lib`` the totals over all genes.
+    """
     from omx.metrics import pearson
     from omx.models._deconv import DeconvolutionModel
 
-    F = expression_features(Y, lib)
     coef, intercept, alpha = _ridge_prior(F, P, section, None)
     names = np.unique(section)
     scores = np.zeros((len(names), len(PRIOR_DISPERSIONS), len(PRIOR_STRENGTHS)))
@@ -476,15 +479,15 @@ def _fit_expression_prior(Y, P, lib, section, *, show_progress_bar: bool):
         held, train = section == name, section != name
         S = _poisson_signatures(Y[train], P[train], lib[train], section[train])
         fold_coef, fold_intercept, _ = _ridge_prior(F[train], P[train], section[train], alpha)
-        ok = Y[held].sum(1) > 0
-        expected = prior_proportions(F[held][ok], fold_coef, fold_intercept)
+        at = np.flatnonzero(held)[Y[held].sum(1) > 0]
+        expected = prior_proportions(F[at], fold_coef, fold_intercept)
         for d, dispersion in enumerate(PRIOR_DISPERSIONS):
             for j, strength in enumerate(PRIOR_STRENGTHS):
                 model = DeconvolutionModel(
                     platform_sd=0.0, prior_strength=strength, dispersion=dispersion, show_progress_bar=False
                 )
-                model.fit(Y[held][ok], S, prior=expected)
-                scores[i, d, j] = np.nanmean(pearson(P[held][ok], model.proportions_))
+                model.fit(Y[at], S, prior=expected)
+                scores[i, d, j] = np.nanmean(pearson(P[at], model.proportions_))
     mean = scores.mean(0)
     d, j = np.unravel_index(int(np.argmax(mean)), mean.shape)
     logger.info(
